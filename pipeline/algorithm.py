@@ -1,0 +1,277 @@
+"""Prompt Tuning Inversion (Dong et al., ICCV 2023) and its baselines, as pure tensor functions.
+
+Each function is one step of ``ALGORITHM.md`` (the project's specification) and takes the noise
+predictor as a plain callable ``eps(z, t, emb) -> noise``: no models, I/O, Ray or config here.
+Latents and embeddings are batched along the first axis; images in a batch never interact, so a
+batch gives each image what it would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+NoiseFn = Callable[[Tensor, int, Tensor], Tensor]
+Guidance = float | Tensor  # one weight, or one per batch row
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """DDIM timesteps ``tau_0 < tau_1 < ... < tau_T`` and ``a(tau_i)`` (``alphas_cumprod``).
+
+    Index ``i`` is the paper's ``tau_i``; ``tau_0 = tau_1 - 1000 // T`` may be negative, where
+    ``a`` is the scheduler's ``final_alpha_cumprod``.
+    """
+
+    timesteps: tuple[int, ...]
+    alphas: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps) - 1
+
+
+def ddim_schedule(scheduler, num_steps: int) -> Schedule:
+    """The schedule of ``DDIMScheduler.set_timesteps(num_steps)`` for a diffusers scheduler config."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)  # a copy: set_timesteps mutates
+    ddim.set_timesteps(num_steps)
+    descending = [int(t) for t in ddim.timesteps]
+    taus = [descending[-1] - ddim.config.num_train_timesteps // num_steps, *reversed(descending)]
+    alphas = [
+        float(ddim.alphas_cumprod[t]) if t >= 0 else float(ddim.final_alpha_cumprod) for t in taus
+    ]
+    return Schedule(tuple(taus), tuple(alphas))
+
+
+def ddim_move(z: Tensor, noise: Tensor, a_from: float, a_to: float) -> Tensor:
+    """Deterministic DDIM move of ``z`` from level ``a_from`` to ``a_to`` (Song et al. 2021, eq. 12).
+
+    The same formula samples (``a_to > a_from``) and inverts (``a_to < a_from``).
+    """
+    x0 = (z - (1 - a_from) ** 0.5 * noise) / a_from**0.5
+    return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * noise
+
+
+def guided_noise(e_uncond: Tensor, e_cond: Tensor, guidance: Guidance) -> Tensor:
+    """Classifier-free guidance: ``e_uncond + w * (e_cond - e_uncond)``."""
+    if isinstance(guidance, Tensor):
+        guidance = guidance.to(e_cond).view(-1, *([1] * (e_cond.dim() - 1)))
+    return e_uncond + guidance * (e_cond - e_uncond)
+
+
+def predict_guided_noise(
+    eps: NoiseFn, z: Tensor, t: int, uncond: Tensor, cond: Tensor, guidance: Guidance
+) -> Tensor:
+    """``eps_w(z, t, cond)`` with ``uncond`` as the unconditional branch, in one UNet call.
+
+    A scalar guidance of exactly 0 or 1 needs one branch only, so it calls the UNet on it alone.
+    """
+    if not isinstance(guidance, Tensor) and guidance in (0, 1):
+        return eps(z, t, cond if guidance == 1 else uncond)
+    e_uncond, e_cond = eps(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    return guided_noise(e_uncond, e_cond, guidance)
+
+
+def invert(
+    eps: NoiseFn,
+    z0: Tensor,
+    cond: Tensor,
+    null: Tensor,
+    schedule: Schedule,
+    guidance: Guidance = 0.0,
+    progress: bool = False,
+) -> list[Tensor]:
+    """DDIM inversion (ALGORITHM.md, stage 1a): the trajectory ``[z*_tau_0, ..., z*_tau_T]``.
+
+    The noise is evaluated at the *target* timestep on the current latent, as in null-text
+    inversion's ``next_step`` and diffusers' ``DDIMInverseScheduler``.
+    """
+    taus, a = schedule.timesteps, schedule.alphas
+    trajectory = [z0]
+    with torch.no_grad():
+        for i in tqdm(range(1, len(taus)), desc="invert", disable=not progress, leave=False):
+            noise = predict_guided_noise(eps, trajectory[-1], taus[i], null, cond, guidance)
+            trajectory.append(ddim_move(trajectory[-1], noise, a[i - 1], a[i]))
+    return trajectory
+
+
+@dataclass
+class Tuning:
+    """What tuning along an inverted trajectory yields for a batch of B images.
+
+    ``embeddings[b, j]`` is the tuned embedding at ``tau_{T-j}`` (first row: ``tau_T``);
+    ``reconstruction`` is the latent the tuned embeddings reach at ``tau_0``; losses are the
+    reconstruction losses per timestep before and after tuning, ``steps`` the inner steps taken.
+    """
+
+    embeddings: Tensor  # [B, T, L, D]
+    reconstruction: Tensor  # [B, C, h, w]
+    initial_loss: Tensor  # [B, T]
+    final_loss: Tensor  # [B, T]
+    steps: Tensor  # [B, T] int
+
+
+def latent_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per batch row."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def _tune_along_trajectory(
+    eps: NoiseFn,
+    trajectory: list[Tensor],
+    init: Tensor,
+    fixed: Tensor,
+    combine: Callable[[Tensor, Tensor], Tensor],
+    schedule: Schedule,
+    inner_steps: int,
+    lr: float,
+    early_stop: bool,
+    stop_eps: float,
+    stop_slack: float,
+    progress: bool,
+    desc: str,
+) -> Tuning:
+    """The per-timestep optimisation loop shared by PTI and null-text inversion.
+
+    ``combine(e_fixed, e_tuned)`` is the guided noise; ``e_fixed`` is predicted once per timestep
+    without gradient, and only the tuned embedding receives gradients (the UNet is frozen).
+    """
+    taus, a = schedule.timesteps, schedule.alphas
+    T = schedule.num_steps
+    batch = init.shape[0]
+    z = trajectory[T]
+    tuned = init.detach().clone().float()
+    embeddings, initial_loss, final_loss, steps = [], [], [], []
+    for j, i in enumerate(tqdm(range(T, 0, -1), desc=desc, disable=not progress, leave=False)):
+        t, a_t, a_s, target = taus[i], a[i], a[i - 1], trajectory[i - 1]
+        with torch.no_grad():
+            e_fixed = eps(z, t, fixed)
+        tuned = tuned.detach().requires_grad_(inner_steps > 0)
+        optimiser = torch.optim.Adam([tuned], lr=lr * (1 - j / (2 * T))) if inner_steps else None
+        threshold = stop_eps + j * stop_slack
+        active = torch.ones(batch, dtype=torch.bool, device=z.device)
+        first = torch.full((batch,), float("nan"), device=z.device)
+        taken = torch.zeros(batch, dtype=torch.long)
+        for _ in range(inner_steps):
+            rows = active.nonzero().squeeze(1)
+            every = bool(active.all())  # skip the gather when no image has stopped
+            z_a, fixed_a, tuned_a = (z, e_fixed, tuned) if every else (z[rows], e_fixed[rows], tuned[rows])
+            noise = combine(fixed_a, eps(z_a, t, tuned_a))
+            loss = latent_mse(ddim_move(z_a, noise, a_t, a_s), target if every else target[rows])
+            first[rows] = torch.where(first[rows].isnan(), loss.detach(), first[rows])
+            stepping = loss.detach() >= threshold if early_stop else torch.ones_like(loss, dtype=torch.bool)
+            active[rows[~stepping]] = False  # converged before this step: keep its embedding as is
+            if not stepping.any():
+                break
+            before = tuned.detach().clone()
+            optimiser.zero_grad(set_to_none=True)
+            loss[stepping].sum().backward()  # summed: each image gets its own gradient
+            optimiser.step()
+            with torch.no_grad():
+                tuned[~active] = before[~active]  # Adam's momentum must not move stopped images
+            taken[active.cpu()] += 1
+        with torch.no_grad():
+            tuned = tuned.detach()
+            z = ddim_move(z, combine(e_fixed, eps(z, t, tuned)), a_t, a_s)
+            last = latent_mse(z, target)
+        embeddings.append(tuned)
+        initial_loss.append(torch.where(first.isnan(), last, first))
+        final_loss.append(last)
+        steps.append(taken)
+    return Tuning(
+        embeddings=torch.stack(embeddings, 1),
+        reconstruction=z,
+        initial_loss=torch.stack(initial_loss, 1),
+        final_loss=torch.stack(final_loss, 1),
+        steps=torch.stack(steps, 1),
+    )
+
+
+def tune_prompt_embeddings(
+    eps: NoiseFn,
+    trajectory: list[Tensor],
+    cond: Tensor,
+    null: Tensor,
+    schedule: Schedule,
+    guidance: Guidance = 7.5,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: bool = True,
+    stop_eps: float = 1e-5,
+    stop_slack: float = 2e-5,
+    progress: bool = False,
+) -> Tuning:
+    """Prompt tuning (ALGORITHM.md, stage 1b; Dong et al. 2023, sec. 3.2).
+
+    Learns one conditional embedding per timestep so that guided DDIM sampling at ``guidance``
+    retraces ``trajectory``; each timestep starts from the previous one's optimum, the first from
+    ``cond``. With ``inner_steps=0`` it is plain DDIM reconstruction with ``cond``.
+    """
+    return _tune_along_trajectory(
+        eps, trajectory, cond, null,
+        lambda e_null, e_cond: guided_noise(e_null, e_cond, guidance),
+        schedule, inner_steps, lr, early_stop, stop_eps, stop_slack, progress, "tune prompt",
+    )  # fmt: skip
+
+
+def tune_null_embeddings(
+    eps: NoiseFn,
+    trajectory: list[Tensor],
+    cond: Tensor,
+    null: Tensor,
+    schedule: Schedule,
+    guidance: Guidance = 7.5,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: bool = True,
+    stop_eps: float = 1e-5,
+    stop_slack: float = 2e-5,
+    progress: bool = False,
+) -> Tuning:
+    """Null-text inversion (Mokady et al., CVPR 2023, Algorithm 1): tune the unconditional
+    embedding per timestep, starting from ``null``, with ``cond`` fixed."""
+    return _tune_along_trajectory(
+        eps, trajectory, null, cond,
+        lambda e_cond, e_null: guided_noise(e_null, e_cond, guidance),
+        schedule, inner_steps, lr, early_stop, stop_eps, stop_slack, progress, "tune null-text",
+    )  # fmt: skip
+
+
+def interpolate_embeddings(stack: Tensor, target: Tensor, eta: Tensor) -> Tensor:
+    """Editing embeddings (ALGORITHM.md, stage 2): ``eta * psi(p) + (1 - eta) * c_t`` at every t.
+
+    ``stack`` is ``[N, T, L, D]``, ``target`` is ``psi(p)`` as ``[N, L, D]``, ``eta`` is ``[N]``.
+    """
+    eta = eta.to(stack).view(-1, 1, 1, 1)
+    return eta * target.to(stack).unsqueeze(1) + (1 - eta) * stack
+
+
+def sample(
+    eps: NoiseFn,
+    z_T: Tensor,
+    cond: Tensor,
+    uncond: Tensor,
+    schedule: Schedule,
+    guidance: Guidance = 7.5,
+    progress: bool = False,
+) -> Tensor:
+    """Deterministic guided DDIM sampling from ``z_T`` to ``tau_0`` with per-timestep embeddings.
+
+    ``cond`` is ``[N, T, L, D]`` (row ``j`` at ``tau_{T-j}``); ``uncond`` is the same, or
+    ``[N, L, D]`` for one embedding at every timestep. Both branches go in one UNet call.
+    """
+    taus, a = schedule.timesteps, schedule.alphas
+    T = schedule.num_steps
+    z = z_T
+    with torch.no_grad():
+        for j, i in enumerate(tqdm(range(T, 0, -1), desc="edit", disable=not progress, leave=False)):
+            u = uncond[:, j] if uncond.dim() == 4 else uncond
+            noise = predict_guided_noise(eps, z, taus[i], u, cond[:, j], guidance)
+            z = ddim_move(z, noise, a[i], a[i - 1])
+    return z

@@ -1,0 +1,88 @@
+"""The ``pti`` command: edit one image, or build the tiny offline model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.config import DEFAULT_MODEL, PTIConfig
+from pipeline.errors import PTIError
+
+app = typer.Typer(
+    help="Prompt Tuning Inversion: text-driven image editing with Stable Diffusion.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command("edit")
+def edit_command(
+    image: str = typer.Argument(..., help="Image path or URI (s3://, gs://, https://, file://)."),
+    target: list[str] = typer.Option(..., "--target", "-t", help="Target prompt; repeat for more."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the outputs."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="Source prompt (optional)."),
+    eta: list[float] = typer.Option(list(PTIConfig.etas), "--eta", help="Weight on the target, in [0, 1]; repeat for more."),
+    method: str = typer.Option("pti", help="pti, ddim, nti or npi."),
+    steps: int = typer.Option(50, help="DDIM steps T."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance w."),
+    inner_steps: int = typer.Option(10, help="Adam steps per timestep K."),
+    lr: float = typer.Option(1e-2, help="Tuning learning rate (decays to half)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Hub id, local folder or fsspec URI of a diffusers checkpoint."),
+    resolution: Optional[int] = typer.Option(None, help="Image size; default: the model's."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16 (CUDA)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Invert and tune one image, then write one edit per (target, eta), a contact sheet and a summary."""
+    from pipeline.editing import edit_one_image
+
+    try:
+        config = PTIConfig(
+            model=model, method=method, steps=steps, guidance=guidance, inner_steps=inner_steps,
+            lr=lr, etas=tuple(eta), resolution=resolution, seed=seed, device=device, dtype=dtype,
+            progress=not quiet,
+        )  # fmt: skip
+        summary = edit_one_image(config, image, target, source, out)
+    except PTIError as error:
+        _fail(error)
+    recon = summary["reconstruction"]
+    typer.echo(
+        f"reconstruction PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}; "
+        f"{len(summary['edits'])} edits in {summary['seconds']['total']:.1f} s"
+    )
+    typer.echo(f"outputs:       {out}/")
+    typer.echo(f"contact sheet: {out / 'contact_sheet.png'}")
+
+
+@app.command("build-tiny-model")
+def build_tiny_model_command(
+    folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+) -> None:
+    """Write a tiny Stable Diffusion with seeded random weights (offline; for tests and the demo)."""
+    from pipeline.models import build_tiny_model
+
+    started = time.perf_counter()
+    build_tiny_model(folder, seed=seed)
+    typer.echo(f"tiny model written to {folder} in {time.perf_counter() - started:.1f} s")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()
+

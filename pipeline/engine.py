@@ -1,0 +1,196 @@
+"""The PTI engine: models loaded once, then stage 1 and stage 2 batch after batch.
+
+A thin layer between images and prompts and the pure math of ``pipeline.algorithm``: it encodes
+images and text, picks the method's embeddings, and decodes results. A Ray actor holds one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline import algorithm
+from pipeline.config import PTIConfig, check_eta
+from pipeline.errors import InputError
+from pipeline.metrics import psnr, ssim
+from pipeline.models import NoisePredictor, StableDiffusion, load_stable_diffusion
+from pipeline.text import encode_prompts
+
+
+@dataclass
+class Inversion:
+    """Stage 1's result for B images: what stage 2 needs, and how well it reconstructs.
+
+    ``cond[b, j]`` is the conditional embedding at ``tau_{T-j}`` (PTI: the tuned ones; the other
+    methods: ``psi(source)`` at every step); ``uncond`` is the unconditional branch's per-step
+    embedding (null-text inversion: tuned; negative-prompt inversion: ``psi(source)``), or None
+    for ``psi("")``.
+    """
+
+    z_T: Tensor  # [B, 4, h, w]
+    cond: Tensor  # [B, T, L, D]
+    uncond: Tensor | None = None  # [B, T, L, D]
+    # How well stage 1 went; absent when read back from storage.
+    reconstruction: Tensor | None = None  # [B, 3, H, W] in [0, 1], decoded from tau_0
+    reconstruction_latent: Tensor | None = None  # [B, 4, h, w]
+    initial_loss: Tensor | None = None  # [B, T]
+    final_loss: Tensor | None = None  # [B, T]
+    inner_steps: Tensor | None = None  # [B, T]
+    psnr: Tensor | None = None  # [B]
+    ssim: Tensor | None = None  # [B]
+    seconds: dict[str, float] = field(default_factory=dict)  # for the whole batch
+
+    def __len__(self) -> int:
+        return self.z_T.shape[0]
+
+    def select(self, rows: Sequence[int] | Tensor) -> "Inversion":
+        """The same result for a subset (or repetition) of images, in the given order."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        picked = {
+            f.name: value[rows.to(value.device)]
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor)
+        }
+        return Inversion(**picked)
+
+
+class Engine:
+    """Inversion, tuning and editing with one loaded Stable Diffusion."""
+
+    def __init__(self, sd: StableDiffusion, config: PTIConfig):
+        self.sd, self.config = sd, config
+        self.eps = NoisePredictor(sd)
+        self.schedule = algorithm.ddim_schedule(sd.scheduler, config.steps)
+        self.resolution = config.resolution or sd.resolution
+        self.null = encode_prompts(sd, [""])  # [1, L, D]
+        self.fingerprint = config.stage_one_fingerprint(sd.fingerprint)
+
+    @classmethod
+    def load(cls, config: PTIConfig) -> "Engine":
+        return cls(load_stable_diffusion(config.model, config.device, config.dtype), config)
+
+    # --- the VAE -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """``z*_0 = E(x).mean * scaling_factor`` for pixels in ``[0, 1]``."""
+        vae = self.sd.vae
+        x = (2 * pixels - 1).to(self.sd.device, vae.dtype)
+        return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Pixels in ``[0, 1]``, float32 on the CPU."""
+        vae = self.sd.vae
+        x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+    # --- stage 1 -------------------------------------------------------------------------------
+
+    def invert_and_tune(self, pixels: Tensor, source_prompts: Sequence[str | None]) -> Inversion:
+        """Stage 1 for a batch: DDIM inversion, then the method's tuning (ALGORITHM.md, 1a, 1b).
+
+        ``pixels`` is ``[B, 3, H, W]`` in ``[0, 1]`` at the engine's resolution; a missing source
+        prompt means ``psi("")``.
+        """
+        cfg = self.config
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (self.resolution,) * 2:
+            raise InputError(
+                f"stage 1 takes [B, 3, {self.resolution}, {self.resolution}] pixels, got {list(pixels.shape)}"
+            )
+        if len(source_prompts) != len(pixels):
+            raise InputError(f"{len(pixels)} images but {len(source_prompts)} source prompts")
+        torch.manual_seed(cfg.seed)
+        started = time.perf_counter()
+        z0 = self.encode_images(pixels)
+        batch = len(z0)
+        src = encode_prompts(self.sd, [p or "" for p in source_prompts])
+        null = self.null.expand(batch, -1, -1)
+        conditional = cfg.method in ("nti", "npi")  # both invert on c_src, as their papers do
+        inversion_guidance = 1.0 if conditional else cfg.inversion_guidance
+        trajectory = algorithm.invert(
+            self.eps, z0, src, null, self.schedule, inversion_guidance, cfg.progress
+        )
+        inverted = time.perf_counter()
+        tuning_args = dict(
+            schedule=self.schedule, guidance=cfg.guidance, lr=cfg.lr, early_stop=cfg.early_stop,
+            stop_eps=cfg.stop_eps, stop_slack=cfg.stop_slack, progress=cfg.progress,
+        )  # fmt: skip
+        steps = cfg.inner_steps if cfg.method in ("pti", "nti") else 0
+        with torch.enable_grad():
+            if conditional:  # tune (nti) or fix (npi) the unconditional branch; cond is c_src
+                init = null if cfg.method == "nti" else src
+                tuned = algorithm.tune_null_embeddings(
+                    self.eps, trajectory, src, init, inner_steps=steps, **tuning_args
+                )
+            else:  # tune (pti) or fix (ddim) the conditional branch; uncond is psi("")
+                tuned = algorithm.tune_prompt_embeddings(
+                    self.eps, trajectory, src, null, inner_steps=steps, **tuning_args
+                )
+        src_stack = src.unsqueeze(1).expand(-1, self.schedule.num_steps, -1, -1)
+        tuned_at = time.perf_counter()
+        reconstruction = self.decode_latents(tuned.reconstruction)
+        return Inversion(
+            z_T=trajectory[-1],
+            cond=src_stack.clone() if conditional else tuned.embeddings,
+            uncond=tuned.embeddings if conditional else None,
+            reconstruction=reconstruction,
+            reconstruction_latent=tuned.reconstruction,
+            initial_loss=tuned.initial_loss,
+            final_loss=tuned.final_loss,
+            inner_steps=tuned.steps,
+            psnr=psnr(reconstruction, pixels),
+            ssim=ssim(reconstruction, pixels),
+            seconds={
+                "invert": inverted - started,
+                "tune": tuned_at - inverted,
+                "decode": time.perf_counter() - tuned_at,
+            },
+        )
+
+    # --- stage 2 -------------------------------------------------------------------------------
+
+    def edit(
+        self,
+        inversion: Inversion,
+        rows: Sequence[int],
+        targets: Sequence[str],
+        etas: Sequence[float],
+        guidance: Sequence[float] | float | None = None,
+    ) -> Tensor:
+        """Stage 2 for a batch of N edits: edit ``n`` samples image ``rows[n]`` of ``inversion``
+        toward ``targets[n]`` with weight ``etas[n]``, all N in one UNet batch per step.
+
+        Returns pixels ``[N, 3, H, W]`` in ``[0, 1]``.
+        """
+        if not (len(rows) == len(targets) == len(etas)):
+            raise InputError(f"rows, targets and etas differ in length: {len(rows)}, {len(targets)}, {len(etas)}")
+        if not targets:
+            raise InputError("no edits asked for: give at least one target prompt")
+        problems = [p for p in (check_eta(e) for e in etas) if p]
+        problems += [f"target prompt {n} is empty" for n, t in enumerate(targets) if not (t or "").strip()]
+        if problems:
+            raise InputError("; ".join(problems))
+        picked = inversion.select(rows)
+        device = self.sd.device
+        target = encode_prompts(self.sd, targets)
+        eta = torch.tensor(etas, dtype=torch.float32, device=device)
+        cond = algorithm.interpolate_embeddings(picked.cond.to(device, torch.float32), target, eta)
+        uncond = self.null.expand(len(rows), -1, -1) if picked.uncond is None else picked.uncond.to(device, torch.float32)
+        w = self.config.guidance if guidance is None else guidance
+        if not isinstance(w, (int, float)):
+            w = torch.tensor(list(w), dtype=torch.float32, device=device)
+        z = algorithm.sample(self.eps, picked.z_T.to(device), cond, uncond, self.schedule, w, self.config.progress)
+        return self.decode_latents(z)
+
+    def edit_grid(self, inversion: Inversion, targets: Sequence[str], etas: Sequence[float]) -> Tensor:
+        """Every (image, target, eta) of a batch, in that order: ``[B * len(targets) * len(etas), ...]``."""
+        if not targets:
+            raise InputError("no target prompts: give at least one")
+        grid = [(b, t, e) for b in range(len(inversion)) for t in targets for e in etas]
+        rows, ts, es = zip(*grid)
+        return self.edit(inversion, rows, ts, es)

@@ -1,0 +1,317 @@
+"""Stable Diffusion components: loading a checkpoint from anywhere, and building the tiny offline one.
+
+A checkpoint is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) with safetensors weights; pickled weights are
+never loaded. It can be a local folder, an fsspec URI (copied once into a local cache) or a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("unet", "vae", "text_encoder")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PTI_CACHE", Path.home() / ".cache" / "pti"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} was asked for, but torch sees no CUDA device")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on the CPU and fp16 on CUDA; half precision on the CPU is refused."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and dtype != "float32":
+        raise ModelError(f"dtype {dtype} needs a CUDA device; the CPU runs float32")
+    return DTYPES[dtype]
+
+
+def check_checkpoint(folder: Path, ref: str) -> None:
+    """Refuse a folder that is not a diffusers Stable Diffusion checkpoint with safetensors."""
+    missing = [
+        name for name in ("model_index.json", *(f"{c}/config.json" for c in WEIGHTED))
+        if not (folder / name).is_file()
+    ]  # fmt: skip
+    missing += [c + "/" for c in ("tokenizer", "scheduler") if not (folder / c).is_dir()]
+    if missing:
+        raise ModelError(
+            f"{ref!r} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)}"
+        )
+    unsafe = [c for c in WEIGHTED if not any((folder / c).glob("*.safetensors"))]
+    if unsafe:
+        raise ModelError(
+            f"{ref!r} has no safetensors weights for {', '.join(unsafe)}; pickled weights are "
+            "never loaded (convert them with diffusers' save_pretrained(safe_serialization=True))"
+        )
+
+
+def fetch_checkpoint(ref: str, cache_dir: Path | None = None) -> Path:
+    """A local folder for ``ref``: a folder path, an fsspec URI or a hub id."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    if Path(ref).expanduser().is_dir():
+        return Path(ref).expanduser()
+    if "://" in ref:
+        return _copy_from_uri(ref, cache_dir / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16])
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ModelError(f"model {ref!r} is neither an existing folder, a URI nor a hub id (owner/name)")
+    return _download_from_hub(ref, cache_dir)
+
+
+def _copy_from_uri(uri: str, dest: Path) -> Path:
+    """Copy a checkpoint from object storage once; a finished copy is renamed into place."""
+    if (dest / "model_index.json").is_file():
+        return dest
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+        files = [f for f in fs.find(root) if not f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
+    except Exception as exc:
+        raise ModelError(f"cannot reach model {uri!r}: {type(exc).__name__}: {exc}") from exc
+    if not files:
+        raise ModelError(f"model {uri!r} is empty or does not exist")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
+    try:
+        for remote in files:
+            local = staging / os.path.relpath(remote, root.rstrip("/"))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(local))
+        check_checkpoint(staging, uri)
+        staging.rename(dest)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, ModelError) or (dest / "model_index.json").is_file():
+            if (dest / "model_index.json").is_file():
+                return dest  # another process finished the same copy first
+            raise
+        raise ModelError(f"cannot copy model {uri!r}: {type(exc).__name__}: {exc}") from exc
+    return dest
+
+
+def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=cache_dir / "hub",
+                allow_patterns=["model_index.json", "*/config.json", "*/*.safetensors",
+                                "tokenizer/*", "scheduler/*"],
+                ignore_patterns=["*.bin", "*.ckpt", "*non_ema*", "*.fp16.*", "safety_checker/*"],
+            )
+        )  # fmt: skip
+    except Exception as exc:
+        raise ModelError(
+            f"cannot reach model {repo_id!r} on the hub ({type(exc).__name__}: {exc}). "
+            "This machine may be offline: pass a local folder or an s3:// URI with --model"
+        ) from exc
+
+
+def fingerprint_files(folder: Path) -> str:
+    """A content hash of a checkpoint's configs, tokenizer and weights."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix not in {".json", ".txt", ".safetensors"}:
+            continue
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StableDiffusion:
+    """The separate components of one checkpoint, on one device, in inference mode."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    ref: str
+    fingerprint: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the UNet was trained at (512 for SD 1.x)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+
+def load_stable_diffusion(
+    ref: str, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
+) -> StableDiffusion:
+    """Load a Stable Diffusion 1.x/2.x checkpoint from a folder, an fsspec URI or a hub id."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    folder = fetch_checkpoint(ref, cache_dir)
+    check_checkpoint(folder, ref)
+    try:
+        kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except Exception as exc:
+        raise ModelError(f"cannot load model {ref!r} from {folder}: {type(exc).__name__}: {exc}") from exc
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval().to(torch_device)
+    return StableDiffusion(
+        unet, vae, text_encoder, tokenizer, scheduler, torch_device, torch_dtype, ref,
+        fingerprint_files(folder),
+    )  # fmt: skip
+
+
+class NoisePredictor:
+    """The UNet as the algorithm's ``eps(z, t, emb)``: fp32 in and out, the model's dtype inside.
+
+    v-prediction checkpoints (SD 2.x at 768) are turned into epsilon predictions. ``calls`` counts
+    UNet evaluations (a batch is one call) for the cost accounting of ALGORITHM.md.
+    """
+
+    def __init__(self, sd: StableDiffusion):
+        self.unet, self.dtype = sd.unet, sd.dtype
+        self.prediction_type = sd.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"prediction_type {self.prediction_type!r} is not supported")
+        self.alphas_cumprod = sd.scheduler.alphas_cumprod
+        self.calls = 0
+
+    def __call__(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
+        self.calls += 1
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.float()
+        if self.prediction_type == "v_prediction":
+            a = float(self.alphas_cumprod[t])
+            out = a**0.5 * out + (1 - a) ** 0.5 * z
+        return out
+
+
+# --- the tiny offline model -------------------------------------------------------------------
+
+TINY_WORDS = (
+    "a an the of on in with and photo picture painting drawing sketch portrait image "
+    "cat dog man woman person astronaut cup coffee tiger lion horse car tree house "
+    "red green blue yellow black white orange purple pink brown gray "
+    "circle square triangle background big small wearing hat glasses sitting standing "
+    "oil watercolor pencil style sunny snowy night"
+).split()
+
+
+def _clip_bpe_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP byte-level BPE vocabulary: every byte, with and without the end-of-word mark, plus
+    merges that spell out ``words``, so any text tokenises and common words are one token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())  # the 256 characters that stand for bytes
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: dict[tuple[str, str], None] = {}  # ordered: a merge's rank is its position
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges[(pieces[0], pieces[1])] = None
+            tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return vocab, list(merges)
+
+
+def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
+    """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
+    layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
+    text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab, merges = _clip_bpe_vocab(TINY_WORDS)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=hidden_size,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )  # fmt: skip
+    scheduler = DDIMScheduler(  # Stable Diffusion 1.x's noise schedule
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "README.md").write_text(
+        f"Tiny Stable Diffusion with seeded random weights (seed {seed}), built by "
+        "`pti build-tiny-model`. Its edits are noise: it proves mechanics, not quality.\n"
+    )
+    return folder
+
+
+@torch.no_grad()
+def _unit_latent_scale(vae) -> float:
+    """The VAE's ``scaling_factor``, chosen as Stable Diffusion's was: one over the standard
+    deviation of the latents of real photographs (scikit-image's), so latents have unit scale."""
+    from skimage import data
+    from PIL import Image
+
+    from pipeline.images import center_square, to_tensor
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    size = vae.config.sample_size
+    pixels = torch.stack([to_tensor(center_square(Image.fromarray(p), size)) for p in photos])
+    return float(1 / vae.encode(2 * pixels - 1).latent_dist.mean.std())

@@ -1,0 +1,91 @@
+"""Stage-1 results to Arrow and back, so stage 2 can run later, elsewhere, from storage only."""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import PTIConfig
+from pipeline.engine import Engine, Inversion
+from schemas import embeddings as col
+
+
+def _tensor_column(array: np.ndarray, type_: pa.FixedShapeTensorType) -> pa.ExtensionArray:
+    flat = pa.array(array.reshape(len(array), -1).ravel(), type=type_.value_type)
+    size = int(np.prod(type_.shape))
+    return pa.ExtensionArray.from_storage(type_, pa.FixedSizeListArray.from_arrays(flat, size))
+
+
+def inversion_to_arrow(
+    engine: Engine, inversion: Inversion, ids: Sequence[str], source_prompts: Sequence[str | None]
+) -> pa.Table:
+    """One row per image of a stage-1 batch, with the config and model that made it."""
+    cfg: PTIConfig = engine.config
+    n = len(inversion)
+    schema = col.embeddings_schema(
+        tuple(inversion.z_T.shape[1:]), tuple(inversion.cond.shape[1:]), cfg.embedding_dtype
+    )
+    stack_type = schema.field(col.PROMPT_EMBEDDINGS).type
+    np_dtype = np.dtype(cfg.embedding_dtype)
+
+    def stack(t: torch.Tensor) -> pa.ExtensionArray:
+        return _tensor_column(t.detach().float().cpu().numpy().astype(np_dtype), stack_type)
+
+    uncond = (
+        pa.ExtensionArray.from_storage(stack_type, pa.nulls(n, stack_type.storage_type))
+        if inversion.uncond is None
+        else stack(inversion.uncond)
+    )
+    per_image = sum(inversion.seconds.values()) / max(n, 1)
+
+    def optional(t: torch.Tensor | None) -> list:
+        return [None] * n if t is None else t.float().cpu().tolist()
+
+    columns = {
+        col.ID: list(ids),
+        col.SOURCE_PROMPT: list(source_prompts),
+        col.METHOD: [cfg.method] * n,
+        col.GUIDANCE: [cfg.guidance] * n,
+        col.Z_T: _tensor_column(inversion.z_T.float().cpu().numpy(), schema.field(col.Z_T).type),
+        col.PROMPT_EMBEDDINGS: stack(inversion.cond),
+        col.UNCOND_EMBEDDINGS: uncond,
+        col.TIMESTEPS: [list(reversed(engine.schedule.timesteps[1:]))] * n,
+        col.RECONSTRUCTION_PSNR: optional(inversion.psnr),
+        col.RECONSTRUCTION_SSIM: optional(inversion.ssim),
+        col.TUNING_LOSS: optional(inversion.final_loss),
+        col.MODEL: [cfg.model] * n,
+        col.MODEL_FINGERPRINT: [engine.sd.fingerprint] * n,
+        col.CONFIG_FINGERPRINT: [engine.fingerprint] * n,
+        col.CONFIG: [json.dumps(cfg.to_dict(), sort_keys=True)] * n,
+        col.SECONDS: [per_image] * n,
+    }
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    return column.combine_chunks().to_numpy_ndarray()
+
+
+def inversion_from_arrow(table: pa.Table) -> Inversion:
+    """The part of stage 1 that editing needs (``z_T`` and the embedding stacks), as float32."""
+    uncond = table.column(col.UNCOND_EMBEDDINGS)
+    return Inversion(
+        z_T=torch.from_numpy(_to_numpy(table.column(col.Z_T)).astype(np.float32)),
+        cond=torch.from_numpy(_to_numpy(table.column(col.PROMPT_EMBEDDINGS)).astype(np.float32)),
+        uncond=None
+        if uncond.null_count == len(uncond)
+        else torch.from_numpy(_to_numpy(uncond).astype(np.float32)),
+    )
+
+
+def config_of(table: pa.Table) -> PTIConfig:
+    """The config a stored table was made with (all rows share it)."""
+    configs = set(table.column(col.CONFIG).to_pylist())
+    if len(configs) != 1:
+        raise ValueError(f"the table mixes {len(configs)} configs; edit each part separately")
+    values = json.loads(configs.pop())
+    return PTIConfig.from_dict(values)

@@ -1,0 +1,6 @@
+"""Arrow schemas: the one place that names the project's columns and their types."""
+
+from schemas.embeddings import (  # noqa: F401
+    EMBEDDINGS_COLUMNS,
+    embeddings_schema,
+)
