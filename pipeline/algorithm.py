@@ -146,17 +146,17 @@ def _tune_along_trajectory(
     T = schedule.num_steps
     batch = init.shape[0]
     z = trajectory[T]
-    tuned = init.detach().clone().float()
+    tuned = init.detach().clone().to(z.dtype)
     embeddings, initial_loss, final_loss, steps = [], [], [], []
     for j, i in enumerate(tqdm(range(T, 0, -1), desc=desc, disable=not progress, leave=False)):
         t, a_t, a_s, target = taus[i], a[i], a[i - 1], trajectory[i - 1]
         with torch.no_grad():
             e_fixed = eps(z, t, fixed)
-        tuned = tuned.detach().requires_grad_(inner_steps > 0)
+        tuned = tuned.detach().clone().requires_grad_(inner_steps > 0)  # a new leaf: Adam steps in place
         optimiser = torch.optim.Adam([tuned], lr=lr * (1 - j / (2 * T))) if inner_steps else None
         threshold = stop_eps + j * stop_slack
         active = torch.ones(batch, dtype=torch.bool, device=z.device)
-        first = torch.full((batch,), float("nan"), device=z.device)
+        first = torch.full((batch,), float("nan"), device=z.device, dtype=z.dtype)
         taken = torch.zeros(batch, dtype=torch.long)
         for _ in range(inner_steps):
             rows = active.nonzero().squeeze(1)

@@ -201,7 +201,8 @@ def load_stable_diffusion(
 
 
 class NoisePredictor:
-    """The UNet as the algorithm's ``eps(z, t, emb)``: fp32 in and out, the model's dtype inside.
+    """The UNet as the algorithm's ``eps(z, t, emb)``: the latents' dtype (float32) in and out,
+    the model's dtype inside.
 
     v-prediction checkpoints (SD 2.x at 768) are turned into epsilon predictions. ``calls`` counts
     UNet evaluations (a batch is one call) for the cost accounting of ALGORITHM.md.
@@ -217,7 +218,7 @@ class NoisePredictor:
 
     def __call__(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
         self.calls += 1
-        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.float()
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.to(z.dtype)
         if self.prediction_type == "v_prediction":
             a = float(self.alphas_cumprod[t])
             out = a**0.5 * out + (1 - a) ** 0.5 * z
