@@ -236,3 +236,16 @@ def test_stored_null_text_embeddings_round_trip(make_engine, pixels, tmp_path):
     torch.testing.assert_close(
         engine.edit(stored, [0, 1], ["x", "y"], [0.0, 0.0]), inversion.reconstruction, rtol=0, atol=1e-3
     )
+
+
+def test_v_prediction_checkpoints_are_turned_into_epsilon(tiny_sd, pixels, make_engine):
+    from diffusers import DDIMScheduler
+
+    v_scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, prediction_type="v_prediction")
+    v_eps = NoisePredictor(dataclasses.replace(tiny_sd, scheduler=v_scheduler))
+    engine = make_engine()
+    z, t = engine.encode_images(pixels[:1]), 501
+    with torch.no_grad():
+        v = tiny_sd.unet(z, t, encoder_hidden_states=engine.null).sample
+        a = float(tiny_sd.scheduler.alphas_cumprod[t])
+        torch.testing.assert_close(v_eps(z, t, engine.null), a**0.5 * v + (1 - a) ** 0.5 * z)
