@@ -4,3 +4,9 @@ from schemas.embeddings import (  # noqa: F401
     EMBEDDINGS_COLUMNS,
     embeddings_schema,
 )
+from schemas.manifest import (  # noqa: F401
+    ERRORS_SCHEMA,
+    MANIFEST_SCHEMA,
+    schema_problems,
+    validate_rows,
+)
