@@ -156,15 +156,16 @@ def _tune_along_trajectory(
         optimiser = torch.optim.Adam([tuned], lr=lr * (1 - j / (2 * T))) if inner_steps else None
         threshold = stop_eps + j * stop_slack
         active = torch.ones(batch, dtype=torch.bool, device=z.device)
-        first = torch.full((batch,), float("nan"), device=z.device, dtype=z.dtype)
+        first = None  # the loss before any step; every image is active at the first inner step
         taken = torch.zeros(batch, dtype=torch.long)
-        for _ in range(inner_steps):
+        for k in range(inner_steps):
             rows = active.nonzero().squeeze(1)
             every = bool(active.all())  # skip the gather when no image has stopped
             z_a, fixed_a, tuned_a = (z, e_fixed, tuned) if every else (z[rows], e_fixed[rows], tuned[rows])
             noise = combine(fixed_a, eps(z_a, t, tuned_a))
             loss = latent_mse(ddim_move(z_a, noise, a_t, a_s), target if every else target[rows])
-            first[rows] = torch.where(first[rows].isnan(), loss.detach(), first[rows])
+            if k == 0:
+                first = loss.detach()
             stepping = loss.detach() >= threshold if early_stop else torch.ones_like(loss, dtype=torch.bool)
             active[rows[~stepping]] = False  # converged before this step: keep its embedding as is
             if not stepping.any():
@@ -181,7 +182,7 @@ def _tune_along_trajectory(
             z = ddim_move(z, combine(e_fixed, eps(z, t, tuned)), a_t, a_s)
             last = latent_mse(z, target)
         embeddings.append(tuned)
-        initial_loss.append(torch.where(first.isnan(), last, first))
+        initial_loss.append(last if first is None else first)
         final_loss.append(last)
         steps.append(taken)
     return Tuning(
