@@ -78,6 +78,22 @@ def build_tiny_model_command(
     typer.echo(f"tiny model written to {folder} in {time.perf_counter() - started:.1f} s")
 
 
+def _job(name: str, run_name: str, help: str) -> None:
+    """A ``pti`` subcommand that is the job ``jobs.{name}``, with the same flags."""
+
+    @app.command(name, help=help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def command(context: typer.Context) -> None:
+        from jobs.common import main as job_main
+        from pipeline import batch
+
+        job_main(getattr(batch, run_name), help, context.args)
+
+
+_job("run", "run_all", "Both stages on Ray: manifest -> embeddings -> edits (jobs.run).")
+_job("tune", "run_tune", "Stage 1 on Ray: manifest -> embeddings (jobs.tune).")
+_job("edit-batch", "run_edit", "Stage 2 on Ray: embeddings + targets -> edits (jobs.edit).")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()

@@ -8,6 +8,7 @@ never loaded. It can be a local folder, an fsspec URI (copied once into a local 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -133,6 +134,24 @@ def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
             f"cannot reach model {repo_id!r} on the hub ({type(exc).__name__}: {exc}). "
             "This machine may be offline: pass a local folder or an s3:// URI with --model"
         ) from exc
+
+
+def model_resolution(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> int:
+    """The image size a checkpoint was trained at, from its configs alone (no weights read)."""
+    import fsspec
+
+    if "://" in ref or Path(ref).expanduser().is_dir():
+        def read(name: str) -> dict:
+            try:
+                with fsspec.open(f"{ref.rstrip('/')}/{name}", "r", **(storage_options or {})) as f:
+                    return json.load(f)
+            except Exception as exc:
+                raise ModelError(f"cannot read {name} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
+    else:
+        folder = fetch_checkpoint(ref, cache_dir)
+        read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    unet, vae = read("unet/config.json"), read("vae/config.json")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def fingerprint_files(folder: Path) -> str:

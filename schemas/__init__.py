@@ -7,6 +7,8 @@ from schemas.embeddings import (  # noqa: F401
 from schemas.manifest import (  # noqa: F401
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
+    duplicated_ids,
     schema_problems,
     validate_rows,
 )
+from schemas.results import RESULTS_SCHEMA  # noqa: F401

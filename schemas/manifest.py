@@ -78,13 +78,14 @@ def schema_problems(schema: pa.Schema) -> list[str]:
     return problems
 
 
-def row_problems(row: dict, seen: Counter) -> list[tuple[str, str]]:
-    """``(kind, message)`` for each problem of one manifest row (``seen`` counts ids so far)."""
+def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
+    """``(kind, message)`` for each problem of one manifest row; ``duplicates`` holds the ids
+    that appear more than once in the whole manifest."""
     problems = []
     row_id = row.get(ID)
     if row_id is None or not str(row_id).strip():
         problems.append(("bad_id", "id is empty"))
-    elif seen[row_id] > 1:
+    elif row_id in duplicates:
         problems.append(("duplicate_id", f"id {row_id!r} appears more than once in the manifest"))
     if row.get(IMAGE) in (None, "", b""):
         problems.append(("bad_image", "image is empty"))
@@ -104,16 +105,25 @@ def row_problems(row: dict, seen: Counter) -> list[tuple[str, str]]:
     return problems
 
 
-def validate_rows(rows: list[dict], stage: str = "validate") -> tuple[list[dict], list[dict]]:
+def duplicated_ids(ids) -> set:
+    """The ids that appear more than once."""
+    return {i for i, n in Counter(ids).items() if n > 1}
+
+
+def validate_rows(
+    rows: list[dict], duplicates: set | None = None, stage: str = "validate"
+) -> tuple[list[dict], list[dict]]:
     """Split manifest rows into usable ones (``target_prompts`` filled in) and error rows.
 
-    Every bad row is reported, each with all of its problems; every duplicate of an id is an
-    error, since none of them can be told apart in the outputs.
+    Every bad row is reported, each with all of its problems; every copy of a duplicated id is an
+    error, since none of them can be told apart in the outputs. ``duplicates`` comes from the
+    whole manifest (``duplicated_ids``); by default, from these rows.
     """
-    seen = Counter(r.get(ID) for r in rows)
+    if duplicates is None:
+        duplicates = duplicated_ids(r.get(ID) for r in rows)
     good, errors = [], []
     for position, row in enumerate(rows):
-        problems = row_problems(row, seen)
+        problems = row_problems(row, duplicates)
         if problems:
             errors.append({
                 ID: row.get(ID), "row": position, "stage": stage,

@@ -1,0 +1,522 @@
+"""The batch pipeline on Ray Data: manifest -> images -> tuning (GPU actors) -> embeddings ->
+fan-out edits (GPU actors) -> images and a results table.
+
+Every row flows to the end: a row that fails at any stage carries ``error_stage``,
+``error_kind`` and ``error_message`` and is skipped by later stages, so the driver can account
+for every input row in the results or the errors table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PTIConfig
+from pipeline.errors import InputError, PTIError
+from pipeline.run_config import RunConfig
+from pipeline.storage import arrow_filesystem, join, key_for_id, storage_options, write_bytes
+from schemas import embeddings as emb
+from schemas import manifest as man
+from schemas import results as res
+
+log = logging.getLogger(__name__)
+
+ERROR_STAGE, ERROR_KIND, ERROR_MESSAGE = "error_stage", "error_kind", "error_message"
+ERROR_FIELDS = [pa.field(ERROR_STAGE, pa.string()), pa.field(ERROR_KIND, pa.string()), pa.field(ERROR_MESSAGE, pa.string())]
+PIXELS = "pixels"  # decoded RGB, uint8 [R, R, 3], as raw bytes between the read and tune stages
+PNG = "png"  # an encoded edit, between the edit and write stages
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        pa.field(man.ID, pa.string()),
+        pa.field(man.SOURCE_PROMPT, pa.string()),
+        pa.field(man.TARGET_PROMPTS, pa.list_(pa.string())),
+        pa.field(man.ETA, pa.list_(pa.float64())),
+        pa.field(man.GUIDANCE, pa.float64()),
+        pa.field(man.SEED, pa.int64()),
+        pa.field(PIXELS, pa.binary()),
+        *ERROR_FIELDS,
+    ]
+)
+EDITED_SCHEMA = pa.schema([*(f.with_nullable(True) for f in res.RESULTS_SCHEMA), pa.field(PNG, pa.binary()), *ERROR_FIELDS])
+CARRIED = (man.TARGET_PROMPTS, man.ETA)  # manifest columns stage 2 needs, carried past stage 1
+
+
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows to a table; fields a row lacks are null (column-wise, so extension types work)."""
+    columns = {}
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        if isinstance(f.type, pa.ExtensionType):
+            columns[f.name] = pa.ExtensionArray.from_storage(f.type, pa.nulls(len(rows), f.type.storage_type)) if all(v is None for v in values) else values
+        else:
+            columns[f.name] = pa.array(values, type=f.type)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _error(row_id, stage: str, kind: str, message: str) -> dict:
+    return {man.ID: row_id, ERROR_STAGE: stage, ERROR_KIND: kind, ERROR_MESSAGE: message}
+
+
+def _ok(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column(ERROR_KIND).is_null().to_pylist(), dtype=bool)
+
+
+def _worker() -> str:
+    import ray
+
+    context = ray.get_runtime_context()
+    return context.get_actor_id() or context.get_task_id() or "driver"
+
+
+# --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
+
+
+def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_url: str | None) -> pa.Table:
+    """Validate manifest rows and decode their images to ``resolution``; bad rows become errors."""
+    from pipeline.images import load_image
+
+    good, errors = man.validate_rows(table.to_pylist(), duplicates)
+    out = [_error(e[man.ID], "validate", e["kind"], e["message"]) for e in errors]
+    for row in good:
+        image = row[man.IMAGE]
+        options = storage_options(image, endpoint_url) if isinstance(image, str) else {}
+        try:
+            pixels = load_image(image, resolution, name=f"{row[man.ID]}: {image if isinstance(image, str) else '<bytes>'}", storage_options=options)
+        except PTIError as exc:
+            out.append(_error(row[man.ID], "read", "bad_image", str(exc)))
+            continue
+        array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        out.append({**{k: row.get(k) for k in PREPARED_SCHEMA.names if k in row}, PIXELS: array.tobytes()})
+    return _table(out, PREPARED_SCHEMA)
+
+
+# --- stage 1: invert and tune (GPU actors) ---------------------------------------------------
+
+
+class TuneStage:
+    """Holds one model; maps prepared rows to stored stage-1 rows (plus what stage 2 needs)."""
+
+    def __init__(self, config: PTIConfig, cpus: float = 1.0):
+        import torch
+
+        from pipeline.engine import Engine
+
+        self.engine = Engine.load(config.replace(progress=False))
+        if self.engine.sd.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))  # share the node's cores with other actors
+        self.engines = {(config.guidance, config.seed): self.engine}
+
+    def _engine_for(self, guidance: float, seed: int):
+        from pipeline.engine import Engine
+
+        key = (guidance, seed)
+        if key not in self.engines:  # a per-row override: same model, other settings
+            self.engines[key] = Engine(self.engine.sd, self.engine.config.replace(guidance=guidance, seed=seed))
+        return self.engines[key]
+
+    def schema(self) -> pa.Schema:
+        cfg, sd = self.engine.config, self.engine.sd
+        h = self.engine.resolution // sd.vae_scale_factor
+        base = emb.embeddings_schema(
+            (sd.unet.config.in_channels, h, h),
+            (cfg.steps, sd.text_encoder.config.max_position_embeddings, sd.text_encoder.config.hidden_size),
+            cfg.embedding_dtype,
+        )
+        extra = [PREPARED_SCHEMA.field(c) for c in CARRIED] + [pa.field(res.TUNE_WORKER, pa.string())]
+        return pa.schema([*(f.with_nullable(True) for f in base), *extra, *ERROR_FIELDS])
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        from pipeline.stored import inversion_to_arrow
+
+        schema, worker, r = self.schema(), _worker(), self.engine.resolution
+        ok = _ok(table)
+        rows = table.to_pylist()
+        out = [{**rows[i], res.TUNE_WORKER: worker} for i in np.flatnonzero(~ok)]
+        groups: dict[tuple, list[int]] = {}
+        for i in np.flatnonzero(ok):
+            g = rows[i][man.GUIDANCE]
+            s = rows[i][man.SEED]
+            groups.setdefault((self.engine.config.guidance if g is None else g, self.engine.config.seed if s is None else s), []).append(i)
+        parts = []
+        for (guidance, seed), members in groups.items():
+            engine = self._engine_for(guidance, seed)
+            ids = [rows[i][man.ID] for i in members]
+            sources = [rows[i][man.SOURCE_PROMPT] for i in members]
+            pixels = torch.stack([
+                torch.from_numpy(np.frombuffer(rows[i][PIXELS], np.uint8).reshape(r, r, 3).copy()).permute(2, 0, 1).float() / 255
+                for i in members
+            ])  # fmt: skip
+            try:
+                inversion = engine.invert_and_tune(pixels, sources)
+            except Exception as exc:  # the whole call failed: every row of it is an error
+                out += [{**_error(i, "tune", type(exc).__name__, str(exc)), res.TUNE_WORKER: worker} for i in ids]
+                continue
+            finite = torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(inversion.z_T).flatten(1).all(1)
+            stored = inversion_to_arrow(engine, inversion, ids, sources).to_pylist()
+            for k, i in enumerate(members):
+                if not bool(finite[k]):
+                    out.append({**_error(ids[k], "tune", "non_finite", "the model produced NaN or inf"), res.TUNE_WORKER: worker})
+                    continue
+                parts.append({**stored[k], **{c: rows[i][c] for c in CARRIED}, res.TUNE_WORKER: worker})
+        return _table(parts + out, schema)
+
+
+def write_embeddings(table: pa.Table, *, uri: str, endpoint_url: str | None) -> pa.Table:
+    """Write a batch's stage-1 rows as one Parquet file; its name comes from its ids, so a retried
+    batch overwrites its own file instead of adding a copy."""
+    ok = _ok(table)
+    if ok.any():
+        stored = table.filter(pa.array(ok)).select(list(emb.EMBEDDINGS_COLUMNS))
+        name = hashlib.sha256("\n".join(sorted(stored.column(emb.ID).to_pylist())).encode()).hexdigest()[:20]
+        buffer = io.BytesIO()
+        pq.write_table(stored, buffer)
+        write_bytes(join(uri, f"part-{name}.parquet"), buffer.getvalue(), endpoint_url)
+    return table
+
+
+# --- stage 2: fan out and edit (GPU actors) --------------------------------------------------
+
+
+class EditStage:
+    """Holds one model; maps stage-1 rows to one row per (image, target, eta) with the PNG."""
+
+    def __init__(self, config: PTIConfig, max_edits_per_call: int = 16, cpus: float = 1.0):
+        import torch
+
+        from pipeline.engine import Engine
+
+        self.engine = Engine.load(config.replace(progress=False))
+        if self.engine.sd.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))
+        self.max_edits = max_edits_per_call
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from pipeline.images import encode_png
+        from pipeline.stored import inversion_from_arrow
+
+        worker = _worker()
+        ok = _ok(table)
+        out = [{**_error(r[man.ID], r[ERROR_STAGE], r[ERROR_KIND], r[ERROR_MESSAGE]), res.TUNE_WORKER: r.get(res.TUNE_WORKER)}
+               for r in table.filter(pa.array(~ok)).to_pylist()]  # fmt: skip
+        good = table.filter(pa.array(ok))
+        if len(good):
+            inversion = inversion_from_arrow(good)
+            meta = good.drop_columns([emb.Z_T, emb.PROMPT_EMBEDDINGS, emb.UNCOND_EMBEDDINGS]).to_pylist()
+            fan = [
+                (b, t, target, float(eta))
+                for b, row in enumerate(meta)
+                for t, target in enumerate(row[man.TARGET_PROMPTS])
+                for eta in (row[man.ETA] or self.engine.config.etas)
+            ]
+            for start in range(0, len(fan), self.max_edits):
+                chunk = fan[start : start + self.max_edits]
+                began = time.perf_counter()
+                try:
+                    pixels = self.engine.edit(
+                        inversion, [c[0] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk],
+                        guidance=[meta[c[0]][emb.GUIDANCE] for c in chunk],
+                    )  # fmt: skip
+                except Exception as exc:  # these edits fail; the batch's other edits go on
+                    failed = dict.fromkeys(meta[c[0]][emb.ID] for c in chunk)
+                    out += [{**_error(i, "edit", type(exc).__name__, str(exc)), res.EDIT_WORKER: worker} for i in failed]
+                    continue
+                seconds = (time.perf_counter() - began) / len(chunk)
+                for (b, t, target, eta), image in zip(chunk, pixels):
+                    row = meta[b]
+                    out.append({
+                        res.ID: row[emb.ID], res.TARGET_INDEX: t, res.TARGET_PROMPT: target, res.ETA: eta,
+                        res.GUIDANCE: row[emb.GUIDANCE], res.RECONSTRUCTION_PSNR: row[emb.RECONSTRUCTION_PSNR],
+                        res.RECONSTRUCTION_SSIM: row[emb.RECONSTRUCTION_SSIM], res.TUNE_SECONDS: row[emb.SECONDS],
+                        res.EDIT_SECONDS: seconds, res.CONFIG_FINGERPRINT: row[emb.CONFIG_FINGERPRINT],
+                        res.TUNE_WORKER: row.get(res.TUNE_WORKER), res.EDIT_WORKER: worker, PNG: encode_png(image),
+                    })  # fmt: skip
+        return _table(out, EDITED_SCHEMA)
+
+
+def image_key(row_id: str, target_index: int, eta: float) -> str:
+    """``images/{id}/{target_index}-{eta}.png`` with the id safely encoded."""
+    return f"images/{key_for_id(row_id)}/{target_index}-{eta:g}.png"
+
+
+def write_images(table: pa.Table, *, output: str, endpoint_url: str | None) -> pa.Table:
+    """Write each edit's PNG under its deterministic key and keep only its URI."""
+    uris = []
+    for row_id, t, eta, png in zip(*(table.column(c).to_pylist() for c in (res.ID, res.TARGET_INDEX, res.ETA, PNG))):
+        if png is None:
+            uris.append(None)
+            continue
+        uri = join(output, image_key(row_id, t, eta))
+        write_bytes(uri, png, endpoint_url)
+        uris.append(uri)
+    table = table.set_column(table.schema.get_field_index(res.IMAGE_URI), res.IMAGE_URI, pa.array(uris, pa.string()))
+    return table.drop_columns([PNG])
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+class RollingParquet:
+    """Parquet files of at most ``rows_per_file`` rows under ``uri``, written as rows stream in."""
+
+    def __init__(self, uri: str, schema: pa.Schema, rows_per_file: int, endpoint_url: str | None):
+        self.uri, self.schema, self.limit, self.endpoint = uri, schema, rows_per_file, endpoint_url
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.files = self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if len(table):
+            self.pending.append(table.select(self.schema.names).cast(self.schema))
+            self.pending_rows += len(table)
+            self.rows += len(table)
+        while self.pending_rows >= self.limit:
+            self._flush(self.limit)
+
+    def close(self) -> None:
+        while self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        head, rest = table.slice(0, n), table.slice(n)
+        buffer = io.BytesIO()
+        pq.write_table(head, buffer)
+        write_bytes(join(self.uri, f"part-{self.files:05d}.parquet"), buffer.getvalue(), self.endpoint)
+        self.files += 1
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
+
+
+def _init_ray(config: RunConfig) -> None:
+    """Join the cluster a job was submitted to, or start a local one sized so that reads always
+    have a CPU beside the actor pools (a pool that takes every CPU starves the reads: a hang)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    actors = config.tune_actors + config.edit_actors
+    ray.init(num_cpus=int(actors * config.cpus_per_actor) + 2, include_dashboard=False)
+
+
+def _check_gpus(config: RunConfig) -> None:
+    import ray
+
+    needed = config.gpus_per_actor * max(config.tune_actors, config.edit_actors)
+    have = ray.cluster_resources().get("GPU", 0)
+    if config.gpus_per_actor > 0 and have < config.gpus_per_actor:
+        raise InputError(
+            f"the GPU stages ask for {config.gpus_per_actor} GPU per actor but the Ray cluster has "
+            f"{have:g} GPUs; add GPU workers or set gpus_per_actor=0 to run on CPUs"
+        )
+    if have < needed:
+        log.warning("the cluster has %g GPUs for %g requested: some actors will wait", have, needed)
+
+
+def _read_manifest(config: RunConfig):
+    """The manifest as a Ray dataset, after checking its columns and finding duplicated ids."""
+    import ray
+
+    if not config.manifest:
+        raise InputError("no manifest given: set manifest in the config or pass --manifest")
+    fs, path = arrow_filesystem(config.manifest, config.endpoint_url)
+    dataset = pq.ParquetDataset(path, filesystem=fs)
+    problems = man.schema_problems(dataset.schema)
+    if problems:
+        raise InputError(f"manifest {config.manifest}: " + "; ".join(problems))
+    ids = dataset.read(columns=[man.ID]).column(man.ID).to_pylist()  # ids only: small
+    columns = [c for c in dataset.schema.names if c in (man.ID, man.IMAGE, man.SOURCE_PROMPT, man.TARGET_PROMPTS, man.TARGET_PROMPT, man.ETA, man.GUIDANCE, man.SEED)]
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    return ds, len(ids), man.duplicated_ids(ids)
+
+
+def _spread(ds, rows: int, config: RunConfig):
+    """Enough blocks that every actor gets work: a small manifest is one block otherwise."""
+    per_block = max(1, min(config.tune_batch_size, -(-rows // (2 * config.tune_actors))))
+    return ds.repartition(target_num_rows_per_block=per_block)
+
+
+def _tune(ds, config: RunConfig, rows: int, duplicates: set):
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.models import model_resolution
+
+    model_options = storage_options(config.pti.model, config.endpoint_url)
+    resolution = config.pti.resolution or model_resolution(config.pti.model, storage_options=model_options)
+    ds = _spread(ds, rows, config).map_batches(
+        prepare_rows, batch_format="pyarrow",
+        fn_kwargs=dict(resolution=resolution, duplicates=duplicates, endpoint_url=config.endpoint_url),
+    )  # fmt: skip
+    ds = ds.map_batches(
+        TuneStage, batch_format="pyarrow", batch_size=config.tune_batch_size,
+        compute=ActorPoolStrategy(size=config.tune_actors, max_tasks_in_flight_per_actor=2), num_gpus=config.gpus_per_actor,
+        num_cpus=config.cpus_per_actor, fn_constructor_kwargs=dict(config=config.pti, cpus=config.cpus_per_actor),
+    )  # fmt: skip
+    return ds.map_batches(
+        write_embeddings, batch_format="pyarrow", batch_size=None,
+        fn_kwargs=dict(uri=config.embeddings_uri, endpoint_url=config.endpoint_url),
+    )  # fmt: skip
+
+
+def _edit(ds, config: RunConfig):
+    from ray.data import ActorPoolStrategy
+
+    ds = ds.map_batches(
+        EditStage, batch_format="pyarrow", batch_size=config.edit_batch_size,
+        compute=ActorPoolStrategy(size=config.edit_actors, max_tasks_in_flight_per_actor=2), num_gpus=config.gpus_per_actor,
+        num_cpus=config.cpus_per_actor,
+        fn_constructor_kwargs=dict(config=config.pti, max_edits_per_call=config.max_edits_per_call, cpus=config.cpus_per_actor),
+    )  # fmt: skip
+    return ds.map_batches(
+        write_images, batch_format="pyarrow", batch_size=None,
+        fn_kwargs=dict(output=config.output, endpoint_url=config.endpoint_url),
+    )  # fmt: skip
+
+
+def _drain(ds, config: RunConfig, results_schema: pa.Schema | None, errors_before: list[dict] = ()) -> dict:
+    """Stream the final rows to the driver (small rows: no tensors, no images) and write the
+    results and errors tables; count everything for the summary."""
+    errors = RollingParquet(join(config.output, "errors"), man.ERRORS_SCHEMA, config.results_rows_per_file, config.endpoint_url)
+    results = results_schema and RollingParquet(join(config.output, "results"), results_schema, config.results_rows_per_file, config.endpoint_url)
+    errors.add(pa.Table.from_pylist(list(errors_before), schema=man.ERRORS_SCHEMA))
+    ok_ids, early_ids, edit_error_ids, early_errors = set(), {r[man.ID] for r in errors_before}, set(), len(errors_before)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        ok = _ok(batch)
+        bad = batch.filter(pa.array(~ok))
+        if len(bad):
+            errors.add(pa.table({
+                man.ID: bad.column(man.ID), "row": pa.nulls(len(bad), pa.int64()),
+                "stage": bad.column(ERROR_STAGE), "kind": bad.column(ERROR_KIND), "message": bad.column(ERROR_MESSAGE),
+            }))  # fmt: skip
+            for row_id, stage in zip(bad.column(man.ID).to_pylist(), bad.column(ERROR_STAGE).to_pylist()):
+                if stage == "edit":
+                    edit_error_ids.add(row_id)
+                else:
+                    early_ids.add(row_id)
+                    early_errors += 1
+        good = batch.filter(pa.array(ok))
+        ok_ids.update(good.column(man.ID).to_pylist())
+        if results is not None:
+            results.add(good)
+    errors.close()
+    if results is not None:
+        results.close()
+    return {
+        "ok_ids": ok_ids, "early_error_rows": early_errors, "edit_only_failures": len(edit_error_ids - ok_ids - early_ids),
+        "error_rows": errors.rows, "result_rows": results.rows if results else 0,
+    }
+
+
+def _account(rows_in: int, counts: dict) -> dict:
+    """Every input row is in the results (or embeddings) or in the errors table, exactly once
+    before editing; refuse to report success when the counts do not add up."""
+    done = len(counts["ok_ids"])
+    accounted = done + counts["early_error_rows"] + counts["edit_only_failures"]
+    if accounted != rows_in:
+        raise RuntimeError(f"accounting failed: {rows_in} rows in, {accounted} accounted for")
+    return {"rows_in": rows_in, "rows_done": done, "rows_failed": rows_in - done, "error_rows": counts["error_rows"]}
+
+
+def _finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
+    summary = {"job": job, "output": config.output, "seconds": round(time.perf_counter() - started, 3), **counts}
+    summary["rows_per_second"] = round(counts["rows_done"] / max(summary["seconds"], 1e-9), 4)
+    write_bytes(join(config.output, f"summary-{job}.json"), json.dumps(summary, indent=2).encode(), config.endpoint_url)
+    return summary
+
+
+def _write_config(config: RunConfig, job: str) -> None:
+    write_bytes(join(config.output, f"config-{job}.yaml"), config.to_yaml().encode(), config.endpoint_url)
+
+
+def run_tune(config: RunConfig) -> dict:
+    """``jobs.tune``: manifest -> embeddings (and errors)."""
+    started = time.perf_counter()
+    _init_ray(config)
+    _check_gpus(config)
+    _write_config(config, "tune")
+    ds, rows, duplicates = _read_manifest(config)
+    ds = _tune(ds, config, rows, duplicates).select_columns([man.ID, ERROR_STAGE, ERROR_KIND, ERROR_MESSAGE])
+    counts = _drain(ds, config, None)
+    return _finish(config, "tune", started, {
+        **_account(rows, counts), "embeddings": config.embeddings_uri, "errors": join(config.output, "errors"),
+    })  # fmt: skip
+
+
+def run_all(config: RunConfig) -> dict:
+    """``jobs.run``: both stages in one streaming pipeline."""
+    started = time.perf_counter()
+    _init_ray(config)
+    _check_gpus(config)
+    _write_config(config, "run")
+    ds, rows, duplicates = _read_manifest(config)
+    ds = _edit(_tune(ds, config, rows, duplicates), config)
+    counts = _drain(ds, config, res.RESULTS_SCHEMA)
+    return _finish(config, "run", started, {
+        **_account(rows, counts), "edits": counts["result_rows"], "embeddings": config.embeddings_uri,
+        "images": join(config.output, "images"), "results": join(config.output, "results"),
+        "errors": join(config.output, "errors"),
+    })  # fmt: skip
+
+
+def _targets_by_id(config: RunConfig) -> dict:
+    """id -> (target_prompts, eta) from the targets table, or from the manifest."""
+    source = config.targets or config.manifest
+    if not source:
+        raise InputError("jobs.edit needs targets: set targets (a table of id, target_prompts) or manifest")
+    fs, path = arrow_filesystem(source, config.endpoint_url)
+    table = pq.ParquetDataset(path, filesystem=fs).read()
+    rows, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in table.to_pylist()])
+    if errors:
+        raise InputError(f"targets {source}: " + "; ".join(f"row {e['row']} ({e[man.ID]}): {e['message']}" for e in errors[:20]))
+    return {r[man.ID]: (r[man.TARGET_PROMPTS], r.get(man.ETA)) for r in rows}
+
+
+def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
+    """Give stored stage-1 rows the targets to edit toward; ids without targets are dropped."""
+    ids = table.column(emb.ID).to_pylist()
+    keep = pa.array([i in targets for i in ids])
+    table = table.filter(keep)
+    ids = table.column(emb.ID).to_pylist()
+    table = table.append_column(PREPARED_SCHEMA.field(man.TARGET_PROMPTS), pa.array([targets[i][0] for i in ids], pa.list_(pa.string())))
+    table = table.append_column(PREPARED_SCHEMA.field(man.ETA), pa.array([targets[i][1] for i in ids], pa.list_(pa.float64())))
+    table = table.append_column(pa.field(res.TUNE_WORKER, pa.string()), pa.nulls(len(table), pa.string()))
+    for f in ERROR_FIELDS:
+        table = table.append_column(f, pa.nulls(len(table), pa.string()))
+    return table
+
+
+def run_edit(config: RunConfig) -> dict:
+    """``jobs.edit``: stored embeddings + targets -> edits. New targets reuse old tunings."""
+    import ray
+
+    started = time.perf_counter()
+    _init_ray(config)
+    _check_gpus(config)
+    _write_config(config, "edit")
+    targets = _targets_by_id(config)
+    fs, path = arrow_filesystem(config.embeddings_uri, config.endpoint_url)
+    stored_ids = set(pq.ParquetDataset(path, filesystem=fs).read(columns=[emb.ID]).column(emb.ID).to_pylist())
+    missing = sorted(set(targets) - stored_ids)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = ds.repartition(target_num_rows_per_block=config.edit_batch_size)
+    ds = ds.map_batches(attach_targets, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(targets=targets))
+    no_embeddings = [
+        {man.ID: i, "row": None, "stage": "edit", "kind": "no_embeddings",
+         "message": f"no stored embeddings for id {i!r} under {config.embeddings_uri}"}
+        for i in missing
+    ]  # fmt: skip
+    counts = _drain(_edit(ds, config), config, res.RESULTS_SCHEMA, errors_before=no_embeddings)
+    return _finish(config, "edit", started, {
+        **_account(len(targets), counts), "edits": counts["result_rows"],
+        "results": join(config.output, "results"), "errors": join(config.output, "errors"),
+    })  # fmt: skip

@@ -1,0 +1,89 @@
+"""The batch job's config: where data lives, how the Ray stages are sized, and the PTI settings.
+
+Loaded from YAML, overridden by flags (``--set pti.steps=20``), and written beside the outputs as
+``config.yaml``. It holds no secrets: credentials come from the AWS chain, never from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import PTIConfig
+from pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    manifest: str | None = None  # Parquet file or folder of manifests (any fsspec URI)
+    output: str = "outputs/run"  # prefix for embeddings/, images/, results/, errors/
+    embeddings: str | None = None  # jobs.edit: stored stage-1 results; default {output}/embeddings
+    targets: str | None = None  # jobs.edit: a table of id, target_prompts[, eta]; default: the manifest
+    endpoint_url: str | None = None  # S3-compatible endpoint; default AWS_ENDPOINT_URL
+    tune_actors: int = 1  # GPU actors holding a model for stage 1
+    edit_actors: int = 1  # GPU actors holding a model for stage 2
+    gpus_per_actor: float = 1.0  # 0 runs the actors on CPUs
+    cpus_per_actor: float = 1.0
+    tune_batch_size: int = 4  # images per stage-1 call
+    edit_batch_size: int = 2  # images per stage-2 batch (all their edits)
+    max_edits_per_call: int = 16  # edits sampled together in one UNet batch
+    results_rows_per_file: int = 100_000
+    pti: PTIConfig = field(default_factory=PTIConfig)
+
+    def __post_init__(self):
+        if isinstance(self.pti, dict):
+            object.__setattr__(self, "pti", PTIConfig.from_dict(self.pti))
+        problems = [
+            f"{name} must be at least 1, got {getattr(self, name)}"
+            for name in ("tune_actors", "edit_actors", "tune_batch_size", "edit_batch_size", "max_edits_per_call")
+            if getattr(self, name) < 1
+        ]
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            problems.append("gpus_per_actor must be >= 0 and cpus_per_actor > 0")
+        if problems:
+            raise InputError("invalid run config: " + "; ".join(problems))
+
+    @property
+    def embeddings_uri(self) -> str:
+        from pipeline.storage import join
+
+        return self.embeddings or join(self.output, "embeddings")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["pti"]["etas"] = list(values["pti"]["etas"])
+        return values
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown run config field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "RunConfig":
+        """A YAML file (optional) with ``key=value`` overrides; ``pti.`` keys reach the PTI config."""
+        values: dict[str, Any] = {}
+        if path:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        values.setdefault("pti", {})
+        values["pti"] = dict(values["pti"])
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise InputError(f"override {item!r} is not KEY=VALUE")
+            value = yaml.safe_load(raw) if raw else None
+            if key.startswith("pti."):
+                values["pti"][key[4:]] = value
+            else:
+                values[key] = value
+        return cls.from_dict(values)

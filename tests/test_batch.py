@@ -1,0 +1,147 @@
+"""The batch pipeline on Ray: end to end on local files and on a real S3-compatible server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.batch import image_key, run_all, run_edit
+from pipeline.run_config import RunConfig
+
+PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session, with two fake GPUs so the GPU actor path runs on the CPU.
+    Fake S3 credentials are set first: Ray's workers inherit the environment at start."""
+    import ray
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=6, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def png(array: np.ndarray, size: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).resize((size, size)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def manifest_rows(photos, image_ref) -> list[dict]:
+    """Two good rows and every kind of bad row."""
+    return [
+        {"id": "astronaut", "image": image_ref("astronaut.png", png(photos["astronaut"])), "source_prompt": "a photo of an astronaut",
+         "target_prompts": ["a photo of a robot", "a painting of an astronaut"]},
+        {"id": "cat/../chelsea", "image": image_ref("chelsea.png", png(photos["chelsea"])), "source_prompt": None,
+         "target_prompts": ["a photo of a tiger"], "eta": [0.8]},
+        {"id": "missing", "image": image_ref("nowhere.png", None), "source_prompt": None, "target_prompts": ["a cat"]},
+        {"id": "corrupt", "image": image_ref("corrupt.png", b"\x89PNG not really"), "source_prompt": None, "target_prompts": ["a cat"]},
+        {"id": "no-targets", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": []},
+        {"id": "twin", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": ["a cat"]},
+        {"id": "twin", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": ["a dog"]},
+    ] + [
+        {"id": f"copy-{i}", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": ["a dog"], "eta": [1.0]}
+        for i in range(4)
+    ]  # fmt: skip
+
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.string()), ("source_prompt", pa.string()),
+    ("target_prompts", pa.list_(pa.string())), ("eta", pa.list_(pa.float64())),
+])  # fmt: skip
+
+
+def local_manifest(tmp_path, photos) -> str:
+    def ref(name, data):
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        return str(tmp_path / name)
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    rows = manifest_rows(photos, ref)
+    pq.write_table(pa.Table.from_pylist(rows[:6], schema=MANIFEST_SCHEMA), folder / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[6:], schema=MANIFEST_SCHEMA), folder / "b.parquet")
+    return str(folder)
+
+
+def check_outputs(summary, read_table, read_bytes, config: RunConfig):
+    results = read_table("results")
+    errors = read_table("errors")
+    expected = {("astronaut", 0, 0.5), ("astronaut", 0, 1.0), ("astronaut", 1, 0.5), ("astronaut", 1, 1.0),
+                ("cat/../chelsea", 0, 0.8), *((f"copy-{i}", 0, 1.0) for i in range(4))}  # fmt: skip
+    got = list(zip(results["id"].to_pylist(), results["target_index"].to_pylist(), [round(e, 3) for e in results["eta"].to_pylist()]))
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
+    for row in results.to_pylist():
+        assert row["image_uri"].endswith(image_key(row["id"], row["target_index"], row["eta"]))
+        image = Image.open(io.BytesIO(read_bytes(row["image_uri"])))
+        assert image.size == (64, 64) and image.mode == "RGB"
+    assert "%2F..%2Fchelsea" in results.filter(pa.compute.equal(results["id"], "cat/../chelsea"))["image_uri"][0].as_py()
+    kinds = dict(zip(errors["id"].to_pylist(), errors["kind"].to_pylist()))
+    assert kinds == {"missing": "bad_image", "corrupt": "bad_image", "no-targets": "no_targets", "twin": "duplicate_id"}
+    assert errors.num_rows == 5  # both copies of the duplicated id
+    assert "not found" in errors.filter(pa.compute.equal(errors["id"], "missing"))["message"][0].as_py()
+    assert summary["rows_in"] == 11 and summary["rows_done"] == 6 and summary["rows_failed"] == 5 and summary["edits"] == 9
+
+    embeddings = read_table("embeddings")
+    assert sorted(embeddings["id"].to_pylist()) == ["astronaut", "cat/../chelsea", *(f"copy-{i}" for i in range(4))]
+    stack = embeddings["prompt_embeddings"].combine_chunks().to_numpy_ndarray()
+    assert stack.shape == (6, 3, 77, 32) and stack.dtype == np.float16
+    assert embeddings["z_T"].combine_chunks().to_numpy_ndarray().shape == (6, 4, 8, 8)
+    assert len(set(results["config_fingerprint"].to_pylist())) == 1
+    return results
+
+
+def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_model_dir, photos, tmp_path):
+    config = RunConfig(
+        manifest=local_manifest(tmp_path, photos), output=str(tmp_path / "out"), tune_actors=2, edit_actors=2,
+        gpus_per_actor=1, tune_batch_size=1, edit_batch_size=1, pti=dict(model=tiny_model_dir, **PTI),
+    )  # fmt: skip
+    summary = run_all(config)
+    read_table = lambda name: pq.read_table(str(tmp_path / "out" / name))  # noqa: E731
+    results = check_outputs(summary, read_table, lambda uri: open(uri, "rb").read(), config)
+    assert len(set(results["tune_worker"].to_pylist())) == 2, "each tuning actor gets work"
+    assert len(set(results["edit_worker"].to_pylist())) == 2, "each editing actor gets work"
+    written = json.loads((tmp_path / "out" / "summary-run.json").read_text())
+    assert written["edits"] == 9
+    assert RunConfig.load(tmp_path / "out" / "config-run.yaml") == config
+
+    # New targets reuse the stored tunings; a target already edited gives the same image.
+    targets = tmp_path / "targets.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"id": "astronaut", "target_prompts": ["a photo of a robot", "a photo of a horse"], "eta": [1.0]},
+        {"id": "unknown", "target_prompts": ["a cat"], "eta": None},
+    ]), targets)  # fmt: skip
+    again = RunConfig.load(overrides=[f"output={tmp_path / 'edit'}", f"embeddings={tmp_path / 'out' / 'embeddings'}",
+                                      f"targets={targets}", "gpus_per_actor=1", f"pti.model={tiny_model_dir}",
+                                      *(f"pti.{k}={json.dumps(v)}" for k, v in PTI.items())])  # fmt: skip
+    edit_summary = run_edit(again)
+    assert edit_summary["edits"] == 2 and edit_summary["rows_failed"] == 1
+    first = np.asarray(Image.open(tmp_path / "out" / image_key("astronaut", 0, 1.0))).astype(int)
+    second = np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 0, 1.0))).astype(int)
+    assert np.abs(first - second).max() <= 1
+    assert not np.array_equal(second, np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 1, 1.0))))
+    assert pq.read_table(tmp_path / "edit" / "errors")["kind"].to_pylist() == ["no_embeddings"]
+
+
+def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
+    from pipeline.batch import PIXELS, prepare_rows
+
+    table = pa.table({
+        "id": ["inline", "garbage"], "image": [png(photos["coffee"]), b"\x00\x01"],
+        "target_prompts": [["a cup of tea"], ["a cat"]],
+    })  # fmt: skip
+    out = prepare_rows(table, resolution=64, duplicates=set(), endpoint_url=None).to_pylist()
+    assert len(out[0][PIXELS]) == 64 * 64 * 3 and out[0]["error_kind"] is None
+    assert out[1]["error_kind"] == "bad_image" and "garbage" in out[1]["error_message"] and out[1][PIXELS] is None
