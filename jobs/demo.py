@@ -1,6 +1,8 @@
-"""``make demo``: edit a photograph from scikit-image with the tiny offline model.
+"""``make demo``: the main job (``jobs.run``) on embedded defaults.
 
-Runs ``pti edit`` on embedded defaults (local files, no network) and prints where the outputs are.
+A bundled manifest of scikit-image photographs with several targets each, local Ray, local
+files and the offline tiny model; prints the run summary and where the outputs and a contact
+sheet are.
 """
 
 from __future__ import annotations
@@ -8,12 +10,46 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 from skimage import data
 
-from pipeline.cli import app
+from jobs.common import print_summary
+from pipeline.batch import run_all
+from pipeline.images import contact_sheet, load_image
+from pipeline.run_config import RunConfig
 
-TARGETS = ("a photo of a cat wearing a hat", "a watercolor painting of a cat")
+MANIFEST = [  # id, photograph, source prompt, targets
+    ("astronaut", "astronaut", "a photo of an astronaut", ["a photo of a robot", "an oil painting of an astronaut"]),
+    ("chelsea", "chelsea", "a photo of a cat", ["a photo of a tiger", "a watercolor painting of a cat"]),
+    ("coffee", "coffee", None, ["a cup of green tea", "a pencil sketch of a cup of coffee"]),
+]
+
+
+def write_manifest(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row_id, photo, source, targets in MANIFEST:
+        path = folder / "images" / f"{photo}.png"
+        Image.fromarray(getattr(data, photo)()).save(path)
+        rows.append({"id": row_id, "image": str(path), "source_prompt": source, "target_prompts": targets})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return folder / "manifest.parquet"
+
+
+def write_contact_sheet(output: Path, manifest: Path) -> Path:
+    """One row per image: the input, then its edits in results order."""
+    results = pq.read_table(output / "results").sort_by([("id", "ascending"), ("target_index", "ascending"), ("eta", "ascending")])
+    inputs = {r["id"]: r["image"] for r in pq.read_table(manifest).to_pylist()}
+    rows = []
+    for row_id in sorted(set(results["id"].to_pylist())):
+        mine = results.filter(pa.compute.equal(results["id"], row_id))["image_uri"].to_pylist()
+        size = Image.open(mine[0]).width
+        rows.append([load_image(inputs[row_id], size)] + [load_image(uri, size) for uri in mine])
+    path = output / "contact_sheet.png"
+    contact_sheet(rows).save(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,13 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=".cache/tiny-model")
     parser.add_argument("--out", default="outputs/demo")
     args = parser.parse_args(argv)
-    photo = Path(args.out) / "chelsea.png"
-    photo.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(data.chelsea()).save(photo)
-    command = ["edit", str(photo), "--source", "a photo of a cat", "--model", args.model, "--out", args.out]
-    for target in TARGETS:
-        command += ["--target", target]
-    app(command, prog_name="pti", standalone_mode=False)
+    output = Path(args.out)
+    manifest = write_manifest(output / "inputs")
+    config = RunConfig(
+        manifest=str(manifest), output=str(output), gpus_per_actor=0, tune_actors=1, edit_actors=1,
+        pti=dict(model=args.model, progress=False),
+    )  # fmt: skip
+    summary = run_all(config)
+    print_summary(summary)
+    print(f"contact sheet: {write_contact_sheet(output, manifest)}")
 
 
 if __name__ == "__main__":

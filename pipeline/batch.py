@@ -104,12 +104,12 @@ def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_
 class TuneStage:
     """Holds one model; maps prepared rows to stored stage-1 rows (plus what stage 2 needs)."""
 
-    def __init__(self, config: PTIConfig, cpus: float = 1.0):
+    def __init__(self, config: PTIConfig, cpus: float = 1.0, endpoint_url: str | None = None):
         import torch
 
         from pipeline.engine import Engine
 
-        self.engine = Engine.load(config.replace(progress=False))
+        self.engine = Engine.load(config.replace(progress=False), storage_options(config.model, endpoint_url))
         if self.engine.sd.device.type == "cpu":
             torch.set_num_threads(max(1, int(cpus)))  # share the node's cores with other actors
         self.engines = {(config.guidance, config.seed): self.engine}
@@ -190,12 +190,12 @@ def write_embeddings(table: pa.Table, *, uri: str, endpoint_url: str | None) -> 
 class EditStage:
     """Holds one model; maps stage-1 rows to one row per (image, target, eta) with the PNG."""
 
-    def __init__(self, config: PTIConfig, max_edits_per_call: int = 16, cpus: float = 1.0):
+    def __init__(self, config: PTIConfig, max_edits_per_call: int = 16, cpus: float = 1.0, endpoint_url: str | None = None):
         import torch
 
         from pipeline.engine import Engine
 
-        self.engine = Engine.load(config.replace(progress=False))
+        self.engine = Engine.load(config.replace(progress=False), storage_options(config.model, endpoint_url))
         if self.engine.sd.device.type == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
         self.max_edits = max_edits_per_call
@@ -360,7 +360,7 @@ def _tune(ds, config: RunConfig, rows: int, duplicates: set):
     ds = ds.map_batches(
         TuneStage, batch_format="pyarrow", batch_size=config.tune_batch_size,
         compute=ActorPoolStrategy(size=config.tune_actors, max_tasks_in_flight_per_actor=2), num_gpus=config.gpus_per_actor,
-        num_cpus=config.cpus_per_actor, fn_constructor_kwargs=dict(config=config.pti, cpus=config.cpus_per_actor),
+        num_cpus=config.cpus_per_actor, fn_constructor_kwargs=dict(config=config.pti, cpus=config.cpus_per_actor, endpoint_url=config.endpoint_url),
     )  # fmt: skip
     return ds.map_batches(
         write_embeddings, batch_format="pyarrow", batch_size=None,
@@ -375,7 +375,10 @@ def _edit(ds, config: RunConfig):
         EditStage, batch_format="pyarrow", batch_size=config.edit_batch_size,
         compute=ActorPoolStrategy(size=config.edit_actors, max_tasks_in_flight_per_actor=2), num_gpus=config.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
-        fn_constructor_kwargs=dict(config=config.pti, max_edits_per_call=config.max_edits_per_call, cpus=config.cpus_per_actor),
+        fn_constructor_kwargs=dict(
+            config=config.pti, max_edits_per_call=config.max_edits_per_call, cpus=config.cpus_per_actor,
+            endpoint_url=config.endpoint_url,
+        ),
     )  # fmt: skip
     return ds.map_batches(
         write_images, batch_format="pyarrow", batch_size=None,

@@ -70,8 +70,10 @@ class Engine:
         self.fingerprint = config.stage_one_fingerprint(sd.fingerprint)
 
     @classmethod
-    def load(cls, config: PTIConfig) -> "Engine":
-        return cls(load_stable_diffusion(config.model, config.device, config.dtype), config)
+    def load(cls, config: PTIConfig, storage_options: dict | None = None) -> "Engine":
+        """Load the config's model (``storage_options`` reach an object store, e.g. its endpoint)."""
+        sd = load_stable_diffusion(config.model, config.device, config.dtype, storage_options=storage_options)
+        return cls(sd, config)
 
     # --- the VAE -------------------------------------------------------------------------------
 

@@ -72,26 +72,27 @@ def check_checkpoint(folder: Path, ref: str) -> None:
         )
 
 
-def fetch_checkpoint(ref: str, cache_dir: Path | None = None) -> Path:
+def fetch_checkpoint(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> Path:
     """A local folder for ``ref``: a folder path, an fsspec URI or a hub id."""
     cache_dir = Path(cache_dir or default_cache_dir())
     if Path(ref).expanduser().is_dir():
         return Path(ref).expanduser()
     if "://" in ref:
-        return _copy_from_uri(ref, cache_dir / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16])
+        dest = cache_dir / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        return _copy_from_uri(ref, dest, storage_options or {})
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise ModelError(f"model {ref!r} is neither an existing folder, a URI nor a hub id (owner/name)")
     return _download_from_hub(ref, cache_dir)
 
 
-def _copy_from_uri(uri: str, dest: Path) -> Path:
+def _copy_from_uri(uri: str, dest: Path, storage_options: dict) -> Path:
     """Copy a checkpoint from object storage once; a finished copy is renamed into place."""
     if (dest / "model_index.json").is_file():
         return dest
     import fsspec
 
     try:
-        fs, root = fsspec.core.url_to_fs(uri)
+        fs, root = fsspec.core.url_to_fs(uri, **storage_options)
         files = [f for f in fs.find(root) if not f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
     except Exception as exc:
         raise ModelError(f"cannot reach model {uri!r}: {type(exc).__name__}: {exc}") from exc
@@ -148,7 +149,7 @@ def model_resolution(ref: str, cache_dir: Path | None = None, storage_options: d
             except Exception as exc:
                 raise ModelError(f"cannot read {name} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
     else:
-        folder = fetch_checkpoint(ref, cache_dir)
+        folder = fetch_checkpoint(ref, cache_dir, storage_options)
         read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
     unet, vae = read("unet/config.json"), read("vae/config.json")
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
@@ -192,7 +193,11 @@ class StableDiffusion:
 
 
 def load_stable_diffusion(
-    ref: str, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
+    ref: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    storage_options: dict | None = None,
 ) -> StableDiffusion:
     """Load a Stable Diffusion 1.x/2.x checkpoint from a folder, an fsspec URI or a hub id."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -200,7 +205,7 @@ def load_stable_diffusion(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    folder = fetch_checkpoint(ref, cache_dir)
+    folder = fetch_checkpoint(ref, cache_dir, storage_options)
     check_checkpoint(folder, ref)
     try:
         kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True)

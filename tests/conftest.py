@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,3 +61,34 @@ def pixels(photos) -> torch.Tensor:
 def _quiet_loaders():
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's one Ray cluster: a real head node on 127.0.0.1 (``ray start --head``) with two
+    fake GPUs, so the GPU actor path runs on the CPU and ``ray job submit`` has a cluster to talk
+    to. Returns the dashboard's address. Fake S3 credentials are set first: Ray's processes
+    inherit the environment when they start."""
+    import ray
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster: no token to hand around
+    port, dashboard = free_port(), free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=6", "--num-gpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+    yield f"http://127.0.0.1:{dashboard}"
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+    time.sleep(1)

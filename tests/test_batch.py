@@ -19,19 +19,6 @@ from pipeline.run_config import RunConfig
 PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the session, with two fake GPUs so the GPU actor path runs on the CPU.
-    Fake S3 credentials are set first: Ray's workers inherit the environment at start."""
-    import ray
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
-    ray.init(num_cpus=6, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def png(array: np.ndarray, size: int = 96) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).resize((size, size)).save(buffer, format="PNG")
@@ -145,3 +132,79 @@ def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
     out = prepare_rows(table, resolution=64, duplicates=set(), endpoint_url=None).to_pylist()
     assert len(out[0][PIXELS]) == 64 * 64 * 3 and out[0]["error_kind"] is None
     assert out[1]["error_kind"] == "bad_image" and "garbage" in out[1]["error_message"] and out[1][PIXELS] is None
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3-compatible HTTP server on loopback (moto's, as s3fs's own tests use)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_run_against_s3_reads_and_writes_the_bucket(ray_cluster, s3_endpoint, tiny_model_dir, photos, tmp_path, monkeypatch):
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("PTI_CACHE", str(tmp_path / "cache"))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="data")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put(tiny_model_dir, "data/models/tiny", recursive=True)  # the model comes from the bucket too
+
+    def ref(name, data):
+        if data is not None:
+            client.put_object(Bucket="data", Key=f"images/{name}", Body=data)
+        return f"s3://data/images/{name}"
+
+    arrow_s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http", region="us-east-1")
+    rows = manifest_rows(photos, ref)
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), "data/manifests/night-1.parquet", filesystem=arrow_s3)
+
+    config = RunConfig(
+        manifest="s3://data/manifests/", output="s3://data/out", endpoint_url=s3_endpoint, tune_actors=1, edit_actors=1,
+        gpus_per_actor=1, tune_batch_size=2, edit_batch_size=2, pti=dict(model="s3://data/models/tiny", **PTI),
+    )  # fmt: skip
+    summary = run_all(config)
+
+    def read_table(name):  # plain pyarrow, no Ray, no project code
+        return pq.read_table(f"data/out/{name}", filesystem=arrow_s3)
+
+    check_outputs(summary, read_table, lambda uri: fs.cat_file(uri), config)
+    assert fs.exists("data/out/config-run.yaml") and fs.exists("data/out/summary-run.json")
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    for written in ("config-run.yaml", "summary-run.json"):
+        assert secret not in fs.cat_file(f"data/out/{written}").decode()
+
+
+def test_ray_job_submit_runs_the_job_on_a_head_node(ray_cluster, tiny_model_dir, photos, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "run.yaml"
+    config.write_text(RunConfig(
+        manifest=local_manifest(tmp_path, photos), output=str(tmp_path / "out"), gpus_per_actor=1,
+        pti=dict(model=tiny_model_dir, **PTI),
+    ).to_yaml())  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    job = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_cluster, "--working-dir", str(repo), "--",
+         sys.executable, "-m", "jobs.run", "--config", str(config), "--set", "edit_batch_size=3"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout
+    summary = json.loads((tmp_path / "out" / "summary-run.json").read_text())
+    assert summary["edits"] == 9 and summary["rows_failed"] == 5
+    assert pq.read_table(tmp_path / "out" / "results").num_rows == 9
+    assert RunConfig.load(tmp_path / "out" / "config-run.yaml").edit_batch_size == 3
