@@ -437,16 +437,18 @@ def _finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
     return summary
 
 
-def _write_config(config: RunConfig, job: str) -> None:
+def _start(config: RunConfig, job: str) -> float:
+    """Join or start Ray, check its GPUs, and write the resolved config beside the outputs."""
+    started = time.perf_counter()
+    _init_ray(config)
+    _check_gpus(config)
     write_bytes(join(config.output, f"config-{job}.yaml"), config.to_yaml().encode(), config.endpoint_url)
+    return started
 
 
 def run_tune(config: RunConfig) -> dict:
     """``jobs.tune``: manifest -> embeddings (and errors)."""
-    started = time.perf_counter()
-    _init_ray(config)
-    _check_gpus(config)
-    _write_config(config, "tune")
+    started = _start(config, "tune")
     ds, rows, duplicates = _read_manifest(config)
     ds = _tune(ds, config, rows, duplicates).select_columns([man.ID, ERROR_STAGE, ERROR_KIND, ERROR_MESSAGE])
     counts = _drain(ds, config, None)
@@ -457,10 +459,7 @@ def run_tune(config: RunConfig) -> dict:
 
 def run_all(config: RunConfig) -> dict:
     """``jobs.run``: both stages in one streaming pipeline."""
-    started = time.perf_counter()
-    _init_ray(config)
-    _check_gpus(config)
-    _write_config(config, "run")
+    started = _start(config, "run")
     ds, rows, duplicates = _read_manifest(config)
     ds = _edit(_tune(ds, config, rows, duplicates), config)
     counts = _drain(ds, config, res.RESULTS_SCHEMA)
@@ -502,10 +501,7 @@ def run_edit(config: RunConfig) -> dict:
     """``jobs.edit``: stored embeddings + targets -> edits. New targets reuse old tunings."""
     import ray
 
-    started = time.perf_counter()
-    _init_ray(config)
-    _check_gpus(config)
-    _write_config(config, "edit")
+    started = _start(config, "edit")
     targets = _targets_by_id(config)
     fs, path = arrow_filesystem(config.embeddings_uri, config.endpoint_url)
     stored_ids = set(pq.ParquetDataset(path, filesystem=fs).read(columns=[emb.ID]).column(emb.ID).to_pylist())

@@ -63,11 +63,7 @@ class PTIConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PTIConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return from_known_fields(cls, values, "config")
 
     def replace(self, **changes) -> "PTIConfig":
         return dataclasses.replace(self, **changes)
@@ -78,6 +74,14 @@ class PTIConfig:
                 "early_stop", "stop_eps", "stop_slack", "resolution", "seed", "dtype")  # fmt: skip
         payload = {k: getattr(self, k) for k in keys} | {"model": model_fingerprint}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+def from_known_fields(cls, values: dict[str, Any], what: str):
+    """A dataclass from a dict, refusing unknown keys (a typo must not silently do nothing)."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InputError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**values)
+
 
 def check_eta(eta: float) -> str | None:
     """The problem with an interpolation weight, or None."""

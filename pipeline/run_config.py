@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PTIConfig
+from pipeline.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
 
 
@@ -63,11 +63,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown run config field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return from_known_fields(cls, values, "run config")
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "RunConfig":

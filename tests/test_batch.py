@@ -208,3 +208,19 @@ def test_ray_job_submit_runs_the_job_on_a_head_node(ray_cluster, tiny_model_dir,
     assert summary["edits"] == 9 and summary["rows_failed"] == 5
     assert pq.read_table(tmp_path / "out" / "results").num_rows == 9
     assert RunConfig.load(tmp_path / "out" / "config-run.yaml").edit_batch_size == 3
+
+
+def test_too_few_gpus_and_bad_manifests_fail_before_any_work(ray_cluster, tiny_model_dir, tmp_path):
+    from pipeline.errors import InputError
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "target_prompts": ["a", "b"]}), bad)
+    base = dict(output=str(tmp_path / "out"), pti=dict(model=tiny_model_dir, **PTI))
+    with pytest.raises(InputError, match="ask for 3 GPU per actor but the Ray cluster has 2 GPUs"):
+        run_all(RunConfig(manifest=str(bad), gpus_per_actor=3, **base))
+    with pytest.raises(InputError) as error:
+        run_all(RunConfig(manifest=str(bad), gpus_per_actor=1, **base))
+    message = str(error.value)
+    assert "missing column 'image'" in message and "column 'id' must be a string" in message
+    assert "column 'target_prompts' must be a list of strings" in message
+    assert not (tmp_path / "out" / "results").exists()
