@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipeline.config import PTIConfig
 from pipeline.errors import InputError, PTIError
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 ERROR_STAGE, ERROR_KIND, ERROR_MESSAGE = "error_stage", "error_kind", "error_message"
 ERROR_FIELDS = [pa.field(ERROR_STAGE, pa.string()), pa.field(ERROR_KIND, pa.string()), pa.field(ERROR_MESSAGE, pa.string())]
 PIXELS = "pixels"  # decoded RGB, uint8 [R, R, 3], as raw bytes between the read and tune stages
-PNG = "png"  # an encoded edit, between the edit and write stages
+EDITED = "edited"  # an edit's RGB, uint8 [R, R, 3] raw bytes, between the edit and write stages
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -45,7 +46,7 @@ PREPARED_SCHEMA = pa.schema(
         *ERROR_FIELDS,
     ]
 )
-EDITED_SCHEMA = pa.schema([*(f.with_nullable(True) for f in res.RESULTS_SCHEMA), pa.field(PNG, pa.binary()), *ERROR_FIELDS])
+EDITED_SCHEMA = pa.schema([*(f.with_nullable(True) for f in res.RESULTS_SCHEMA), pa.field(EDITED, pa.binary()), *ERROR_FIELDS])
 CARRIED = (man.TARGET_PROMPTS, man.ETA)  # manifest columns stage 2 needs, carried past stage 1
 
 
@@ -201,7 +202,6 @@ class EditStage:
         self.max_edits = max_edits_per_call
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from pipeline.images import encode_png
         from pipeline.stored import inversion_from_arrow
 
         worker = _worker()
@@ -238,7 +238,8 @@ class EditStage:
                         res.GUIDANCE: row[emb.GUIDANCE], res.RECONSTRUCTION_PSNR: row[emb.RECONSTRUCTION_PSNR],
                         res.RECONSTRUCTION_SSIM: row[emb.RECONSTRUCTION_SSIM], res.TUNE_SECONDS: row[emb.SECONDS],
                         res.EDIT_SECONDS: seconds, res.CONFIG_FINGERPRINT: row[emb.CONFIG_FINGERPRINT],
-                        res.TUNE_WORKER: row.get(res.TUNE_WORKER), res.EDIT_WORKER: worker, PNG: encode_png(image),
+                        res.TUNE_WORKER: row.get(res.TUNE_WORKER), res.EDIT_WORKER: worker,
+                        EDITED: (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).tobytes(),
                     })  # fmt: skip
         return _table(out, EDITED_SCHEMA)
 
@@ -249,17 +250,21 @@ def image_key(row_id: str, target_index: int, eta: float) -> str:
 
 
 def write_images(table: pa.Table, *, output: str, endpoint_url: str | None) -> pa.Table:
-    """Write each edit's PNG under its deterministic key and keep only its URI."""
+    """Encode each edit as PNG (on a CPU worker, not the GPU actor), write it under its
+    deterministic key, and keep only its URI."""
     uris = []
-    for row_id, t, eta, png in zip(*(table.column(c).to_pylist() for c in (res.ID, res.TARGET_INDEX, res.ETA, PNG))):
-        if png is None:
+    for row_id, t, eta, raw in zip(*(table.column(c).to_pylist() for c in (res.ID, res.TARGET_INDEX, res.ETA, EDITED))):
+        if raw is None:
             uris.append(None)
             continue
+        side = int(round((len(raw) // 3) ** 0.5))
+        buffer = io.BytesIO()
+        Image.fromarray(np.frombuffer(raw, np.uint8).reshape(side, side, 3), "RGB").save(buffer, format="PNG")
         uri = join(output, image_key(row_id, t, eta))
-        write_bytes(uri, png, endpoint_url)
+        write_bytes(uri, buffer.getvalue(), endpoint_url)
         uris.append(uri)
     table = table.set_column(table.schema.get_field_index(res.IMAGE_URI), res.IMAGE_URI, pa.array(uris, pa.string()))
-    return table.drop_columns([PNG])
+    return table.drop_columns([EDITED])
 
 
 # --- the driver --------------------------------------------------------------------------------

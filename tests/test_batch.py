@@ -99,7 +99,6 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_mode
     read_table = lambda name: pq.read_table(str(tmp_path / "out" / name))  # noqa: E731
     results = check_outputs(summary, read_table, lambda uri: open(uri, "rb").read(), config)
     assert len(set(results["tune_worker"].to_pylist())) == 2, "each tuning actor gets work"
-    assert len(set(results["edit_worker"].to_pylist())) == 2, "each editing actor gets work"
     written = json.loads((tmp_path / "out" / "summary-run.json").read_text())
     assert written["edits"] == 9
     assert RunConfig.load(tmp_path / "out" / "config-run.yaml") == config
@@ -108,13 +107,17 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_mode
     targets = tmp_path / "targets.parquet"
     pq.write_table(pa.Table.from_pylist([
         {"id": "astronaut", "target_prompts": ["a photo of a robot", "a photo of a horse"], "eta": [1.0]},
+        *({"id": f"copy-{i}", "target_prompts": ["a photo of a lion"], "eta": [0.7]} for i in range(4)),
         {"id": "unknown", "target_prompts": ["a cat"], "eta": None},
     ]), targets)  # fmt: skip
     again = RunConfig.load(overrides=[f"output={tmp_path / 'edit'}", f"embeddings={tmp_path / 'out' / 'embeddings'}",
                                       f"targets={targets}", "gpus_per_actor=1", f"pti.model={tiny_model_dir}",
+                                      "edit_actors=2", "edit_batch_size=1",
                                       *(f"pti.{k}={json.dumps(v)}" for k, v in PTI.items())])  # fmt: skip
     edit_summary = run_edit(again)
-    assert edit_summary["edits"] == 2 and edit_summary["rows_failed"] == 1
+    assert edit_summary["edits"] == 6 and edit_summary["rows_failed"] == 1
+    # Stored embeddings are all there at once: every editing actor gets work.
+    assert len(set(pq.read_table(tmp_path / "edit" / "results")["edit_worker"].to_pylist())) == 2
     first = np.asarray(Image.open(tmp_path / "out" / image_key("astronaut", 0, 1.0))).astype(int)
     second = np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 0, 1.0))).astype(int)
     assert np.abs(first - second).max() <= 1
@@ -224,3 +227,22 @@ def test_too_few_gpus_and_bad_manifests_fail_before_any_work(ray_cluster, tiny_m
     assert "missing column 'image'" in message and "column 'id' must be a string" in message
     assert "column 'target_prompts' must be a list of strings" in message
     assert not (tmp_path / "out" / "results").exists()
+
+
+def test_pti_tune_writes_embeddings_and_errors_only(ray_cluster, tiny_model_dir, photos, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    args = ["tune", "--manifest", local_manifest(tmp_path, photos), "--output", str(tmp_path / "out"),
+            "--model", tiny_model_dir, "--set", "gpus_per_actor=1", "--set", "tune_batch_size=3",
+            *(a for k, v in PTI.items() for a in ("--set", f"pti.{k}={json.dumps(v)}"))]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary-tune.json").read_text())
+    assert (summary["rows_in"], summary["rows_done"], summary["rows_failed"]) == (11, 6, 5)
+    embeddings = pq.read_table(tmp_path / "out" / "embeddings")
+    assert sorted(embeddings["id"].to_pylist()) == sorted(["astronaut", "cat/../chelsea", *(f"copy-{i}" for i in range(4))])
+    assert len(list((tmp_path / "out" / "embeddings").glob("*.parquet"))) < 6  # files per batch, not per row
+    assert pq.read_table(tmp_path / "out" / "errors").num_rows == 5
+    assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "results").exists()
