@@ -328,6 +328,20 @@ def _check_gpus(config: RunConfig) -> None:
         log.warning("the cluster has %g GPUs for %g requested: some actors will wait", have, needed)
 
 
+def _pools_fit(config: RunConfig, actors: int) -> bool:
+    """Whether all of a job's actors fit in the cluster at once, with a CPU left for reads.
+
+    When they do, pools wait for all their actors before taking work, so every actor gets some
+    (otherwise the first actor up can take a small job's every block). When they don't (jobs.run
+    with fewer GPUs than tune_actors + edit_actors), editing actors can only start as tuning ones
+    finish, so waiting would deadlock: Ray then starts each actor as resources free up."""
+    import ray
+
+    have = ray.cluster_resources()
+    gpus_fit = config.gpus_per_actor * actors <= have.get("GPU", 0)
+    return gpus_fit and config.cpus_per_actor * actors < have.get("CPU", 0)
+
+
 def _read_manifest(config: RunConfig):
     """The manifest as a Ray dataset, after checking its columns and finding duplicated ids."""
     import ray
@@ -444,9 +458,14 @@ def _finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
 
 def _start(config: RunConfig, job: str) -> float:
     """Join or start Ray, check its GPUs, and write the resolved config beside the outputs."""
+    from ray.data import DataContext
+
     started = time.perf_counter()
     _init_ray(config)
     _check_gpus(config)
+    actors = {"run": config.tune_actors + config.edit_actors, "tune": config.tune_actors, "edit": config.edit_actors}[job]
+    # The context is per process: set it both ways, a driver may run several jobs.
+    DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if _pools_fit(config, actors) else -1
     write_bytes(join(config.output, f"config-{job}.yaml"), config.to_yaml().encode(), config.endpoint_url)
     return started
 

@@ -10,7 +10,7 @@ from typing import Sequence
 from pipeline.config import PTIConfig, check_eta
 from pipeline.engine import Engine
 from pipeline.errors import InputError
-from pipeline.images import contact_sheet, load_image, save_png
+from pipeline.images import center_square, contact_sheet, decode_rgb, read_bytes, save_png, to_tensor
 from pipeline.metrics import psnr, ssim
 
 
@@ -35,9 +35,10 @@ def edit_one_image(
     if problems:
         raise InputError("; ".join(problems))
     started = time.perf_counter()
+    photo = decode_rgb(read_bytes(image, image), image)  # a bad image fails before the model loads
     engine = engine or Engine.load(config)
     loaded = time.perf_counter()
-    pixels = load_image(image, engine.resolution).unsqueeze(0)
+    pixels = to_tensor(center_square(photo, engine.resolution)).unsqueeze(0)
     inversion = engine.invert_and_tune(pixels, [source])
     edits = engine.edit_grid(inversion, targets, config.etas)
     finished = time.perf_counter()

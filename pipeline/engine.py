@@ -175,6 +175,7 @@ class Engine:
             raise InputError("no edits asked for: give at least one target prompt")
         problems = [p for p in (check_eta(e) for e in etas) if p]
         problems += [f"target prompt {n} is empty" for n, t in enumerate(targets) if not (t or "").strip()]
+        problems += [f"edit {n} asks for image {r}, not one of the {len(inversion)} inverted" for n, r in enumerate(rows) if not 0 <= r < len(inversion)]
         if problems:
             raise InputError("; ".join(problems))
         picked = inversion.select(rows)

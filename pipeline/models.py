@@ -120,10 +120,13 @@ def _copy_from_uri(uri: str, dest: Path, storage_options: dict) -> Path:
 def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
 
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it here so a later setting counts.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return Path(
             snapshot_download(
                 repo_id,
+                local_files_only=offline,
                 cache_dir=cache_dir / "hub",
                 allow_patterns=["model_index.json", "*/config.json", "*/*.safetensors",
                                 "tokenizer/*", "scheduler/*"],

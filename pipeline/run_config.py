@@ -32,6 +32,9 @@ class RunConfig:
     edit_batch_size: int = 2  # images per stage-2 batch (all their edits)
     max_edits_per_call: int = 16  # edits sampled together in one UNet batch
     results_rows_per_file: int = 100_000
+    # When the cluster holds all of a job's actors at once, pools wait for all their actors before
+    # taking work (so every actor gets some), and fail when they cannot start in this time.
+    actor_start_timeout_s: float = 1800.0
     pti: PTIConfig = field(default_factory=PTIConfig)
 
     def __post_init__(self):
