@@ -32,38 +32,8 @@ from pipeline.engine import Engine
 from pipeline.images import contact_sheet, to_pil
 from pipeline.models import load_stable_diffusion
 
-HELD_OUT_SEED = 1_000_003  # training renders from seed 0: these scenes are new to the model
 SHIPPED_MODEL = "models/shapes-sd"
-
-
-def held_out_scenes(count: int, resolution: int) -> list[world.Scene]:
-    rng = np.random.default_rng(HELD_OUT_SEED)
-    return [world.random_scene(rng, resolution) for _ in range(count)]
-
-
-def edit_targets(scene: world.Scene, n: int) -> dict[str, world.Scene]:
-    """The colour edit and the shape edit of a scene's object, each to another value in turn."""
-    thing = scene.things[0]
-    colours = [c for c in world.COLOURS if c != thing.colour]
-    shapes = [s for s in world.SHAPES if s != thing.shape]
-    return {"colour": scene.edited(colour=colours[n % len(colours)]), "shape": scene.edited(shape=shapes[n % len(shapes)])}
-
-
-def score(edit: np.ndarray, scene: world.Scene, truth: world.Scene, kind: str) -> dict:
-    """One edit against the truth (``edit`` ``[H, W, 3]`` uint8)."""
-    source_mask, target_mask = scene.masks()[0], truth.masks()[0]
-    region = world.object_region(edit, scene.background)
-    both = np.stack([source_mask, target_mask])
-    scores = {"background_psnr": world.background_psnr(edit, scene.render(), both)}
-    if kind == "colour":
-        scores["success"] = world.nearest_colour(world.mean_colour(edit, source_mask)) == truth.things[0].colour
-        scores["object_iou"] = world.iou(region, source_mask)
-    else:
-        scores["success"] = world.iou(region, target_mask) > world.iou(region, source_mask)
-        scores["object_iou"] = world.iou(region, target_mask)
-        kept = world.mean_colour(edit, region) if region.any() else np.zeros(3)
-        scores["colour_kept"] = world.nearest_colour(kept) == scene.things[0].colour
-    return scores
+NOTES_MARKER = "<!-- findings: kept across runs -->"
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -73,10 +43,10 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 def run(model: str, images: int, methods: list[str], etas: list[float], guidances: list[float],
         steps: int, inner_steps: int, lr: float) -> dict:  # fmt: skip
     sd = load_stable_diffusion(model, device="cpu")
-    scenes = held_out_scenes(images, sd.resolution)
+    scenes = world.held_out_scenes(images, sd.resolution)
     pixels = torch.stack([torch.from_numpy(s.render().copy()).permute(2, 0, 1).float() / 255 for s in scenes])
     sources = [s.caption() for s in scenes]
-    targets = [edit_targets(s, n) for n, s in enumerate(scenes)]
+    targets = [world.edit_targets(s, n) for n, s in enumerate(scenes)]
     rows, examples = [], {}
     for guidance in guidances:
         for method in methods:
@@ -85,7 +55,8 @@ def run(model: str, images: int, methods: list[str], etas: list[float], guidance
             engine = Engine(sd, config)
             started = time.perf_counter()
             inversion = engine.invert_and_tune(pixels, sources)
-            stage_one = {"seconds": (time.perf_counter() - started) / images, "unet_calls": engine.eps.calls / images}
+            # Every batched UNet call evaluates each image once: calls per batch are evaluations per image.
+            stage_one = {"seconds": (time.perf_counter() - started) / images, "unet_calls": engine.eps.calls}
             base = {"method": method, "guidance": guidance, "reconstruction_psnr": float(inversion.psnr.mean()),
                     "reconstruction_ssim": float(inversion.ssim.mean()), "stage1_seconds_per_image": stage_one["seconds"],
                     "stage1_unet_calls_per_image": stage_one["unet_calls"]}  # fmt: skip
@@ -96,14 +67,14 @@ def run(model: str, images: int, methods: list[str], etas: list[float], guidance
                     edited = engine.edit(inversion, list(range(images)), prompts, [eta] * images)
                     seconds = (time.perf_counter() - started) / images
                     edits = [to_uint8(e) for e in edited]
-                    scored = [score(e, s, t[kind], kind) for e, s, t in zip(edits, scenes, targets)]
+                    scored = [world.score_edit(e, s, t[kind], kind) for e, s, t in zip(edits, scenes, targets)]
                     rows.append({**base, "kind": kind, "eta": eta,
                                  "editability": float(np.mean([s["success"] for s in scored])),
                                  "object_iou": float(np.mean([s["object_iou"] for s in scored])),
                                  "background_psnr": float(np.mean([s["background_psnr"] for s in scored])),
                                  "colour_kept": float(np.mean([s["colour_kept"] for s in scored])) if kind == "shape" else None,
                                  "edit_seconds_per_image": seconds,
-                                 "edit_unet_calls_per_batch": engine.eps.calls - calls})  # fmt: skip
+                                 "edit_unet_calls": engine.eps.calls - calls})  # fmt: skip
                     examples[(guidance, method, kind, eta)] = edited[:4]
             examples[(guidance, method, "reconstruction", 0.0)] = inversion.reconstruction[:4]
     return {"rows": rows, "examples": examples, "pixels": pixels[:4], "sources": sources[:4],
@@ -156,14 +127,14 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "object's region after the edit against the truth (the source shape for colour edits). "
         "Background PSNR: away from the objects, against the input.",
         "",
-        "| method | w | edit | eta | editability | object IoU | background PSNR (dB) | colour kept | UNet calls/edit batch |",
+        "| method | w | edit | eta | editability | object IoU | background PSNR (dB) | colour kept | UNet calls per edit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         kept = "" if r["colour_kept"] is None else f"{r['colour_kept']:.2f}"
         lines.append(f"| {r['method']} | {r['guidance']:g} | {r['kind']} | {r['eta']:g} | {r['editability']:.2f} | "
-                     f"{r['object_iou']:.3f} | {r['background_psnr']:.1f} | {kept} | {r['edit_unet_calls_per_batch']} |")  # fmt: skip
-    lines += ["", "| method | w | reconstruction PSNR | reconstruction SSIM | stage-1 UNet calls/image | stage-1 s/image |",
+                     f"{r['object_iou']:.3f} | {r['background_psnr']:.1f} | {kept} | {r['edit_unet_calls']} |")  # fmt: skip
+    lines += ["", "| method | w | reconstruction PSNR | reconstruction SSIM | stage-1 UNet calls per image | stage-1 s/image |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for (method, guidance) in dict.fromkeys((r["method"], r["guidance"]) for r in rows):
         r = next(r for r in rows if r["method"] == method and r["guidance"] == guidance)
@@ -173,7 +144,9 @@ def write_markdown(result: dict, args, path: Path) -> None:
               f"Examples (w={args.guidance[0]:g}, eta={args.example_eta:g}); rows: colour edits, then shape "
               f"edits; columns: input, then {', '.join(dict.fromkeys(r['method'] for r in rows))}.", "",
               "![examples](quality-examples.png)", ""]  # fmt: skip
-    path.write_text("\n".join(lines))
+    # Findings written by hand below the marker survive a re-run.
+    kept = path.read_text().split(NOTES_MARKER, 1)[1] if path.exists() and NOTES_MARKER in path.read_text() else "\n"
+    path.write_text("\n".join(lines) + "\n" + NOTES_MARKER + kept)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,8 @@
 """``make demo``: the main job (``jobs.run``) on embedded defaults.
 
-A bundled manifest of scikit-image photographs with several targets each, local Ray, local
-files and the offline tiny model; prints the run summary and where the outputs and a contact
-sheet are.
+The shipped model of the rendered world (``models/shapes-sd``, trained here on the CPU), a bundled
+manifest of held-out scenes with a colour edit and a shape edit each, local Ray and local files;
+prints the run summary and where the outputs and a contact sheet are.
 """
 
 from __future__ import annotations
@@ -13,27 +13,27 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from skimage import data
 
 from jobs.common import print_summary
+from pipeline import world
 from pipeline.batch import run_all
 from pipeline.images import contact_sheet, load_image
 from pipeline.run_config import RunConfig
 
-MANIFEST = [  # id, photograph, source prompt, targets
-    ("astronaut", "astronaut", "a photo of an astronaut", ["a photo of a robot", "an oil painting of an astronaut"]),
-    ("chelsea", "chelsea", "a photo of a cat", ["a photo of a tiger", "a watercolor painting of a cat"]),
-    ("coffee", "coffee", None, ["a cup of green tea", "a pencil sketch of a cup of coffee"]),
-]
+SCENES = 4
 
 
 def write_manifest(folder: Path) -> Path:
+    """Held-out scenes, each with its colour and shape edit as targets; the last has no source
+    prompt (PTI needs none)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for row_id, photo, source, targets in MANIFEST:
-        path = folder / "images" / f"{photo}.png"
-        Image.fromarray(getattr(data, photo)()).save(path)
-        rows.append({"id": row_id, "image": str(path), "source_prompt": source, "target_prompts": targets})
+    for n, scene in enumerate(world.held_out_scenes(SCENES, 64)):
+        path = folder / "images" / f"scene-{n}.png"
+        Image.fromarray(scene.render()).save(path)
+        targets = [t.caption() for t in world.edit_targets(scene, n).values()]
+        source = scene.caption() if n < SCENES - 1 else None
+        rows.append({"id": f"scene-{n}", "image": str(path), "source_prompt": source, "target_prompts": targets})
     pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
     return folder / "manifest.parquet"
 
@@ -54,7 +54,7 @@ def write_contact_sheet(output: Path, manifest: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=".cache/tiny-model")
+    parser.add_argument("--model", default="models/shapes-sd")
     parser.add_argument("--out", default="outputs/demo")
     args = parser.parse_args(argv)
     output = Path(args.out)

@@ -26,7 +26,7 @@ from pipeline import world
 class TrainingConfig:
     seed: int = 0
     resolution: int = 64
-    vae_steps: int = 1500
+    vae_steps: int = 2500
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6  # Stable Diffusion's

@@ -113,7 +113,6 @@ def _apart(a: Thing, b: Thing) -> bool:
 
 # --- scoring an edit against the truth -----------------------------------------------------------
 
-
 def nearest_colour(rgb: np.ndarray) -> str:
     """The world's colour nearest to an RGB triple (0-255)."""
     names = list(COLOURS)
@@ -155,3 +154,36 @@ def background_psnr(image: np.ndarray, reference: np.ndarray, masks: np.ndarray,
     outside = ~binary_dilation(masks.any(axis=0), iterations=margin)
     error = ((image.astype(float) - reference.astype(float))[outside] ** 2).mean()
     return float(min(10 * np.log10(255.0**2 / max(error, 1e-10)), 100.0))
+
+
+HELD_OUT_SEED = 1_000_003  # training renders from seed 0: these scenes are new to the model
+
+
+def held_out_scenes(count: int, resolution: int) -> list[Scene]:
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    return [random_scene(rng, resolution) for _ in range(count)]
+
+
+def edit_targets(scene: Scene, n: int) -> dict[str, Scene]:
+    """The colour edit and the shape edit of a scene's object, each to another value in turn."""
+    thing = scene.things[0]
+    colours = [c for c in COLOURS if c != thing.colour]
+    shapes = [s for s in SHAPES if s != thing.shape]
+    return {"colour": scene.edited(colour=colours[n % len(colours)]), "shape": scene.edited(shape=shapes[n % len(shapes)])}
+
+
+def score_edit(edit: np.ndarray, scene: Scene, truth: Scene, kind: str) -> dict:
+    """One edit against the truth (``edit`` ``[H, W, 3]`` uint8)."""
+    source_mask, target_mask = scene.masks()[0], truth.masks()[0]
+    region = object_region(edit, scene.background)
+    both = np.stack([source_mask, target_mask])
+    scores = {"background_psnr": background_psnr(edit, scene.render(), both)}
+    if kind == "colour":
+        scores["success"] = nearest_colour(mean_colour(edit, source_mask)) == truth.things[0].colour
+        scores["object_iou"] = iou(region, source_mask)
+    else:
+        scores["success"] = iou(region, target_mask) > iou(region, source_mask)
+        scores["object_iou"] = iou(region, target_mask)
+        kept = mean_colour(edit, region) if region.any() else np.zeros(3)
+        scores["colour_kept"] = nearest_colour(kept) == scene.things[0].colour
+    return scores
