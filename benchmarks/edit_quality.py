@@ -76,9 +76,7 @@ def run(model: str, images: int, methods: list[str], etas: list[float], guidance
                                  "edit_seconds_per_image": seconds,
                                  "edit_unet_calls": engine.eps.calls - calls})  # fmt: skip
                     examples[(guidance, method, kind, eta)] = edited[:4]
-            examples[(guidance, method, "reconstruction", 0.0)] = inversion.reconstruction[:4]
-    return {"rows": rows, "examples": examples, "pixels": pixels[:4], "sources": sources[:4],
-            "targets": [{k: v.caption() for k, v in t.items()} for t in targets[:4]]}  # fmt: skip
+    return {"rows": rows, "examples": examples, "pixels": pixels[:4]}
 
 
 def write_plot(rows: list[dict], path: Path) -> None:

@@ -130,7 +130,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, conf
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, config.unet_steps))
     alphas_cumprod = scheduler.alphas_cumprod
     losses = []
-    unet.train(), text_encoder.train()
+    unet.train()
+    text_encoder.train()
     for _ in (bar := trange(config.unet_steps, desc="unet", disable=not progress)):
         pick = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         z0, tokens = latents[pick], ids[pick].clone()
@@ -147,7 +148,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, conf
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    unet.eval(), text_encoder.eval()
+    unet.eval()
+    text_encoder.eval()
     return losses
 
 
