@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import binary_dilation
 
 from pipeline import world
@@ -72,3 +73,23 @@ def test_background_psnr_ignores_the_objects_and_sees_the_background():
     noisy = np.clip(image.astype(int) + np.random.default_rng(0).integers(-10, 11, image.shape), 0, 255)
     uniform_noise_psnr = 10 * np.log10(255**2 / ((21**2 - 1) / 12))  # integers in [-10, 10]: 32.5 dB
     assert world.background_psnr(noisy, image, scene.masks()) == pytest.approx(uniform_noise_psnr, abs=0.3)
+
+
+def test_training_the_world_model_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.models import load_stable_diffusion
+    from pipeline.training import TrainingConfig, train_world_model
+
+    config = TrainingConfig(vae_steps=2, vae_batch=4, scenes=16, unet_steps=2, unet_batch=4, threads=1)
+    first, second = (train_world_model(tmp_path / name, config, progress=False) for name in ("a", "b"))
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):  # fmt: skip
+        a, b = load_file(first / part), load_file(second / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untrained = TrainingConfig(vae_steps=0, unet_steps=0, scenes=16, threads=1)
+    before = load_file(train_world_model(tmp_path / "c", untrained, progress=False) / "unet/diffusion_pytorch_model.safetensors")
+    after = load_file(first / "unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the steps did train
+    sd = load_stable_diffusion(str(first), device="cpu")
+    assert sd.resolution == 64 and sd.vae.config.scaling_factor > 0
