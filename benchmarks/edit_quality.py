@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline import world
 from pipeline.config import PTIConfig
 from pipeline.engine import Engine
-from pipeline.images import contact_sheet, to_pil
+from pipeline.images import contact_sheet, to_pil, to_tensor
 from pipeline.models import load_stable_diffusion
 
 SHIPPED_MODEL = "models/shapes-sd"
@@ -44,7 +45,7 @@ def run(model: str, images: int, methods: list[str], etas: list[float], guidance
         steps: int, inner_steps: int, lr: float) -> dict:  # fmt: skip
     sd = load_stable_diffusion(model, device="cpu")
     scenes = world.held_out_scenes(images, sd.resolution)
-    pixels = torch.stack([torch.from_numpy(s.render().copy()).permute(2, 0, 1).float() / 255 for s in scenes])
+    pixels = torch.stack([to_tensor(Image.fromarray(s.render())) for s in scenes])
     sources = [s.caption() for s in scenes]
     targets = [world.edit_targets(s, n) for n, s in enumerate(scenes)]
     rows, examples = [], {}

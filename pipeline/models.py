@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,16 +283,11 @@ def _clip_bpe_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[
     return vocab, list(merges)
 
 
-def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
-    """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
-    layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
-    text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def tiny_text_model(words: Sequence[str], hidden_size: int):
+    """A CLIP tokenizer that knows ``words`` and a small, untrained CLIP text encoder for it."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    vocab, merges = _clip_bpe_vocab(TINY_WORDS)
+    vocab, merges = _clip_bpe_vocab(tuple(words))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -301,6 +297,41 @@ def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -
             pad_token_id=vocab["<|endoftext|>"],
         )
     )  # fmt: skip
+    return tokenizer, text_encoder
+
+
+def sd_scheduler():
+    """A DDIM scheduler with Stable Diffusion 1.x's noise schedule."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+
+
+def save_checkpoint(folder: Path, vae, text_encoder, tokenizer, unet, dtype: torch.dtype | None = None) -> None:
+    """Save the parts in diffusers layout, safetensors only, with Stable Diffusion 1.x's scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    if dtype is not None:
+        pipe.to(dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
+    """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
+    layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
+    text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = tiny_text_model(TINY_WORDS, hidden_size)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=hidden_size,
@@ -313,16 +344,8 @@ def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -
         block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )  # fmt: skip
-    scheduler = DDIMScheduler(  # Stable Diffusion 1.x's noise schedule
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
     vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(folder, safe_serialization=True)
+    save_checkpoint(folder, vae, text_encoder, tokenizer, unet)
     (folder / "README.md").write_text(
         f"Tiny Stable Diffusion with seeded random weights (seed {seed}), built by "
         "`pti build-tiny-model`. Its edits are noise: it proves mechanics, not quality.\n"

@@ -40,23 +40,13 @@ class TrainingConfig:
 
 
 def build_components(config: TrainingConfig):
-    """Untrained VAE, text encoder, tokenizer, UNet and DDIM scheduler of the world's model."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """Untrained tokenizer, text encoder, VAE and UNet of the world's model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from pipeline.models import TINY_WORDS, _clip_bpe_vocab
+    from pipeline.models import TINY_WORDS, tiny_text_model
 
     torch.manual_seed(config.seed)
-    vocab, merges = _clip_bpe_vocab(tuple(dict.fromkeys([*TINY_WORDS, *world.WORDS])))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    h = config.hidden_size
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-        )
-    )  # fmt: skip
+    tokenizer, text_encoder = tiny_text_model(dict.fromkeys([*TINY_WORDS, *world.WORDS]), config.hidden_size)
     vae = AutoencoderKL(  # Stable Diffusion's 8x downsampling: 64x64 images, 8x8x4 latents
         in_channels=3, out_channels=3, latent_channels=4, sample_size=config.resolution,
         layers_per_block=1, block_out_channels=(16, 32, 64, 64), norm_num_groups=16,
@@ -64,15 +54,11 @@ def build_components(config: TrainingConfig):
     )  # fmt: skip
     unet = UNet2DConditionModel(
         sample_size=config.resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(48, 96), norm_num_groups=16, cross_attention_dim=h, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(48, 96), norm_num_groups=16, cross_attention_dim=config.hidden_size,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )  # fmt: skip
-    scheduler = DDIMScheduler(  # Stable Diffusion 1.x's noise schedule
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    return vae, text_encoder, tokenizer, unet, scheduler
+    return tokenizer, text_encoder, vae, unet
 
 
 def render_scenes(count: int, seed: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
@@ -120,8 +106,10 @@ def encode_latents(vae, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, config: TrainingConfig,
-               progress: bool = True) -> list[float]:  # fmt: skip
+def train_unet(unet, text_encoder, tokenizer, latents, captions, config: TrainingConfig, progress: bool = True) -> list[float]:
+    from pipeline.models import sd_scheduler
+
+    scheduler = sd_scheduler()  # the noise schedule the model is saved with
     generator = torch.Generator().manual_seed(config.seed + 1)
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -156,22 +144,18 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, conf
 def train_world_model(folder: Path | str, config: TrainingConfig = TrainingConfig(), progress: bool = True) -> Path:
     """Train the world's model and save it in diffusers layout (fp16 safetensors, a few MB) with
     ``training.json``: the config, the final losses and the time it took."""
-    from diffusers import StableDiffusionPipeline
+    from pipeline.models import save_checkpoint
 
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    vae, text_encoder, tokenizer, unet, scheduler = build_components(config)
+    tokenizer, text_encoder, vae, unet = build_components(config)
     pixels, captions = render_scenes(config.scenes, config.seed, config.resolution)
     vae_losses = train_vae(vae, pixels, config, progress)
     vae_done = time.perf_counter()
     latents = encode_latents(vae, pixels)
-    unet_losses = train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, config, progress)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    unet_losses = train_unet(unet, text_encoder, tokenizer, latents, captions, config, progress)
     folder = Path(folder)
-    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    save_checkpoint(folder, vae, text_encoder, tokenizer, unet, dtype=torch.float16)
     record = {
         "config": asdict(config),
         "vae_mse_last_100": float(np.mean(vae_losses[-100:])),

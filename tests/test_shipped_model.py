@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import world
 from pipeline.config import PTIConfig
 from pipeline.engine import Engine
-from pipeline.images import to_pil
+from pipeline.images import to_pil, to_tensor
 from pipeline.models import load_stable_diffusion
 from pipeline.text import tokenize
 
@@ -55,7 +56,7 @@ def colour_edits(shapes_sd):
     scenes = world.held_out_scenes(4, 64)
     truths = [world.edit_targets(s, n)["colour"] for n, s in enumerate(scenes)]
     engine = Engine(shapes_sd, PTIConfig(model=str(SHIPPED), progress=False))
-    pixels = torch.stack([torch.from_numpy(s.render().copy()).permute(2, 0, 1).float() / 255 for s in scenes])
+    pixels = torch.stack([to_tensor(Image.fromarray(s.render())) for s in scenes])
     inversion = engine.invert_and_tune(pixels, [s.caption() for s in scenes])
     # eta 0 and eta 0.8 in one batch: the same target prompt, only its weight differs
     edited = engine.edit(inversion, [0, 1, 2, 3] * 2, [t.caption() for t in truths] * 2, [0.0] * 4 + [ETA] * 4)
