@@ -13,16 +13,20 @@ import io
 import json
 import logging
 import os
+import posixpath
 import time
+import uuid
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config import PTIConfig
-from pipeline.errors import InputError, PTIError
+from pipeline.errors import InputError, ModelError, PTIError
+from pipeline.faults import failpoint
+from pipeline.resume import Committed, check_same_settings, edit_key, manifest_targets, read_committed
 from pipeline.run_config import RunConfig
-from pipeline.storage import arrow_filesystem, join, key_for_id, storage_options, write_bytes
+from pipeline.storage import arrow_filesystem, delete, join, key_for_id, parquet_files, storage_options, write_bytes
 from schemas import embeddings as emb
 from schemas import manifest as man
 from schemas import results as res
@@ -80,10 +84,14 @@ def _worker() -> str:
 # --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
 
 
-def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_url: str | None) -> pa.Table:
-    """Validate manifest rows and decode their images to ``resolution``; bad rows become errors."""
+def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_url: str | None, skip=frozenset()) -> pa.Table:
+    """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
+    Rows whose ids are in ``skip`` (tuned by an earlier run) are dropped."""
     from pipeline.images import load_image
 
+    failpoint("read")
+    if skip:
+        table = table.filter(pa.array([i not in skip for i in table.column(man.ID).to_pylist()], pa.bool_()))
     good, errors = man.validate_rows(table.to_pylist(), duplicates)
     out = [_error(e[man.ID], "validate", e["kind"], e["message"]) for e in errors]
     for row in good:
@@ -102,15 +110,26 @@ def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_
 # --- stage 1: invert and tune (GPU actors) ---------------------------------------------------
 
 
+def _load_engine(config: PTIConfig, endpoint_url: str | None, expect_model: set):
+    """The stage's model; refused if the output's stored embeddings came from another one."""
+    from pipeline.engine import Engine
+
+    engine = Engine.load(config.replace(progress=False), storage_options(config.model, endpoint_url))
+    if expect_model and engine.sd.fingerprint not in expect_model:
+        raise ModelError(
+            f"model {config.model!r} (fingerprint {engine.sd.fingerprint}) is not the one that made the stored "
+            f"embeddings ({', '.join(sorted(expect_model))}): its files changed; write to a new output"
+        )
+    return engine
+
+
 class TuneStage:
     """Holds one model; maps prepared rows to stored stage-1 rows (plus what stage 2 needs)."""
 
-    def __init__(self, config: PTIConfig, cpus: float = 1.0, endpoint_url: str | None = None):
+    def __init__(self, config: PTIConfig, cpus: float = 1.0, endpoint_url: str | None = None, expect_model=frozenset()):
         import torch
 
-        from pipeline.engine import Engine
-
-        self.engine = Engine.load(config.replace(progress=False), storage_options(config.model, endpoint_url))
+        self.engine = _load_engine(config, endpoint_url, expect_model)
         if self.engine.sd.device.type == "cpu":
             torch.set_num_threads(max(1, int(cpus)))  # share the node's cores with other actors
         self.engines = {(config.guidance, config.seed): self.engine}
@@ -139,6 +158,7 @@ class TuneStage:
 
         from pipeline.stored import inversion_to_arrow
 
+        failpoint("tune")
         schema, worker, r = self.schema(), _worker(), self.engine.resolution
         ok = _ok(table)
         rows = table.to_pylist()
@@ -189,21 +209,22 @@ def write_embeddings(table: pa.Table, *, uri: str, endpoint_url: str | None) -> 
 
 
 class EditStage:
-    """Holds one model; maps stage-1 rows to one row per (image, target, eta) with the PNG."""
+    """Holds one model; maps stage-1 rows to one row per (image, target, eta) with the PNG.
+    Edits in ``done`` (``resume.edit_key``s an earlier run committed) are not made again."""
 
-    def __init__(self, config: PTIConfig, max_edits_per_call: int = 16, cpus: float = 1.0, endpoint_url: str | None = None):
+    def __init__(self, config: PTIConfig, max_edits_per_call: int = 16, cpus: float = 1.0, endpoint_url: str | None = None,
+                 expect_model=frozenset(), done=frozenset()):  # fmt: skip
         import torch
 
-        from pipeline.engine import Engine
-
-        self.engine = Engine.load(config.replace(progress=False), storage_options(config.model, endpoint_url))
+        self.engine = _load_engine(config, endpoint_url, expect_model)
         if self.engine.sd.device.type == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
-        self.max_edits = max_edits_per_call
+        self.max_edits, self.done = max_edits_per_call, done
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.stored import inversion_from_arrow
 
+        failpoint("edit")
         worker = _worker()
         ok = _ok(table)
         out = [{**_error(r[man.ID], r[ERROR_STAGE], r[ERROR_KIND], r[ERROR_MESSAGE]), res.TUNE_WORKER: r.get(res.TUNE_WORKER)}
@@ -217,6 +238,7 @@ class EditStage:
                 for b, row in enumerate(meta)
                 for t, target in enumerate(row[man.TARGET_PROMPTS])
                 for eta in (row[man.ETA] or self.engine.config.etas)
+                if edit_key(row[emb.ID], t, target, eta) not in self.done
             ]
             for start in range(0, len(fan), self.max_edits):
                 chunk = fan[start : start + self.max_edits]
@@ -271,10 +293,15 @@ def write_images(table: pa.Table, *, output: str, endpoint_url: str | None) -> p
 
 
 class RollingParquet:
-    """Parquet files of at most ``rows_per_file`` rows under ``uri``, written as rows stream in."""
+    """Parquet files of at most ``rows_per_file`` rows under ``uri``, written as rows stream in,
+    and at least every ``flush_seconds``, so a killed driver loses little committed work. File
+    names carry ``prefix`` (the job and this attempt): a resumed run adds files, never
+    overwrites an earlier attempt's."""
 
-    def __init__(self, uri: str, schema: pa.Schema, rows_per_file: int, endpoint_url: str | None):
+    def __init__(self, uri: str, schema: pa.Schema, rows_per_file: int, endpoint_url: str | None, prefix: str,
+                 flush_seconds: float = float("inf")):  # fmt: skip
         self.uri, self.schema, self.limit, self.endpoint = uri, schema, rows_per_file, endpoint_url
+        self.prefix, self.flush_seconds, self.flushed_at = prefix, flush_seconds, time.monotonic()
         self.pending: list[pa.Table] = []
         self.pending_rows = self.files = self.rows = 0
 
@@ -285,6 +312,8 @@ class RollingParquet:
             self.rows += len(table)
         while self.pending_rows >= self.limit:
             self._flush(self.limit)
+        if self.pending_rows and time.monotonic() - self.flushed_at >= self.flush_seconds:
+            self._flush(self.pending_rows)
 
     def close(self) -> None:
         while self.pending_rows:
@@ -295,9 +324,11 @@ class RollingParquet:
         head, rest = table.slice(0, n), table.slice(n)
         buffer = io.BytesIO()
         pq.write_table(head, buffer)
-        write_bytes(join(self.uri, f"part-{self.files:05d}.parquet"), buffer.getvalue(), self.endpoint)
+        write_bytes(join(self.uri, f"{self.prefix}-{self.files:05d}.parquet"), buffer.getvalue(), self.endpoint)
         self.files += 1
+        self.flushed_at = time.monotonic()
         self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
+        failpoint(f"driver-after-{posixpath.basename(self.uri.rstrip('/'))}")
 
 
 def _init_ray(config: RunConfig) -> None:
@@ -343,7 +374,7 @@ def _pools_fit(config: RunConfig, actors: int) -> bool:
 
 
 def _read_manifest(config: RunConfig):
-    """The manifest as a Ray dataset, after checking its columns and finding duplicated ids."""
+    """The manifest as a Ray dataset, after checking its columns; its ids and the duplicated ones."""
     import ray
 
     if not config.manifest:
@@ -356,7 +387,7 @@ def _read_manifest(config: RunConfig):
     ids = dataset.read(columns=[man.ID]).column(man.ID).to_pylist()  # ids only: small
     columns = [c for c in dataset.schema.names if c in (man.ID, man.IMAGE, man.SOURCE_PROMPT, man.TARGET_PROMPTS, man.TARGET_PROMPT, man.ETA, man.GUIDANCE, man.SEED)]
     ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
-    return ds, len(ids), man.duplicated_ids(ids)
+    return ds, ids, man.duplicated_ids(ids)
 
 
 def _spread(ds, rows: int, config: RunConfig):
@@ -365,7 +396,7 @@ def _spread(ds, rows: int, config: RunConfig):
     return ds.repartition(target_num_rows_per_block=per_block)
 
 
-def _tune(ds, config: RunConfig, rows: int, duplicates: set):
+def _tune(ds, config: RunConfig, rows: int, duplicates: set, committed: Committed):
     from ray.data import ActorPoolStrategy
 
     from pipeline.models import model_resolution
@@ -374,12 +405,15 @@ def _tune(ds, config: RunConfig, rows: int, duplicates: set):
     resolution = config.pti.resolution or model_resolution(config.pti.model, storage_options=model_options)
     ds = _spread(ds, rows, config).map_batches(
         prepare_rows, batch_format="pyarrow",
-        fn_kwargs=dict(resolution=resolution, duplicates=duplicates, endpoint_url=config.endpoint_url),
+        fn_kwargs=dict(resolution=resolution, duplicates=duplicates, endpoint_url=config.endpoint_url,
+                       skip=frozenset(committed.tuned) - duplicates),
     )  # fmt: skip
     ds = ds.map_batches(
         TuneStage, batch_format="pyarrow", batch_size=config.tune_batch_size,
         compute=ActorPoolStrategy(size=config.tune_actors, max_tasks_in_flight_per_actor=2), num_gpus=config.gpus_per_actor,
-        num_cpus=config.cpus_per_actor, fn_constructor_kwargs=dict(config=config.pti, cpus=config.cpus_per_actor, endpoint_url=config.endpoint_url),
+        num_cpus=config.cpus_per_actor,
+        fn_constructor_kwargs=dict(config=config.pti, cpus=config.cpus_per_actor, endpoint_url=config.endpoint_url,
+                                   expect_model=frozenset(committed.model_fingerprints)),
     )  # fmt: skip
     return ds.map_batches(
         write_embeddings, batch_format="pyarrow", batch_size=None,
@@ -387,7 +421,18 @@ def _tune(ds, config: RunConfig, rows: int, duplicates: set):
     )  # fmt: skip
 
 
-def _edit(ds, config: RunConfig):
+def _stored(config: RunConfig, committed: Committed, targets: dict):
+    """Stored stage-1 rows of the ids in ``targets``, with their targets: only the files that
+    hold them are read."""
+    import ray
+
+    fs, _ = arrow_filesystem(config.embeddings_uri, config.endpoint_url)
+    ds = ray.data.read_parquet(sorted({committed.tuned[i] for i in targets}), filesystem=fs)
+    ds = ds.repartition(target_num_rows_per_block=config.edit_batch_size)
+    return ds.map_batches(attach_targets, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(targets=targets))
+
+
+def _edit(ds, config: RunConfig, committed: Committed, done=frozenset()):
     from ray.data import ActorPoolStrategy
 
     ds = ds.map_batches(
@@ -396,7 +441,7 @@ def _edit(ds, config: RunConfig):
         num_cpus=config.cpus_per_actor,
         fn_constructor_kwargs=dict(
             config=config.pti, max_edits_per_call=config.max_edits_per_call, cpus=config.cpus_per_actor,
-            endpoint_url=config.endpoint_url,
+            endpoint_url=config.endpoint_url, expect_model=frozenset(committed.model_fingerprints), done=done,
         ),
     )  # fmt: skip
     return ds.map_batches(
@@ -405,14 +450,19 @@ def _edit(ds, config: RunConfig):
     )  # fmt: skip
 
 
-def _drain(ds, config: RunConfig, results_schema: pa.Schema | None, errors_before: list[dict] = ()) -> dict:
+def _drain(ds, config: RunConfig, attempt: str, results_schema: pa.Schema | None, errors_before: list[dict] = ()) -> dict:
     """Stream the final rows to the driver (small rows: no tensors, no images) and write the
     results and errors tables; count everything for the summary."""
-    errors = RollingParquet(join(config.output, "errors"), man.ERRORS_SCHEMA, config.results_rows_per_file, config.endpoint_url)
-    results = results_schema and RollingParquet(join(config.output, "results"), results_schema, config.results_rows_per_file, config.endpoint_url)
+    def table(name, schema):
+        return RollingParquet(join(config.output, name), schema, config.results_rows_per_file, config.endpoint_url,
+                              prefix=attempt, flush_seconds=config.results_flush_seconds)  # fmt: skip
+
+    errors = table("errors", man.ERRORS_SCHEMA)
+    results = results_schema and table("results", results_schema)
     errors.add(pa.Table.from_pylist(list(errors_before), schema=man.ERRORS_SCHEMA))
     ok_ids, early_ids, edit_error_ids, early_errors = set(), {r[man.ID] for r in errors_before}, set(), len(errors_before)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    resumed_ids = set()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
         ok = _ok(batch)
         bad = batch.filter(pa.array(~ok))
         if len(bad):
@@ -428,6 +478,8 @@ def _drain(ds, config: RunConfig, results_schema: pa.Schema | None, errors_befor
                     early_errors += 1
         good = batch.filter(pa.array(ok))
         ok_ids.update(good.column(man.ID).to_pylist())
+        if res.TUNE_WORKER in good.column_names:  # edited from stored embeddings: not tuned by this run
+            resumed_ids.update(i for i, w in zip(good.column(man.ID).to_pylist(), good.column(res.TUNE_WORKER).to_pylist()) if w is None)
         if results is not None:
             results.add(good)
     errors.close()
@@ -435,62 +487,80 @@ def _drain(ds, config: RunConfig, results_schema: pa.Schema | None, errors_befor
         results.close()
     return {
         "ok_ids": ok_ids, "early_error_rows": early_errors, "edit_only_failures": len(edit_error_ids - ok_ids - early_ids),
-        "error_rows": errors.rows, "result_rows": results.rows if results else 0,
+        "error_rows": errors.rows, "result_rows": results.rows if results else 0, "resumed": len(resumed_ids),
     }
 
 
-def _account(rows_in: int, counts: dict) -> dict:
-    """Every input row is in the results (or embeddings) or in the errors table, exactly once
+def _account(rows_in: int, counts: dict, already_done: int) -> dict:
+    """Every input row is done (now or by an earlier run) or in the errors table, exactly once
     before editing; refuse to report success when the counts do not add up."""
-    done = len(counts["ok_ids"])
+    done = len(counts["ok_ids"]) + already_done
     accounted = done + counts["early_error_rows"] + counts["edit_only_failures"]
     if accounted != rows_in:
         raise RuntimeError(f"accounting failed: {rows_in} rows in, {accounted} accounted for")
-    return {"rows_in": rows_in, "rows_done": done, "rows_failed": rows_in - done, "error_rows": counts["error_rows"]}
+    return {"rows_in": rows_in, "rows_done": done, "rows_failed": rows_in - done, "error_rows": counts["error_rows"],
+            "already_done": already_done}  # fmt: skip
 
 
 def _finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
     summary = {"job": job, "output": config.output, "seconds": round(time.perf_counter() - started, 3), **counts}
-    summary["rows_per_second"] = round(counts["rows_done"] / max(summary["seconds"], 1e-9), 4)
+    summary["rows_per_second"] = round((counts["rows_done"] - counts["already_done"]) / max(summary["seconds"], 1e-9), 4)
     write_bytes(join(config.output, f"summary-{job}.json"), json.dumps(summary, indent=2).encode(), config.endpoint_url)
     return summary
 
 
-def _start(config: RunConfig, job: str) -> float:
-    """Join or start Ray, check its GPUs, and write the resolved config beside the outputs."""
+def _start(config: RunConfig, job: str) -> tuple[float, str]:
+    """Join or start Ray, check its GPUs and that the output holds nothing made with other
+    settings, drop an earlier attempt's errors (every row not done is tried again) and write the
+    resolved config beside the outputs. Returns the start time and this attempt's name."""
     from ray.data import DataContext
 
     started = time.perf_counter()
     _init_ray(config)
     _check_gpus(config)
+    check_same_settings(config, job)
     actors = {"run": config.tune_actors + config.edit_actors, "tune": config.tune_actors, "edit": config.edit_actors}[job]
     # The context is per process: set it both ways, a driver may run several jobs.
     DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if _pools_fit(config, actors) else -1
+    errors = join(config.output, "errors")
+    delete(errors, [p for p in parquet_files(errors, config.endpoint_url) if posixpath.basename(p).startswith(f"{job}-")], config.endpoint_url)
     write_bytes(join(config.output, f"config-{job}.yaml"), config.to_yaml().encode(), config.endpoint_url)
-    return started
+    return started, f"{job}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
 def run_tune(config: RunConfig) -> dict:
-    """``jobs.tune``: manifest -> embeddings (and errors)."""
-    started = _start(config, "tune")
-    ds, rows, duplicates = _read_manifest(config)
-    ds = _tune(ds, config, rows, duplicates).select_columns([man.ID, ERROR_STAGE, ERROR_KIND, ERROR_MESSAGE])
-    counts = _drain(ds, config, None)
+    """``jobs.tune``: manifest -> embeddings (and errors). Ids already tuned are skipped."""
+    started, attempt = _start(config, "tune")
+    ds, ids, duplicates = _read_manifest(config)
+    committed = read_committed(config, results=False)
+    already = sum(1 for i in ids if i in committed.tuned and i not in duplicates)
+    ds = _tune(ds, config, len(ids), duplicates, committed).select_columns([man.ID, ERROR_STAGE, ERROR_KIND, ERROR_MESSAGE])
+    counts = _drain(ds, config, attempt, None)
     return _finish(config, "tune", started, {
-        **_account(rows, counts), "embeddings": config.embeddings_uri, "errors": join(config.output, "errors"),
+        **_account(len(ids), counts, already), "embeddings": config.embeddings_uri, "errors": join(config.output, "errors"),
     })  # fmt: skip
 
 
 def run_all(config: RunConfig) -> dict:
-    """``jobs.run``: both stages in one streaming pipeline."""
-    started = _start(config, "run")
-    ds, rows, duplicates = _read_manifest(config)
-    ds = _edit(_tune(ds, config, rows, duplicates), config)
-    counts = _drain(ds, config, res.RESULTS_SCHEMA)
+    """``jobs.run``: both stages in one streaming pipeline. On an output an earlier run wrote,
+    rows already edited are skipped and rows already tuned are edited from their stored
+    embeddings (only the edits still missing)."""
+    started, attempt = _start(config, "run")
+    ds, ids, duplicates = _read_manifest(config)
+    committed = read_committed(config, results=True)
+    targets = manifest_targets(config, set(committed.tuned) - duplicates)
+    missing = {i: committed.missing_edits(i, t, eta or config.pti.etas) for i, (t, eta) in targets.items()}
+    unfinished = {i: targets[i] for i in targets if missing[i]}
+    already = sum(1 for i in ids if i in targets and not missing[i])
+    ds = _tune(ds, config, len(ids), duplicates, committed)
+    if unfinished:
+        ds = ds.union(_stored(config, committed, unfinished))
+    done = frozenset(k for k in committed.edits if k[0] in unfinished)
+    counts = _drain(_edit(ds, config, committed, done), config, attempt, res.RESULTS_SCHEMA)
     return _finish(config, "run", started, {
-        **_account(rows, counts), "edits": counts["result_rows"], "embeddings": config.embeddings_uri,
-        "images": join(config.output, "images"), "results": join(config.output, "results"),
-        "errors": join(config.output, "errors"),
+        **_account(len(ids), counts, already), "resumed": counts["resumed"], "edits": counts["result_rows"],
+        "embeddings": config.embeddings_uri, "images": join(config.output, "images"),
+        "results": join(config.output, "results"), "errors": join(config.output, "errors"),
     })  # fmt: skip
 
 
@@ -510,8 +580,8 @@ def _targets_by_id(config: RunConfig) -> dict:
 def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
     """Give stored stage-1 rows the targets to edit toward; ids without targets are dropped."""
     ids = table.column(emb.ID).to_pylist()
-    keep = pa.array([i in targets for i in ids])
-    table = table.filter(keep)
+    keep = pa.array([i in targets for i in ids], pa.bool_())
+    table = table.filter(keep).select(list(emb.EMBEDDINGS_COLUMNS))
     ids = table.column(emb.ID).to_pylist()
     table = table.append_column(PREPARED_SCHEMA.field(man.TARGET_PROMPTS), pa.array([targets[i][0] for i in ids], pa.list_(pa.string())))
     table = table.append_column(PREPARED_SCHEMA.field(man.ETA), pa.array([targets[i][1] for i in ids], pa.list_(pa.float64())))
@@ -522,24 +592,25 @@ def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
 
 
 def run_edit(config: RunConfig) -> dict:
-    """``jobs.edit``: stored embeddings + targets -> edits. New targets reuse old tunings."""
-    import ray
-
-    started = _start(config, "edit")
+    """``jobs.edit``: stored embeddings + targets -> edits. New targets reuse old tunings; edits
+    already in the output's results are not made again."""
+    started, attempt = _start(config, "edit")
     targets = _targets_by_id(config)
-    fs, path = arrow_filesystem(config.embeddings_uri, config.endpoint_url)
-    stored_ids = set(pq.ParquetDataset(path, filesystem=fs).read(columns=[emb.ID]).column(emb.ID).to_pylist())
-    missing = sorted(set(targets) - stored_ids)
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    ds = ds.repartition(target_num_rows_per_block=config.edit_batch_size)
-    ds = ds.map_batches(attach_targets, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(targets=targets))
+    committed = read_committed(config, results=True)
+    missing = sorted(set(targets) - set(committed.tuned))
+    todo = {i: v for i, v in targets.items() if i in committed.tuned and committed.missing_edits(i, v[0], v[1] or config.pti.etas)}
+    already = sum(1 for i in targets if i in committed.tuned and i not in todo)
     no_embeddings = [
         {man.ID: i, "row": None, "stage": "edit", "kind": "no_embeddings",
          "message": f"no stored embeddings for id {i!r} under {config.embeddings_uri}"}
         for i in missing
     ]  # fmt: skip
-    counts = _drain(_edit(ds, config), config, res.RESULTS_SCHEMA, errors_before=no_embeddings)
+    if todo:
+        done = frozenset(k for k in committed.edits if k[0] in todo)
+        counts = _drain(_edit(_stored(config, committed, todo), config, committed, done), config, attempt, res.RESULTS_SCHEMA, no_embeddings)
+    else:
+        counts = _drain(None, config, attempt, res.RESULTS_SCHEMA, no_embeddings)
     return _finish(config, "edit", started, {
-        **_account(len(targets), counts), "edits": counts["result_rows"],
+        **_account(len(targets), counts, already), "edits": counts["result_rows"],
         "results": join(config.output, "results"), "errors": join(config.output, "errors"),
     })  # fmt: skip

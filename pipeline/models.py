@@ -266,21 +266,29 @@ TINY_WORDS = (
 
 def _clip_bpe_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP byte-level BPE vocabulary: every byte, with and without the end-of-word mark, plus
-    merges that spell out ``words``, so any text tokenises and common words are one token."""
+    merges that make each of ``words`` one token, so any text tokenises and these words are one
+    token each. (Hand-written because ``tokenizers``' BPE trainer learns merges by frequency and
+    would not promise one token per word.)"""
     from tokenizers.pre_tokenizers import ByteLevel
 
     chars = sorted(ByteLevel.alphabet())  # the 256 characters that stand for bytes
     tokens = chars + [c + "</w>" for c in chars]
-    merges: dict[tuple[str, str], None] = {}  # ordered: a merge's rank is its position
+    ranks: dict[tuple[str, str], int] = {}  # a merge's rank is the order it was added in
     for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # First the merges the tokenizer will apply anyway (BPE: the lowest-ranked adjacent pair,
+        # until none is left) ...
+        while pairs := [(ranks[p], i) for i, p in enumerate(zip(pieces, pieces[1:])) if p in ranks]:
+            _, i = min(pairs)
+            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+        # ... then new merges, ranked after every other, that join what is left from the left.
         while len(pieces) > 1:
-            merges[(pieces[0], pieces[1])] = None
+            ranks.setdefault((pieces[0], pieces[1]), len(ranks))
             tokens.append(pieces[0] + pieces[1])
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            pieces[:2] = [pieces[0] + pieces[1]]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    return vocab, list(merges)
+    return vocab, list(ranks)
 
 
 def tiny_text_model(words: Sequence[str], hidden_size: int):

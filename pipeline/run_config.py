@@ -32,6 +32,7 @@ class RunConfig:
     edit_batch_size: int = 2  # images per stage-2 batch (all their edits)
     max_edits_per_call: int = 16  # edits sampled together in one UNet batch
     results_rows_per_file: int = 100_000
+    results_flush_seconds: float = 60.0  # a results file at least this often: what a killed driver can lose
     # When the cluster holds all of a job's actors at once, pools wait for all their actors before
     # taking work (so every actor gets some), and fail when they cannot start in this time.
     actor_start_timeout_s: float = 1800.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 from urllib.parse import quote, urlparse
 
 import pyarrow.fs as pafs
@@ -63,9 +64,60 @@ def key_for_id(row_id: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
-    """Write one object; the parent folders of a local path are created."""
+    """Write one object, all or nothing: an object store's PUT is atomic; a local file is written
+    beside its final name (hidden, ``.tmp``: no reader lists it) and renamed into place, so a
+    killed writer never leaves a partial file that looks finished."""
     fs, path = arrow_filesystem(uri, endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        staging = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        with open(staging, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+        return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    fs, path = arrow_filesystem(uri, endpoint_url)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def parquet_files(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """The finished Parquet files under a folder (none if it does not exist), as paths inside its
+    filesystem; hidden staging files are not finished ones."""
+    fs, path = arrow_filesystem(uri, endpoint_url)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+    )  # fmt: skip
+
+
+def read_columns(uri: str, columns: list[str], endpoint_url: str | None = None):
+    """Some columns of the Parquet files under a folder as one table, or None if there are none."""
+    import pyarrow.parquet as pq
+
+    fs, _ = arrow_filesystem(uri, endpoint_url)
+    files = parquet_files(uri, endpoint_url)
+    return pq.ParquetDataset(files, filesystem=fs).read(columns=columns) if files else None
+
+
+def delete(uri: str, paths: list[str], endpoint_url: str | None = None) -> None:
+    """Delete files given as paths inside ``uri``'s filesystem."""
+    fs, _ = arrow_filesystem(uri, endpoint_url)
+    for path in paths:
+        fs.delete_file(path)
+
+
+def read_object(uri: str, endpoint_url: str | None = None) -> bytes:
+    """One object's bytes; FileNotFoundError if there is none."""
+    fs, path = arrow_filesystem(uri, endpoint_url)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()

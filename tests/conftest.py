@@ -18,6 +18,7 @@ from skimage import data
 
 from pipeline.config import PTIConfig
 from pipeline.engine import Engine
+from pipeline.faults import ENV as FAILPOINTS_ENV
 from pipeline.images import center_square, to_tensor
 from pipeline.models import build_tiny_model, load_stable_diffusion
 
@@ -69,16 +70,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The fake S3 secret: distinctive, so a test can look for it in every output and log line.
+SECRET = "pti-test-secret-Zq81vW3n"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def failpoints(tmp_path_factory) -> Path:
+    """The folder where tests arm failpoints (``pipeline.faults``) for the session's cluster."""
+    return tmp_path_factory.mktemp("failpoints")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(failpoints):
     """The session's one Ray cluster: a real head node on 127.0.0.1 (``ray start --head``) with two
     fake GPUs, so the GPU actor path runs on the CPU and ``ray job submit`` has a cluster to talk
     to. Returns the dashboard's address. Fake S3 credentials are set first: Ray's processes
     inherit the environment when they start."""
     import ray
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ[key] = value
+    os.environ[FAILPOINTS_ENV] = str(failpoints)  # armed by tests: see pipeline.faults
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster: no token to hand around
     port, dashboard = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))

@@ -175,6 +175,8 @@ def test_the_tokenizer_is_a_real_one(tiny_sd):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat"
     zebra = tokenizer("a zebra").input_ids  # not one of its words: spelled out in byte tokens
     assert len(zebra) > 4 and tokenizer.decode(zebra, skip_special_tokens=True) == "a zebra"
+    for word in TINY_WORDS:  # merges learned for one word never split another
+        assert len(tokenizer(word).input_ids) == 3, word
 
 
 def test_different_prompts_give_different_ids_and_embeddings(tiny_sd):

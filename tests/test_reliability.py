@@ -1,0 +1,127 @@
+"""Crashed workers, a killed job and re-runs lose nothing and duplicate nothing (issue 5).
+
+Faults are real: a failpoint (``pipeline.faults``) makes a Ray worker or the driver kill itself
+with SIGKILL at a named point, and the outputs are compared with an undisturbed run's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.batch import run_all
+from pipeline.errors import InputError
+from pipeline.run_config import RunConfig
+
+PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
+PHOTOS = ("astronaut", "chelsea", "coffee")
+GOOD = 6  # rows that edit; 2 targets x 2 etas each
+BAD = 1
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, photos) -> str:
+    folder = tmp_path_factory.mktemp("reliability")
+    rows = []
+    for i in range(GOOD):
+        buffer = io.BytesIO()
+        Image.fromarray(photos[PHOTOS[i % 3]]).resize((80, 80)).save(buffer, format="PNG")
+        (folder / f"{i}.png").write_bytes(buffer.getvalue())
+        rows.append({"id": f"row-{i}", "image": str(folder / f"{i}.png"), "target_prompts": ["a photo of a cat", "a painting of a dog"]})
+    rows.append({"id": "broken", "image": str(folder / "missing.png"), "target_prompts": ["a cat"]})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return str(folder / "manifest.parquet")
+
+
+def config(manifest, model, output, **overrides) -> RunConfig:
+    return RunConfig(
+        manifest=manifest, output=str(output), tune_actors=1, edit_actors=1, gpus_per_actor=1, tune_batch_size=1,
+        edit_batch_size=1, max_edits_per_call=2, results_rows_per_file=2, pti=dict(model=model, **PTI), **overrides,
+    )  # fmt: skip
+
+
+def outputs(output) -> dict:
+    """Everything a run leaves, keyed so two runs compare: one entry per result row, embedding
+    row and error row; duplicates fail here."""
+    results = pq.read_table(output / "results").to_pylist()
+    keys = [(r["id"], r["target_index"], r["target_prompt"], round(r["eta"], 3)) for r in results]
+    assert len(keys) == len(set(keys)), "a result row is written twice"
+    images = {k: np.asarray(Image.open(r["image_uri"])).astype(int) for k, r in zip(keys, results)}
+    embedded = pq.read_table(output / "embeddings", columns=["id"]).column("id").to_pylist()
+    assert len(embedded) == len(set(embedded)), "an image is tuned twice"
+    errors = pq.read_table(output / "errors").to_pylist()
+    return {"images": images, "embedded": sorted(embedded), "errors": sorted((e["id"], e["kind"]) for e in errors)}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got["embedded"] == want["embedded"] and got["errors"] == want["errors"]
+    assert sorted(got["images"]) == sorted(want["images"])
+    for key, image in want["images"].items():
+        assert np.abs(got["images"][key] - image).max() <= 1, key  # the same edit, up to rounding
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_cluster, manifest, tiny_model_dir, tmp_path_factory) -> dict:
+    output = tmp_path_factory.mktemp("undisturbed")
+    summary = run_all(config(manifest, tiny_model_dir, output))
+    assert (summary["rows_done"], summary["rows_failed"], summary["edits"]) == (GOOD, BAD, GOOD * 4)
+    return outputs(output)
+
+
+def arm(failpoints, name: str):
+    (failpoints / name).touch()
+    return lambda: sorted(p.name for p in failpoints.glob(f"{name}.fired-*"))
+
+
+@pytest.mark.parametrize("point", ["read", "tune", "edit"])
+def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(point, undisturbed, manifest, tiny_model_dir, failpoints, tmp_path):
+    fired = arm(failpoints, point)
+    summary = run_all(config(manifest, tiny_model_dir, tmp_path))
+    assert len(fired()) == 1, "the worker was killed"
+    assert (summary["rows_done"], summary["rows_failed"], summary["edits"]) == (GOOD, BAD, GOOD * 4)
+    assert_same(outputs(tmp_path), undisturbed)
+
+
+def test_a_killed_job_run_again_ends_as_an_undisturbed_run_and_redoes_nothing(undisturbed, manifest, tiny_model_dir, failpoints, tmp_path):
+    import ray
+
+    job = tmp_path / "job.yaml"
+    job.write_text(config(manifest, tiny_model_dir, tmp_path / "out").to_yaml())
+    fired = arm(failpoints, "driver-after-results")  # the driver dies right after its first results file
+    env = {**__import__("os").environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    killed = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(job)], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9 and len(fired()) == 1, killed.stderr[-2000:]
+    assert not (tmp_path / "out" / "summary-run.json").exists()
+
+    # What the killed run committed: whole files only, never a partial one.
+    out = tmp_path / "out"
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")] or all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+    tuned_before = set(pq.read_table(out / "embeddings", columns=["id"]).column("id").to_pylist())
+    edits_before = pq.read_table(out / "results").num_rows
+    assert 1 <= len(tuned_before) and 2 <= edits_before < GOOD * 4
+
+    summary = run_all(RunConfig.load(job))
+    assert_same(outputs(out), undisturbed)
+    assert summary["edits"] == GOOD * 4 - edits_before  # no edit made twice
+    tuned_now = summary["rows_done"] - summary["already_done"] - summary["resumed"]
+    assert tuned_now == GOOD - len(tuned_before)  # no image tuned twice
+    assert 1 <= summary["resumed"] and summary["already_done"] + summary["resumed"] <= len(tuned_before)
+    assert (summary["rows_done"], summary["rows_failed"]) == (GOOD, BAD)
+    assert json.loads((out / "summary-run.json").read_text())["edits"] == summary["edits"]
+
+    # Once more on the finished output: nothing to do, nothing written twice.
+    again = run_all(RunConfig.load(job))
+    assert (again["already_done"], again["edits"], again["rows_failed"]) == (GOOD, 0, BAD)
+    assert_same(outputs(out), undisturbed)
+
+    # Other settings on the same output are refused before any work.
+    with pytest.raises(InputError, match=r"pti.steps was 3, now 4.*new output"):
+        run_all(RunConfig.load(job, ["pti.steps=4"]))
