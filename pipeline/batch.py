@@ -26,7 +26,9 @@ from pipeline.errors import InputError, ModelError, PTIError
 from pipeline.faults import failpoint
 from pipeline.resume import Committed, check_same_settings, edit_key, manifest_targets, read_committed
 from pipeline.run_config import RunConfig
-from pipeline.storage import arrow_filesystem, delete, join, key_for_id, parquet_files, storage_options, write_bytes
+from pipeline.storage import (
+    arrow_filesystem, default_image_prefixes, delete, is_allowed, join, key_for_id, parquet_files, storage_options, write_bytes,
+)  # fmt: skip
 from schemas import embeddings as emb
 from schemas import manifest as man
 from schemas import results as res
@@ -84,9 +86,13 @@ def _worker() -> str:
 # --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
 
 
-def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_url: str | None, skip=frozenset()) -> pa.Table:
+def prepare_rows(
+    table: pa.Table, *, resolution: int, duplicates: set, endpoint_url: str | None, allowed: tuple[str, ...],
+    max_bytes: int, max_pixels: int, skip=frozenset(),
+) -> pa.Table:  # fmt: skip
     """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
-    Rows whose ids are in ``skip`` (tuned by an earlier run) are dropped."""
+    An image URI outside the ``allowed`` prefixes is refused unread. Rows whose ids are in
+    ``skip`` (tuned by an earlier run) are dropped."""
     from pipeline.images import load_image
 
     failpoint("read")
@@ -96,11 +102,16 @@ def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_
     out = [_error(e[man.ID], "validate", e["kind"], e["message"]) for e in errors]
     for row in good:
         image = row[man.IMAGE]
+        name = f"{row[man.ID]}: {image if isinstance(image, str) else '<bytes>'}"
+        if isinstance(image, str) and not is_allowed(image, allowed):
+            message = f"image {name!r}: outside the allowed prefixes ({', '.join(allowed)}); list its prefix in allowed_image_prefixes to read it"
+            out.append(_error(row[man.ID], "read", "not_allowed", message))
+            continue
         options = storage_options(image, endpoint_url) if isinstance(image, str) else {}
         try:
-            pixels = load_image(image, resolution, name=f"{row[man.ID]}: {image if isinstance(image, str) else '<bytes>'}", storage_options=options)
+            pixels = load_image(image, resolution, name=name, storage_options=options, max_bytes=max_bytes, max_pixels=max_pixels)
         except PTIError as exc:
-            out.append(_error(row[man.ID], "read", "bad_image", str(exc)))
+            out.append(_error(row[man.ID], "read", getattr(exc, "kind", "bad_image"), str(exc)))
             continue
         array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         out.append({**{k: row.get(k) for k in PREPARED_SCHEMA.names if k in row}, PIXELS: array.tobytes()})
@@ -108,6 +119,36 @@ def prepare_rows(table: pa.Table, *, resolution: int, duplicates: set, endpoint_
 
 
 # --- stage 1: invert and tune (GPU actors) ---------------------------------------------------
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def split_on_oom(run, items: list):
+    """``run(items)``, and on out-of-memory ``run`` on each half, down to single items.
+
+    Yields ``(items, result)`` per call that ran, or ``(items, exception)`` for a call that failed
+    otherwise, or ran out of memory with one item: a batch too big for the device costs a retry,
+    not its rows."""
+    try:
+        result = run(items)
+    except Exception as exc:
+        if len(items) == 1 or not _out_of_memory(exc):
+            yield items, exc
+            return
+        log.warning("out of memory on a batch of %d: splitting it", len(items))
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        yield from split_on_oom(run, items[:half])
+        yield from split_on_oom(run, items[half:])
+        return
+    yield items, result
 
 
 def _load_engine(config: PTIConfig, endpoint_url: str | None, expect_model: set):
@@ -177,18 +218,18 @@ class TuneStage:
                 torch.from_numpy(np.frombuffer(rows[i][PIXELS], np.uint8).reshape(r, r, 3).copy()).permute(2, 0, 1).float() / 255
                 for i in members
             ])  # fmt: skip
-            try:
-                inversion = engine.invert_and_tune(pixels, sources)
-            except Exception as exc:  # the whole call failed: every row of it is an error
-                out += [{**_error(i, "tune", type(exc).__name__, str(exc)), res.TUNE_WORKER: worker} for i in ids]
-                continue
-            finite = torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(inversion.z_T).flatten(1).all(1)
-            stored = inversion_to_arrow(engine, inversion, ids, sources).to_pylist()
-            for k, i in enumerate(members):
-                if not bool(finite[k]):
-                    out.append({**_error(ids[k], "tune", "non_finite", "the model produced NaN or inf"), res.TUNE_WORKER: worker})
+            tune = lambda ks: engine.invert_and_tune(pixels[ks], [sources[k] for k in ks])  # noqa: E731
+            for ks, inversion in split_on_oom(tune, list(range(len(members)))):
+                if isinstance(inversion, Exception):  # the call failed (one image, if out of memory): its rows are errors
+                    out += [{**_error(ids[k], "tune", type(inversion).__name__, str(inversion)), res.TUNE_WORKER: worker} for k in ks]
                     continue
-                parts.append({**stored[k], **{c: rows[i][c] for c in CARRIED}, res.TUNE_WORKER: worker})
+                finite = torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(inversion.z_T).flatten(1).all(1)
+                stored = inversion_to_arrow(engine, inversion, [ids[k] for k in ks], [sources[k] for k in ks]).to_pylist()
+                for j, k in enumerate(ks):
+                    if not bool(finite[j]):
+                        out.append({**_error(ids[k], "tune", "non_finite", "the model produced NaN or inf"), res.TUNE_WORKER: worker})
+                        continue
+                    parts.append({**stored[j], **{c: rows[members[k]][c] for c in CARRIED}, res.TUNE_WORKER: worker})
         return _table(parts + out, schema)
 
 
@@ -240,21 +281,27 @@ class EditStage:
                 for eta in (row[man.ETA] or self.engine.config.etas)
                 if edit_key(row[emb.ID], t, target, eta) not in self.done
             ]
-            for start in range(0, len(fan), self.max_edits):
-                chunk = fan[start : start + self.max_edits]
-                began = time.perf_counter()
-                try:
-                    pixels = self.engine.edit(
-                        inversion, [c[0] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk],
-                        guidance=[meta[c[0]][emb.GUIDANCE] for c in chunk],
-                    )  # fmt: skip
-                except Exception as exc:  # these edits fail; the batch's other edits go on
+            def edit(chunk):
+                return self.engine.edit(
+                    inversion, [c[0] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk],
+                    guidance=[meta[c[0]][emb.GUIDANCE] for c in chunk],
+                )  # fmt: skip
+
+            calls = (part for start in range(0, len(fan), self.max_edits) for part in split_on_oom(edit, fan[start : start + self.max_edits]))
+            began = time.perf_counter()
+            for chunk, pixels in calls:
+                if isinstance(pixels, Exception):  # these edits fail; the batch's other edits go on
                     failed = dict.fromkeys(meta[c[0]][emb.ID] for c in chunk)
-                    out += [{**_error(i, "edit", type(exc).__name__, str(exc)), res.EDIT_WORKER: worker} for i in failed]
+                    out += [{**_error(i, "edit", type(pixels).__name__, str(pixels)), res.EDIT_WORKER: worker} for i in failed]
+                    began = time.perf_counter()
                     continue
                 seconds = (time.perf_counter() - began) / len(chunk)
                 for (b, t, target, eta), image in zip(chunk, pixels):
                     row = meta[b]
+                    if not bool(image.isfinite().all()):  # this edit fails, not its batch
+                        out.append({**_error(row[emb.ID], "edit", "non_finite", f"target {t} at eta {eta:g}: the model produced NaN or inf"),
+                                    res.EDIT_WORKER: worker})  # fmt: skip
+                        continue
                     out.append({
                         res.ID: row[emb.ID], res.TARGET_INDEX: t, res.TARGET_PROMPT: target, res.ETA: eta,
                         res.GUIDANCE: row[emb.GUIDANCE], res.RECONSTRUCTION_PSNR: row[emb.RECONSTRUCTION_PSNR],
@@ -263,6 +310,7 @@ class EditStage:
                         res.TUNE_WORKER: row.get(res.TUNE_WORKER), res.EDIT_WORKER: worker,
                         EDITED: (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).tobytes(),
                     })  # fmt: skip
+                began = time.perf_counter()
         return _table(out, EDITED_SCHEMA)
 
 
@@ -406,6 +454,8 @@ def _tune(ds, config: RunConfig, rows: int, duplicates: set, committed: Committe
     ds = _spread(ds, rows, config).map_batches(
         prepare_rows, batch_format="pyarrow",
         fn_kwargs=dict(resolution=resolution, duplicates=duplicates, endpoint_url=config.endpoint_url,
+                       allowed=tuple(config.allowed_image_prefixes or default_image_prefixes(config.manifest)),
+                       max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
                        skip=frozenset(committed.tuned) - duplicates),
     )  # fmt: skip
     ds = ds.map_batches(

@@ -14,4 +14,10 @@ class InputError(PTIError, ValueError):
 
 
 class ImageError(InputError):
-    """An image that cannot be read or converted to RGB."""
+    """An image that cannot be read or converted to RGB. ``kind`` is what the errors table
+    says: ``not_found``, ``access_denied``, ``read_failed`` (still failing after retries),
+    ``too_large``, ``not_allowed`` or ``bad_image`` (empty, corrupt, not an image, unusable mode)."""
+
+    def __init__(self, message: str, kind: str = "bad_image"):
+        super().__init__(message)
+        self.kind = kind

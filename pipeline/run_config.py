@@ -33,6 +33,11 @@ class RunConfig:
     max_edits_per_call: int = 16  # edits sampled together in one UNet batch
     results_rows_per_file: int = 100_000
     results_flush_seconds: float = 60.0  # a results file at least this often: what a killed driver can lose
+    # Where image URIs may point. None: the manifest's own bucket, or the local filesystem when the
+    # manifest is a local file (pipeline.storage.default_image_prefixes); web URLs only if listed.
+    allowed_image_prefixes: list[str] | None = None
+    max_image_bytes: int = 64 * 2**20  # larger image files are refused unread
+    max_image_pixels: int = 64_000_000  # larger images are refused from their header (decompression bombs)
     # When the cluster holds all of a job's actors at once, pools wait for all their actors before
     # taking work (so every actor gets some), and fail when they cannot start in this time.
     actor_start_timeout_s: float = 1800.0

@@ -48,6 +48,37 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fi
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def default_image_prefixes(manifest: str) -> tuple[str, ...]:
+    """Where a manifest's images may be read from unless the config says otherwise: the
+    manifest's own bucket (or container) when it lives in an object store; the local filesystem
+    only when the manifest itself is a local file. Never a web URL."""
+    parsed = urlparse(manifest)
+    if parsed.scheme in ("", "file"):
+        return ("/",)
+    return (f"{'s3' if parsed.scheme == 's3a' else parsed.scheme}://{parsed.netloc}/",)
+
+
+def normalize_uri(uri: str) -> str:
+    """A URI in the one form prefixes are matched in: local paths absolute with symlinks and
+    ``..`` resolved; others as ``scheme://host/path`` with ``..`` resolved (no query)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return os.path.realpath(os.path.expanduser(parsed.path if parsed.scheme else uri))
+    path = posixpath.normpath("/" + parsed.path.lstrip("/"))
+    return f"{'s3' if parsed.scheme == 's3a' else parsed.scheme}://{parsed.netloc.lower()}{path}"
+
+
+def is_allowed(uri: str, prefixes) -> bool:
+    """Whether ``uri`` lies under one of ``prefixes`` (whole path components: ``s3://data/``
+    does not allow ``s3://data-private/``)."""
+    target = normalize_uri(uri)
+    for prefix in prefixes:
+        base = normalize_uri(prefix).rstrip("/")
+        if target == base or target.startswith(base + "/"):
+            return True
+    return False
+
+
 def join(uri: str, *parts: str) -> str:
     """``uri`` and key parts joined with ``/`` (URIs keep their scheme)."""
     return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else os.path.join(uri, *parts)

@@ -56,3 +56,17 @@ def test_each_bad_row_becomes_an_error_with_its_reason_and_good_rows_pass():
     assert by_row[6]["kind"] == "bad_eta" and "1.5" in by_row[6]["message"] and "nan" in by_row[6]["message"]
     assert by_row[7]["kind"] == "bad_image"
     pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)  # the errors fit their schema
+
+
+def test_the_example_run_config_loads_and_lists_every_field():
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.run_config import RunConfig
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "run.example.yaml"
+    listed = set(yaml.safe_load(path.read_text()))
+    assert listed == {f.name for f in dataclasses.fields(RunConfig)}
+    assert RunConfig.load(path).allowed_image_prefixes is None

@@ -20,6 +20,7 @@ from pipeline.engine import Engine
 from pipeline.errors import InputError, ModelError
 from pipeline.images import load_image
 from pipeline.models import (
+    TINY_WORDS,
     default_cache_dir,
     fetch_checkpoint,
     load_stable_diffusion,

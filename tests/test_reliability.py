@@ -125,3 +125,46 @@ def test_a_killed_job_run_again_ends_as_an_undisturbed_run_and_redoes_nothing(un
     # Other settings on the same output are refused before any work.
     with pytest.raises(InputError, match=r"pti.steps was 3, now 4.*new output"):
         run_all(RunConfig.load(job, ["pti.steps=4"]))
+
+
+def test_out_of_memory_splits_the_batch_before_a_row_fails(ray_cluster, tiny_model_dir, photos):
+    import torch
+
+    from pipeline.batch import TuneStage, prepare_rows
+    from pipeline.config import PTIConfig
+
+    table = pa.table({"id": list(PHOTOS), "image": [_png(photos[p]) for p in PHOTOS], "target_prompts": [["a cat"]] * 3})
+    prepared = prepare_rows(table, resolution=64, duplicates=set(), endpoint_url=None, allowed=(), max_bytes=2**24, max_pixels=10**7)
+    stage = TuneStage(PTIConfig(model=tiny_model_dir, **PTI))
+    real, calls = stage.engine.invert_and_tune, []
+
+    def device_that_holds(n):
+        def invert_and_tune(pixels, sources):
+            calls.append(len(pixels))
+            if len(pixels) > n:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(pixels, sources)
+
+        return invert_and_tune
+
+    stage.engine.invert_and_tune = device_that_holds(1)
+    out = stage(prepared)
+    assert calls == [3, 1, 2, 1, 1]  # halves, then single images
+    assert out["error_kind"].null_count == 3 and sorted(out["id"].to_pylist()) == sorted(PHOTOS)
+    stage.engine.invert_and_tune = real
+    for k, name in enumerate(out["id"].to_pylist()):  # each equals the image tuned on its own
+        single = stage(prepared.filter(pa.compute.equal(prepared["id"], name)))
+        np.testing.assert_array_equal(single["prompt_embeddings"].combine_chunks().to_numpy_ndarray()[0],
+                                      out["prompt_embeddings"].combine_chunks().to_numpy_ndarray()[k])  # fmt: skip
+
+    calls.clear()
+    stage.engine.invert_and_tune = device_that_holds(0)  # not even one image fits: the rows fail, named
+    out = stage(prepared)
+    assert calls == [3, 1, 2, 1, 1] and out["error_kind"].to_pylist() == ["OutOfMemoryError"] * 3
+    assert all("out of memory" in m for m in out["error_message"].to_pylist())
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).resize((80, 80)).save(buffer, format="PNG")
+    return buffer.getvalue()

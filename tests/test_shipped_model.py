@@ -43,8 +43,8 @@ def test_the_tokenizer_knows_every_word_of_the_world(shapes_sd):
     end = shapes_sd.tokenizer.eos_token_id
     spelled = [tuple(t for t in row.tolist()[1:] if t != end) for row in ids]
     assert len(set(spelled)) == len(world.WORDS)  # every word its own token sequence
-    # Most are one token. (The BPE merges of pipeline.models spell some words, such as "green",
-    # in several tokens; the shipped model was trained that way.)
+    # Most are one token. (The model was trained before the BPE builder of pipeline.models was
+    # fixed, and its tokenizer spells a few words, such as "green", in several tokens.)
     assert sum(len(s) == 1 for s in spelled) >= len(world.WORDS) - 4
     red, blue = tokenize(shapes_sd, ["a red circle on a white background", "a blue circle on a white background"])
     assert (red != blue).sum() == 1
