@@ -168,3 +168,19 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).resize((80, 80)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_model_whose_files_changed_is_refused_on_an_output_it_did_not_make(ray_cluster, manifest, tmp_path):
+    import time
+
+    from pipeline.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", seed=0)
+    first = run_all(config(manifest, str(model), tmp_path / "out"))
+    assert first["rows_done"] == GOOD
+    build_tiny_model(model, seed=1)  # same place, other weights
+    started = time.monotonic()
+    with pytest.raises(Exception, match="is not the one that made the stored embeddings"):
+        run_all(config(manifest, str(model), tmp_path / "out"))
+    assert time.monotonic() - started < 120  # fails, does not wait
+    assert pq.read_table(tmp_path / "out" / "results").num_rows == GOOD * 4  # nothing added
