@@ -8,6 +8,7 @@ prints the run summary and where the outputs and a contact sheet are.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/demo")
     args = parser.parse_args(argv)
     output = Path(args.out)
+    if (output / "config-run.yaml").is_file() and (output / "inputs").is_dir():
+        # An earlier demo's output: start afresh, so the demo always shows a whole run (a re-run
+        # on the same output would resume it and do nothing).
+        shutil.rmtree(output)
     manifest = write_manifest(output / "inputs")
     config = RunConfig(
         manifest=str(manifest), output=str(output), gpus_per_actor=0, tune_actors=1, edit_actors=1,
