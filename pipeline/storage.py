@@ -111,11 +111,6 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
         f.write(data)
 
 
-def exists(uri: str, endpoint_url: str | None = None) -> bool:
-    fs, path = arrow_filesystem(uri, endpoint_url)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def parquet_files(uri: str, endpoint_url: str | None = None) -> list[str]:
     """The finished Parquet files under a folder (none if it does not exist), as paths inside its
     filesystem; hidden staging files are not finished ones."""
