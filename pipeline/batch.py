@@ -68,6 +68,22 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def _conform(table: pa.Table, schema: pa.Schema, extra: dict[str, list]) -> pa.Table:
+    """``table`` plus ``extra`` columns, in ``schema``'s order; fields neither has are null.
+    Column-wise, so tensor columns never pass through Python objects."""
+    columns = []
+    for f in schema:
+        if f.name in extra:
+            columns.append(pa.array(extra[f.name], type=f.type))
+        elif f.name in table.column_names:
+            columns.append(table.column(f.name).combine_chunks())
+        elif isinstance(f.type, pa.ExtensionType):
+            columns.append(pa.ExtensionArray.from_storage(f.type, pa.nulls(len(table), f.type.storage_type)))
+        else:
+            columns.append(pa.nulls(len(table), f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def _error(row_id, stage: str, kind: str, message: str) -> dict:
     return {man.ID: row_id, ERROR_STAGE: stage, ERROR_KIND: kind, ERROR_MESSAGE: message}
 
@@ -223,14 +239,15 @@ class TuneStage:
                 if isinstance(inversion, Exception):  # the call failed (one image, if out of memory): its rows are errors
                     out += [{**_error(ids[k], "tune", type(inversion).__name__, str(inversion)), res.TUNE_WORKER: worker} for k in ks]
                     continue
-                finite = torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(inversion.z_T).flatten(1).all(1)
-                stored = inversion_to_arrow(engine, inversion, [ids[k] for k in ks], [sources[k] for k in ks]).to_pylist()
-                for j, k in enumerate(ks):
-                    if not bool(finite[j]):
-                        out.append({**_error(ids[k], "tune", "non_finite", "the model produced NaN or inf"), res.TUNE_WORKER: worker})
-                        continue
-                    parts.append({**stored[j], **{c: rows[members[k]][c] for c in CARRIED}, res.TUNE_WORKER: worker})
-        return _table(parts + out, schema)
+                finite = (torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(inversion.z_T).flatten(1).all(1)).tolist()
+                out += [{**_error(ids[k], "tune", "non_finite", "the model produced NaN or inf"), res.TUNE_WORKER: worker}
+                        for k, ok_k in zip(ks, finite) if not ok_k]  # fmt: skip
+                kept = [members[k] for k, ok_k in zip(ks, finite) if ok_k]
+                stored = inversion_to_arrow(engine, inversion, [ids[k] for k in ks], [sources[k] for k in ks])
+                parts.append(_conform(stored.filter(pa.array(finite, pa.bool_())), schema, {
+                    **{c: [rows[i][c] for i in kept] for c in CARRIED}, res.TUNE_WORKER: [worker] * len(kept),
+                }))  # fmt: skip
+        return pa.concat_tables([*parts, _table(out, schema)])
 
 
 def write_embeddings(table: pa.Table, *, uri: str, endpoint_url: str | None) -> pa.Table:

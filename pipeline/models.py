@@ -233,7 +233,8 @@ class NoisePredictor:
     the model's dtype inside.
 
     v-prediction checkpoints (SD 2.x at 768) are turned into epsilon predictions. ``calls`` counts
-    UNet evaluations (a batch is one call) for the cost accounting of ALGORITHM.md.
+    UNet calls (a batch is one call) and ``evaluations`` the batch rows they evaluated, for the cost
+    accounting of ALGORITHM.md.
     """
 
     def __init__(self, sd: StableDiffusion):
@@ -242,10 +243,11 @@ class NoisePredictor:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ModelError(f"prediction_type {self.prediction_type!r} is not supported")
         self.alphas_cumprod = sd.scheduler.alphas_cumprod
-        self.calls = 0
+        self.calls = self.evaluations = 0
 
     def __call__(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
         self.calls += 1
+        self.evaluations += len(z)
         out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.to(z.dtype)
         if self.prediction_type == "v_prediction":
             a = float(self.alphas_cumprod[t])
@@ -291,12 +293,20 @@ def _clip_bpe_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[
     return vocab, list(ranks)
 
 
-def tiny_text_model(words: Sequence[str], hidden_size: int):
-    """A CLIP tokenizer that knows ``words`` and a small, untrained CLIP text encoder for it."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def clip_tokenizer(words: Sequence[str]):
+    """A CLIP tokenizer that tokenises any text and knows each of ``words`` as one token."""
+    from transformers import CLIPTokenizer
 
     vocab, merges = _clip_bpe_vocab(tuple(words))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_text_model(words: Sequence[str], hidden_size: int):
+    """A CLIP tokenizer that knows ``words`` and a small, untrained CLIP text encoder for it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer(words)
+    vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,

@@ -160,12 +160,14 @@ def test_engine_batches_agree_at_float32(pti, pixels, tuned):
 def test_unet_calls_match_the_costs_in_algorithm_md(make_engine, pixels):
     engine = make_engine(early_stop=False)
     T, K = engine.config.steps, engine.config.inner_steps
-    engine.eps.calls = 0
+    engine.eps.calls = engine.eps.evaluations = 0
     inversion = engine.invert_and_tune(pixels[:2], [None, None])
     assert engine.eps.calls == T + T * (1 + K + 1)  # one call serves the whole batch
-    engine.eps.calls = 0
+    assert engine.eps.evaluations == 2 * engine.eps.calls  # ... and evaluates each image once
+    engine.eps.calls = engine.eps.evaluations = 0
     engine.edit(inversion, [0, 1, 1], ["a", "b", "c"], [0.5, 0.5, 1.0])
     assert engine.eps.calls == T  # both guidance branches of all edits in one call per step
+    assert engine.eps.evaluations == 2 * T * 3  # 2T evaluations per edit
 
 
 def test_tuning_gives_gradients_only_to_the_embeddings(pti, tuned):

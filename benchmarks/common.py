@@ -1,0 +1,79 @@
+"""What every benchmark shares: the machine it ran on, Markdown tables, and the record in
+``docs/benchmarks.md`` that each run appends to."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RECORD = Path("docs/benchmarks.md")
+
+
+def machine() -> str:
+    """The CPU (or GPU), cores and library versions, in one line."""
+    import diffusers
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"]
+    if torch.cuda.is_available():
+        parts.insert(0, f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    versions = f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    try:
+        import ray
+
+        versions += f", ray {ray.__version__}"
+    except ImportError:
+        pass
+    return f"{'; '.join(parts)}; {versions}"
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, in MiB (Linux)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """``columns`` maps a row key to its heading; floats are shown with 3 significant digits."""
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def append_record(module: str, title: str, body: str, record: Path = RECORD) -> None:
+    """Append one run of ``python -m module`` (its command line, machine, date and results) to the
+    benchmark record."""
+    command = " ".join(["python -m", module, *(shlex.quote(a) for a in sys.argv[1:])])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = f"\n## {title}\n\n`{command}`, {stamp}\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    if not record.exists():
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text("# Benchmark record\n\nEach run of a benchmark in `benchmarks/` appends its results here.\n")
+    with open(record, "a") as f:
+        f.write(section)

@@ -1,0 +1,371 @@
+"""Engine cost: seconds, UNet evaluations, FLOPs, utilisation and peak memory of stage 1 (inversion
+and tuning) per image and stage 2 (editing) per edit, per batch size and per speed lever.
+
+    python -m benchmarks.engine                          # tiny random model, CPU, batches 1 2 4 8
+    python -m benchmarks.engine --levers                 # each lever against the baseline, same run
+    python -m benchmarks.engine --model sd15 --batches 1 --steps 1 --inner-steps 1 --edits 1
+                                                         # SD 1.5's architecture at 512x512 on the CPU
+    python -m benchmarks.engine --model sd15 --dtype bfloat16 --batches 1 2 4 8    # on a GPU
+
+``sd15`` is Stable Diffusion 1.5's architecture built from its public config with seeded random
+weights (nothing is downloaded; cost does not depend on the weights). Utilisation is the FLOPs
+that ``torch.utils.flop_counter`` counts in the tuning loop (forward and backward) over its
+seconds, against the matmul peak measured on the same device in the same run. Every case runs in a
+fresh process, so its peak memory is its own (CUDA: peak allocated; CPU: peak resident set).
+Results print as a table and are appended to ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import append_record, markdown_table, peak_resident_mb, resident_mb
+
+PROMPTS = ("a photo of a cat", "a watercolor painting", "a photo of a dog wearing a hat", "a pencil sketch")
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def sd15_random(device: str, dtype: str):
+    """Stable Diffusion 1.5's UNet, VAE and text encoder (their published configs) with seeded
+    random weights, and a small CLIP tokenizer (the vocabulary does not change the cost)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipeline.models import TINY_WORDS, StableDiffusion, clip_tokenizer, resolve_device, resolve_dtype, sd_scheduler
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch.manual_seed(0)
+    with torch_device:  # initialise on the device: faster than on the CPU, then moving
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the other defaults are SD 1.x's
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512, scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )  # fmt: skip
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        ))  # fmt: skip
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval().to(torch_device, torch_dtype)
+    return StableDiffusion(unet, vae, text_encoder, clip_tokenizer(TINY_WORDS), sd_scheduler(), torch_device, torch_dtype,
+                           "sd15-random", "sd15-random")  # fmt: skip
+
+
+def load_model(name: str, device: str, dtype: str):
+    from pipeline.models import build_tiny_model, load_stable_diffusion
+
+    if name == "sd15":
+        return sd15_random(device, dtype)
+    if name == "tiny":
+        name = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0))
+    return load_stable_diffusion(name, device=device, dtype=dtype)
+
+
+def photographs(count: int, size: int) -> torch.Tensor:
+    """scikit-image's photographs, repeated to ``count``, as ``[count, 3, size, size]``."""
+    from PIL import Image
+    from skimage import data
+
+    from pipeline.images import center_square, to_tensor
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    return torch.stack([to_tensor(center_square(Image.fromarray(photos[i % 3]), size)) for i in range(count)])
+
+
+# --- the levers: each changes one thing of the engine as shipped ------------------------------
+
+
+class RecomputedFixedBranch:
+    """The noise predictor of a tuning loop that predicts the fixed (unconditional) branch again at
+    every inner step, as a direct reading of the loss would, instead of once per timestep."""
+
+    def __init__(self, eps, null):
+        self.eps, self.null = eps, null
+
+    def __getattr__(self, name):
+        return getattr(self.eps, name)
+
+    def __call__(self, z, t, emb):
+        if emb.requires_grad:
+            with torch.no_grad():
+                self.eps(z, t, self.null.expand(len(z), -1, -1))
+        return self.eps(z, t, emb)
+
+
+class SplitBranches:
+    """The noise predictor of an editing loop that calls the UNet once per guidance branch."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def __getattr__(self, name):
+        return getattr(self.eps, name)
+
+    def __call__(self, z, t, emb):
+        halves = zip(z.chunk(2), emb.chunk(2))
+        return torch.cat([self.eps(z_half, t, emb_half) for z_half, emb_half in halves])
+
+
+def _decode_one_at_a_time(engine):
+    batched = engine.decode_latents
+    engine.decode_latents = lambda z: torch.cat([batched(z[i : i + 1]) for i in range(len(z))])
+
+
+def _math_attention(engine):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    engine.sd.unet.set_attn_processor(AttnProcessor())
+
+
+_COMPILED = {}  # one compiled UNet per process: the warm-up compiles what the timed run uses
+
+
+def _compiled(engine):
+    unet = engine.eps.unet
+    engine.eps.unet = _COMPILED.setdefault(id(unet), torch.compile(unet))
+
+
+LEVERS = {  # name -> (what it changes, applied before stage 1, applied before stage 2)
+    "baseline": ("the engine as shipped", None, None),
+    "weight_grads": ("UNet weights require grad (undoes 'no weight gradients')",
+                     lambda e: e.sd.unet.requires_grad_(True), None),
+    "fixed_branch_every_step": ("unconditional branch predicted at every inner step, not once per timestep",
+                                lambda e: setattr(e, "eps", RecomputedFixedBranch(e.eps, e.null)), None),
+    "no_early_stop": ("early stop off", lambda e: setattr(e, "config", e.config.replace(early_stop=False)), None),
+    "math_attention": ("attention without SDPA (diffusers' AttnProcessor)", _math_attention, None),
+    "channels_last": ("UNet in channels-last memory format",
+                      lambda e: e.sd.unet.to(memory_format=torch.channels_last), None),
+    "vae_one_at_a_time": ("VAE decodes one image at a time", _decode_one_at_a_time, None),
+    "split_edit_branches": ("editing calls the UNet once per guidance branch",
+                            None, lambda e: setattr(e, "eps", SplitBranches(e.eps))),
+    "compile": ("torch.compile of the UNet (CUDA only)", _compiled, None),
+}  # fmt: skip
+
+
+# --- one case, in its own process ------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch's FLOP counter has formulas for the CUDA attention kernels but not for the CPU's
+    flash kernel; the count is the same (two matmuls forward, four backward)."""
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in torch.utils.flop_counter.flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def count_tuning_flops(engine, pixels: torch.Tensor, sources: list) -> tuple[int, int]:
+    """FLOPs of the inversion and of the tuning loop, counted on a run equal to the timed one
+    (same seed and inputs, so early stop takes the same steps)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline import algorithm
+    from pipeline.text import encode_prompts
+
+    _register_cpu_attention_flops()
+    cfg = engine.config
+    torch.manual_seed(cfg.seed)
+    z0 = engine.encode_images(pixels)
+    src = encode_prompts(engine.sd, [p or "" for p in sources])
+    null = engine.null.expand(len(z0), -1, -1)
+    with FlopCounterMode(display=False) as inverting:
+        trajectory = algorithm.invert(engine.eps, z0, src, null, engine.schedule, cfg.inversion_guidance)
+    with FlopCounterMode(display=False) as tuning, torch.enable_grad():
+        algorithm.tune_prompt_embeddings(
+            engine.eps, trajectory, src, null, engine.schedule, cfg.guidance, cfg.inner_steps, cfg.lr,
+            cfg.early_stop, cfg.stop_eps, cfg.stop_slack,
+        )  # fmt: skip
+    return inverting.get_total_flops(), tuning.get_total_flops()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_resident_mb()
+
+
+def run_case(case: dict) -> dict:
+    """Stage 1 on ``batch`` photographs and stage 2 on ``edits`` edits of each, timed after a
+    one-step warm-up of both (allocator, kernels, and compilation where it is on)."""
+    from pipeline.config import PTIConfig
+    from pipeline.engine import Engine
+
+    sd = load_model(case["model"], case["device"], case["dtype"])
+    config = PTIConfig(model=case["model"], steps=case["steps"], inner_steps=case["inner_steps"], lr=case["lr"],
+                       early_stop=not case["no_early_stop"], progress=False)  # fmt: skip
+    _, before_one, before_two = LEVERS[case["lever"]]
+    engine, warm = Engine(sd, config), Engine(sd, config.replace(steps=1))
+    for e in (engine, warm):
+        if before_one:
+            before_one(e)
+    batch = case["batch"]
+    pixels = photographs(batch, engine.resolution)
+    sources = [None] * batch  # PTI needs no source prompt
+    fan = [(b, PROMPTS[k % len(PROMPTS)], 0.8) for b in range(batch) for k in range(case["edits"])]
+    rows, targets, etas = zip(*fan)
+    loaded_mb = resident_mb()
+
+    for e in (warm, engine):
+        if e is engine and sd.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(sd.device)
+        started = time.perf_counter()
+        inversion = e.invert_and_tune(pixels, sources)
+        _sync(sd.device)
+        stage_one, stage_one_calls, stage_one_evals = time.perf_counter() - started, e.eps.calls, e.eps.evaluations
+        stage_one_peak = _peak_memory_mb(sd.device)
+        if before_two:
+            before_two(e)
+        if e is engine and sd.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        e.edit(inversion, rows, targets, etas)
+        _sync(sd.device)
+        stage_two = time.perf_counter() - started
+    result = {
+        **case,
+        "resolution": engine.resolution,
+        "stage1_s_per_image": stage_one / batch,
+        "tune_s_per_image": inversion.seconds["tune"] / batch,
+        "stage1_calls": stage_one_calls,
+        "stage1_evals_per_image": stage_one_evals / batch,
+        "inner_steps_taken": float(inversion.inner_steps.float().sum(1).mean()),
+        "stage2_s_per_edit": stage_two / len(fan),
+        "stage2_calls": engine.eps.calls - stage_one_calls,
+        "stage2_evals_per_edit": (engine.eps.evaluations - stage_one_evals) / len(fan),
+        "stage1_peak_mb": stage_one_peak,
+        "stage2_peak_mb": _peak_memory_mb(sd.device),
+        "loaded_mb": loaded_mb if sd.device.type == "cpu" else torch.cuda.memory_allocated() / 2**20,
+    }
+    if case["flops"]:
+        invert_flops, tune_flops = count_tuning_flops(engine, pixels, sources)
+        result["invert_tflop_per_image"] = invert_flops / batch / 1e12
+        result["tune_tflop_per_image"] = tune_flops / batch / 1e12
+        result["tune_tflops"] = tune_flops / 1e12 / inversion.seconds["tune"]
+    return result
+
+
+# --- the peak, and the sweep ------------------------------------------------------------------
+
+
+def matmul_peak_tflops(device: str, dtype: str) -> float:
+    """The device's measured dense matmul throughput in its compute dtype: the roof for utilisation."""
+    from pipeline.models import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    n = 8192 if torch_device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=torch_device, dtype=torch_dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(3):
+        _sync(torch_device)
+        started = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        _sync(torch_device)
+        best = min(best, (time.perf_counter() - started) / 5)
+    return 2 * n**3 / best / 1e12
+
+
+def run_in_subprocess(case: dict) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.engine", "--case", json.dumps(case)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = {
+    "batch": "batch", "lever": "lever", "stage1_s_per_image": "stage 1 s/image", "tune_s_per_image": "tuning s/image",
+    "stage1_evals_per_image": "stage 1 UNet evals/image", "inner_steps_taken": "inner steps/image",
+    "stage2_s_per_edit": "stage 2 s/edit", "stage2_evals_per_edit": "stage 2 UNet evals/edit",
+    "tune_tflop_per_image": "tuning TFLOP/image", "tune_tflops": "tuning TFLOP/s", "utilisation": "of peak",
+    "loaded_mb": "model loaded MB", "stage1_peak_mb": "stage 1 peak MB", "stage2_peak_mb": "stage 2 peak MB",
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, sd15, or a checkpoint folder")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--edits", type=int, default=4, help="edits per image in stage 2 (targets x etas)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--no-early-stop", action="store_true")
+    parser.add_argument("--levers", nargs="*", metavar="LEVER",
+                        help=f"compare levers at the largest batch (all if none named): {', '.join(LEVERS)}")  # fmt: skip
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (a second run)")
+    parser.add_argument("--no-record", dest="record", action="store_false", help="print only; do not append to docs/")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a subprocess
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+
+    base = dict(model=args.model, steps=args.steps, inner_steps=args.inner_steps, lr=args.lr, edits=args.edits,
+                device=args.device, dtype=args.dtype, no_early_stop=args.no_early_stop, flops=args.flops)  # fmt: skip
+    if args.levers is not None:
+        levers = args.levers or [name for name in LEVERS if name != "compile" or torch.cuda.is_available()]
+        cases = [dict(base, batch=max(args.batches), lever=name) for name in ["baseline", *levers] if name in LEVERS]
+        unknown = sorted(set(levers) - set(LEVERS))
+        if unknown:
+            parser.error(f"unknown lever(s): {', '.join(unknown)}")
+        cases = list({c["lever"]: c for c in cases}.values())
+    else:
+        cases = [dict(base, batch=b, lever="baseline") for b in args.batches]
+    peak = matmul_peak_tflops(args.device, args.dtype)
+    rows = []
+    for case in cases:
+        row = run_in_subprocess(case)
+        row["utilisation"] = f"{row['tune_tflops'] / peak:.1%}" if "tune_tflops" in row else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    first = rows[0]
+    setting = (f"model `{args.model}` at {first['resolution']}x{first['resolution']}, T={args.steps}, K={args.inner_steps}, "
+               f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {args.edits} edits per image, "
+               f"device {args.device}, dtype {args.dtype}; measured matmul peak {peak:.3g} TFLOP/s")  # fmt: skip
+    table = markdown_table(rows, COLUMNS)
+    if args.levers is not None:
+        ratios = [f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "
+                  f"stage 2 x{r['stage2_s_per_edit'] / first['stage2_s_per_edit']:.2f} the baseline's time"
+                  for r in rows[1:]]  # fmt: skip
+        table += "\n\n" + "\n".join(ratios)
+    elif len(rows) > 1:
+        speedup = first["stage1_s_per_image"] / rows[-1]["stage1_s_per_image"]
+        table += f"\n\nStage 1 images per second at batch {rows[-1]['batch']}: x{speedup:.2f} batch {first['batch']}'s."
+    print(f"\n{setting}\n\n{table}")
+    if args.record:
+        append_record("benchmarks.engine", "Engine levers" if args.levers is not None else "Engine cost by batch size",
+                      f"{setting}.\n\n{table}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

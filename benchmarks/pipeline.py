@@ -1,0 +1,199 @@
+"""What the Ray pipeline costs beyond the engine, and how the driver's memory grows with the manifest.
+
+    python -m benchmarks.pipeline --overhead                    # jobs.run against the engine alone
+    python -m benchmarks.pipeline --driver-memory 100 1000 10000
+
+Overhead: the same rows (scikit-image photographs), model and config, first through the engine
+alone in one process (decode, stage 1 in batches of ``tune_batch_size``, stage 2, PNG encoding),
+then through ``jobs.run`` (``run_all``) on a local Ray with one tuning and one editing actor. The
+job runs on ``rows`` and on twice as many: the difference is its cost per row at scale, the rest
+is its fixed cost per job (actor start-up, model loads). Ray's own start is timed apart.
+
+Driver memory: ``jobs.run`` on manifests of each size, each in a fresh process, with the cheapest
+config (plain DDIM, one step, one edit per row); the driver's peak resident memory must stay
+flat as rows grow (it streams, it does not collect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import append_record, markdown_table, peak_resident_mb, resident_mb
+
+TARGETS = ["a photo of a cat", "a watercolor painting of a dog"]
+
+
+def write_manifest(folder: Path, rows: int, targets: list[str]) -> str:
+    """``rows`` rows over scikit-image's three photographs (96 px PNG files), all with ``targets``."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, photo in (("astronaut", data.astronaut()), ("chelsea", data.chelsea()), ("coffee", data.coffee())):
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(photo).resize((96, 96)).save(paths[-1])
+    table = pa.table({
+        "id": [f"row-{i:06d}" for i in range(rows)],
+        "image": [str(paths[i % 3]) for i in range(rows)],
+        "target_prompts": [targets] * rows,
+    })  # fmt: skip
+    path = folder / f"manifest-{rows}.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+def engine_alone(config, manifest: str) -> dict:
+    """The pipeline's work for these rows in one process, with no Ray: seconds per row."""
+    import torch
+
+    from pipeline.engine import Engine
+    from pipeline.images import load_image, to_pil
+
+    started = time.perf_counter()
+    engine = Engine.load(config.pti)
+    loaded = time.perf_counter()
+    rows = pq.read_table(manifest).to_pylist()
+    for first in range(0, len(rows), config.tune_batch_size):
+        batch = rows[first : first + config.tune_batch_size]
+        pixels = torch.stack([load_image(r["image"], engine.resolution) for r in batch])
+        inversion = engine.invert_and_tune(pixels, [None] * len(batch))
+        for group in range(0, len(batch), config.edit_batch_size):  # as the editing actors take them
+            fan = [(b, target, eta) for b in range(group, min(group + config.edit_batch_size, len(batch)))
+                   for target in batch[b]["target_prompts"] for eta in config.pti.etas]  # fmt: skip
+            for start in range(0, len(fan), config.max_edits_per_call):
+                for image in engine.edit(inversion, *map(list, zip(*fan[start : start + config.max_edits_per_call]))):
+                    to_pil(image).save(io.BytesIO(), format="PNG")
+    seconds = time.perf_counter() - loaded
+    return {"load_s": loaded - started, "seconds": seconds, "s_per_row": seconds / len(rows)}
+
+
+def overhead(args) -> str:
+    from pipeline.batch import _init_ray, run_all
+    from pipeline.models import build_tiny_model
+    from pipeline.run_config import RunConfig
+
+    work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
+    model = args.model if args.model != "tiny" else str(build_tiny_model(work / "tiny", seed=0))
+    manifests = {n: write_manifest(work / "inputs", n, TARGETS) for n in (args.rows, 2 * args.rows)}
+
+    def config(rows: int, output: str) -> RunConfig:
+        return RunConfig(
+            manifest=manifests[rows], output=output, gpus_per_actor=0, tune_actors=1, edit_actors=1,
+            tune_batch_size=args.tune_batch_size, edit_batch_size=args.edit_batch_size,
+            pti=dict(model=model, steps=args.steps, inner_steps=args.inner_steps, etas=[0.8], progress=False),
+        )  # fmt: skip
+
+    alone = engine_alone(config(2 * args.rows, ""), manifests[2 * args.rows])
+    print(json.dumps({"engine_alone": alone}), flush=True)
+    started = time.perf_counter()
+    _init_ray(config(args.rows, ""))
+    ray_start = time.perf_counter() - started
+    job = {}
+    for rows in (args.rows, 2 * args.rows):
+        started = time.perf_counter()
+        summary = run_all(config(rows, str(work / f"out-{rows}")))
+        job[rows] = time.perf_counter() - started
+        assert summary["rows_done"] == rows and summary["edits"] == rows * len(TARGETS), summary
+        print(json.dumps({"rows": rows, "seconds": job[rows]}), flush=True)
+    per_row = (job[2 * args.rows] - job[args.rows]) / args.rows
+    fixed = job[args.rows] - args.rows * per_row
+    result = [
+        {"what": "engine alone", "s_per_row": alone["s_per_row"], "rows_per_s": 1 / alone["s_per_row"],
+         "fixed": alone["load_s"], "overhead": None},
+        {"what": "jobs.run, per row at scale", "s_per_row": per_row, "rows_per_s": 1 / per_row, "fixed": fixed,
+         "overhead": f"{per_row / alone['s_per_row'] - 1:+.1%}"},
+        {"what": f"jobs.run end to end, {2 * args.rows} rows", "s_per_row": job[2 * args.rows] / (2 * args.rows),
+         "rows_per_s": 2 * args.rows / job[2 * args.rows], "fixed": None,
+         "overhead": f"{job[2 * args.rows] / (alone['seconds'] + alone['load_s']) - 1:+.1%}"},
+    ]  # fmt: skip
+    setting = (f"model `{args.model}`, T={args.steps}, K={args.inner_steps}, {len(TARGETS)} edits per row, "
+               f"tune_batch_size {args.tune_batch_size}, edit_batch_size {args.edit_batch_size}, one tuning and one "
+               f"editing actor on CPUs; {args.rows} and {2 * args.rows} rows; Ray's own start {ray_start:.1f} s (not counted)")  # fmt: skip
+    columns = {"what": "", "s_per_row": "s/row", "rows_per_s": "rows/s", "fixed": "fixed s (load, start-up)",
+               "overhead": "against the engine alone"}  # fmt: skip
+    return f"{setting}.\n\n{markdown_table(result, columns)}"
+
+
+def driver_memory_case(rows: int, model: str) -> dict:
+    """One ``jobs.run`` of ``rows`` rows; the driver's (this process's) peak resident memory."""
+    from pipeline.batch import run_all
+    from pipeline.run_config import RunConfig
+
+    work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
+    manifest = write_manifest(work / "inputs", rows, TARGETS[:1])
+    config = RunConfig(
+        manifest=manifest, output=str(work / "out"), gpus_per_actor=0, tune_actors=1, edit_actors=1,
+        tune_batch_size=64, edit_batch_size=64, max_edits_per_call=64,
+        pti=dict(model=model, method="ddim", steps=1, inner_steps=0, etas=[1.0], progress=False),
+    )  # fmt: skip
+    before, started = resident_mb(), time.perf_counter()
+    summary = run_all(config)
+    assert summary["rows_done"] == rows, summary
+    return {"rows": rows, "seconds": time.perf_counter() - started, "driver_growth_mb": resident_mb() - before,
+            "driver_peak_mb": peak_resident_mb()}  # fmt: skip
+
+
+def driver_memory(args) -> str:
+    from pipeline.models import build_tiny_model
+
+    model = args.model if args.model != "tiny" else str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0))
+    rows = []
+    for n in args.driver_memory:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"{n} rows failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    columns = {"rows": "manifest rows", "seconds": "job s", "driver_peak_mb": "driver peak RSS MB",
+               "driver_growth_mb": "driver RSS growth over the job MB"}  # fmt: skip
+    slope = (rows[-1]["driver_growth_mb"] - rows[0]["driver_growth_mb"]) / (rows[-1]["rows"] - rows[0]["rows"])
+    return (f"`jobs.run`, model `{args.model}`, plain DDIM, T=1, one edit per row, each size in a fresh driver.\n\n"
+            f"{markdown_table(rows, columns)}\n\nFrom {rows[0]['rows']} to {rows[-1]['rows']} rows the driver's peak goes "
+            f"from {rows[0]['driver_peak_mb']:.0f} to {rows[-1]['driver_peak_mb']:.0f} MB; its growth over the job, "
+            f"{slope * 2**20:.0f} bytes per row.")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--driver-memory", type=int, nargs="*", metavar="ROWS")
+    parser.add_argument("--model", default="tiny", help="tiny (built here) or a checkpoint folder")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument("--tune-batch-size", type=int, default=4)
+    parser.add_argument("--edit-batch-size", type=int, default=2)
+    parser.add_argument("--no-record", dest="record", action="store_false")
+    parser.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_case:
+        print(json.dumps(driver_memory_case(args.memory_case, args.model)))
+        return
+    if not args.overhead and args.driver_memory is None:
+        parser.error("say what to measure: --overhead and/or --driver-memory ROWS ...")
+    sections = []
+    if args.overhead:
+        sections.append(("Pipeline overhead", overhead(args)))
+    if args.driver_memory is not None:
+        args.driver_memory = args.driver_memory or [100, 1000, 10000]
+        sections.append(("Driver memory", driver_memory(args)))
+    for title, body in sections:
+        print(f"\n## {title}\n\n{body}")
+        if args.record:
+            append_record("benchmarks.pipeline", title, body)
+
+
+if __name__ == "__main__":
+    main()
