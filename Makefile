@@ -7,16 +7,16 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_MODEL ?= models/shapes-sd
 DEMO_OUT ?= outputs/demo
+include deploy/image.env
 
-.PHONY: install demo test clean
+.PHONY: install demo test image clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# deploy/install.sh is the one install path: the image (deploy/Dockerfile) runs it too.
+$(STAMP): pyproject.toml deploy/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	bash deploy/install.sh $(PY) "$(TORCH_SPEC)" test
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The cluster image (needs a Docker engine; see deploy/README.md).
+image:
+	docker build -f deploy/Dockerfile --build-arg TORCH_SPEC="$(TORCH_SPEC)" -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .cache outputs

@@ -14,21 +14,24 @@ FLAGS = {  # flag -> config key, for the settings people change most
     "--manifest": "manifest", "--output": "output", "--embeddings": "embeddings",
     "--targets": "targets", "--endpoint-url": "endpoint_url", "--model": "pti.model",
 }  # fmt: skip
+NIGHTLY_FLAGS = {**FLAGS, "--manifests": "nightly.manifests", "--run-id": "nightly.run_id"}  # jobs.nightly
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, flags: dict[str, str] = FLAGS) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", help="YAML run config (see README); flags override it")
-    for flag, key in FLAGS.items():
+    for flag, key in flags.items():
         p.add_argument(flag, help=f"sets {key}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set pti.steps=20 --set tune_actors=4")  # fmt: skip
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, flags and --set) as YAML and exit without running")  # fmt: skip
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace, flags: dict[str, str] = FLAGS) -> RunConfig:
     overrides = list(args.set)
-    for flag, key in FLAGS.items():
+    for flag, key in flags.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -46,11 +49,17 @@ def print_summary(summary: dict) -> None:
     Console(stderr=False).print(table)
 
 
-def main(run: Callable[[RunConfig], dict], description: str, argv: list[str] | None = None) -> dict:
+def main(
+    run: Callable[[RunConfig], dict], description: str, argv: list[str] | None = None, flags: dict[str, str] = FLAGS,
+) -> dict | None:  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parser(description).parse_args(argv)
+    args = parser(description, flags).parse_args(argv)
     try:
-        summary = run(config_from_args(args))
+        config = config_from_args(args, flags)
+        if args.print_config:  # check a config before submitting it: nothing starts
+            print(config.to_yaml(), end="")
+            return None
+        summary = run(config)
     except PTIError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

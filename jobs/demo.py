@@ -18,7 +18,8 @@ from PIL import Image
 from jobs.common import print_summary
 from pipeline import world
 from pipeline.batch import run_all
-from pipeline.images import contact_sheet, load_image
+from pipeline.images import contact_sheet
+from pipeline.report import edit_rows
 from pipeline.run_config import RunConfig
 
 SCENES = 4
@@ -41,15 +42,8 @@ def write_manifest(folder: Path) -> Path:
 
 def write_contact_sheet(output: Path, manifest: Path) -> Path:
     """One row per image: the input, then its edits in results order."""
-    results = pq.read_table(output / "results").sort_by([("id", "ascending"), ("target_index", "ascending"), ("eta", "ascending")])
-    inputs = {r["id"]: r["image"] for r in pq.read_table(manifest).to_pylist()}
-    rows = []
-    for row_id in sorted(set(results["id"].to_pylist())):
-        mine = results.filter(pa.compute.equal(results["id"], row_id))["image_uri"].to_pylist()
-        size = Image.open(mine[0]).width
-        rows.append([load_image(inputs[row_id], size)] + [load_image(uri, size) for uri in mine])
     path = output / "contact_sheet.png"
-    contact_sheet(rows).save(path)
+    contact_sheet(edit_rows(str(output), str(manifest))).save(path)
     return path
 
 

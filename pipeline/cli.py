@@ -1,4 +1,4 @@
-"""The ``pti`` command: edit one image, or build the tiny offline model."""
+"""The ``pti`` command: edit one image, build the tiny offline model, or run a batch job of ``jobs/``."""
 
 from __future__ import annotations
 
@@ -78,20 +78,23 @@ def build_tiny_model_command(
     typer.echo(f"tiny model written to {folder} in {time.perf_counter() - started:.1f} s")
 
 
-def _job(name: str, run_name: str, help: str) -> None:
-    """A ``pti`` subcommand that is the job ``jobs.{name}``, with the same flags."""
+def _job(name: str, run_name: str, help: str, library: str = "pipeline.batch", flags: str = "FLAGS") -> None:
+    """A ``pti`` subcommand that is a job of ``jobs/``, with the same flags (``jobs.common.{flags}``)."""
 
     @app.command(name, help=help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def command(context: typer.Context) -> None:
-        from jobs.common import main as job_main
-        from pipeline import batch
+        import importlib
 
-        job_main(getattr(batch, run_name), help, context.args)
+        from jobs import common
+
+        common.main(getattr(importlib.import_module(library), run_name), help, context.args, getattr(common, flags))
 
 
 _job("run", "run_all", "Both stages on Ray: manifest -> embeddings -> edits (jobs.run).")
 _job("tune", "run_tune", "Stage 1 on Ray: manifest -> embeddings (jobs.tune).")
 _job("edit-batch", "run_edit", "Stage 2 on Ray: embeddings + targets -> edits (jobs.edit).")
+_job("nightly", "run_nightly", "Every new manifest under a prefix through jobs.run, then a report (jobs.nightly).",
+     library="pipeline.nightly", flags="NIGHTLY_FLAGS")  # fmt: skip
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ Loaded from YAML, overridden by flags (``--set pti.steps=20``), and written besi
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,34 @@ import yaml
 
 from pipeline.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one safe path component: a night's folder
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """``jobs.nightly``: which manifests a night takes and what its report says."""
+
+    manifests: str | None = None  # a prefix: every Parquet file under it is one manifest, processed once
+    run_id: str | None = None  # the night's name and folder under output; default: the UTC date, YYYY-MM-DD
+    ledger: str | None = None  # the table of processed manifests; default {output}/_ledger
+    gpu_hour_price: float | None = None  # price of one GPU hour, for the report's cost estimate; None: no cost
+    sample_images: int = 4  # images on the report's contact sheet, each with its input and edits
+
+    def __post_init__(self):
+        problems = []
+        if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
+            problems.append(f"nightly.run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (a folder name)")
+        if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
+            problems.append(f"nightly.gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
+        if self.sample_images < 0:
+            problems.append(f"nightly.sample_images must be >= 0, got {self.sample_images}")
+        if problems:
+            raise InputError("invalid run config: " + "; ".join(problems))
+
+
+SECTIONS = {"pti": PTIConfig, "nightly": NightlyConfig}  # nested parts of a run config, set as pti.steps=20
 
 
 @dataclass(frozen=True)
@@ -42,10 +71,12 @@ class RunConfig:
     # taking work (so every actor gets some), and fail when they cannot start in this time.
     actor_start_timeout_s: float = 1800.0
     pti: PTIConfig = field(default_factory=PTIConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)  # jobs.nightly only
 
     def __post_init__(self):
-        if isinstance(self.pti, dict):
-            object.__setattr__(self, "pti", PTIConfig.from_dict(self.pti))
+        for name, kind in SECTIONS.items():
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, from_known_fields(kind, getattr(self, name), f"{name} config"))
         problems = [
             f"{name} must be at least 1, got {getattr(self, name)}"
             for name in ("tune_actors", "edit_actors", "tune_batch_size", "edit_batch_size", "max_edits_per_call")
@@ -76,19 +107,21 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "RunConfig":
-        """A YAML file (optional) with ``key=value`` overrides; ``pti.`` keys reach the PTI config."""
+        """A YAML file (optional) with ``key=value`` overrides; ``pti.`` and ``nightly.`` keys
+        reach those sections."""
         values: dict[str, Any] = {}
         if path:
             values = yaml.safe_load(Path(path).read_text()) or {}
-        values.setdefault("pti", {})
-        values["pti"] = dict(values["pti"])
+        for name in SECTIONS:
+            values[name] = dict(values.get(name) or {})
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise InputError(f"override {item!r} is not KEY=VALUE")
             value = yaml.safe_load(raw) if raw else None
-            if key.startswith("pti."):
-                values["pti"][key[4:]] = value
+            section, dot, name = key.partition(".")
+            if dot and section in SECTIONS:
+                values[section][name] = value
             else:
                 values[key] = value
         return cls.from_dict(values)

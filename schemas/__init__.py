@@ -4,6 +4,7 @@ from schemas.embeddings import (  # noqa: F401
     EMBEDDINGS_COLUMNS,
     embeddings_schema,
 )
+from schemas.ledger import LEDGER_SCHEMA  # noqa: F401
 from schemas.manifest import (  # noqa: F401
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,

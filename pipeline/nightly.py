@@ -1,0 +1,160 @@
+"""The nightly job: every manifest under a prefix that no earlier run processed, each run by
+``jobs.run`` (``batch.run_all``) into its own output under the night's run id, then a report.
+
+Under ``output``::
+
+    {run_id}/config-nightly.yaml     the resolved config
+    {run_id}/{manifest}/             one jobs.run output per manifest: embeddings/, images/, results/, errors/
+    {run_id}/report.json, report.md, contact_sheet.png
+    _ledger/                         one row per processed manifest (schemas/ledger.py), unless nightly.ledger
+
+A manifest gets its ledger row only once its run succeeded (rows that fail are in its errors
+table; that is a success). One whose run failed gets none: the next run takes it again, and a
+re-run with the same run id resumes its output where the failed one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import math
+import posixpath
+import time
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.batch import run_all
+from pipeline.errors import InputError, PTIError
+from pipeline.report import count_edits, edit_rows, night_report, write_night_report
+from pipeline.run_config import RunConfig
+from pipeline.storage import (
+    arrow_filesystem, is_allowed, join, key_for_id, normalize_uri, parquet_files, read_columns, write_bytes,
+)  # fmt: skip
+from schemas import ledger as led
+
+log = logging.getLogger(__name__)
+
+
+class NightFailed(PTIError):
+    """Some manifests of a night failed; the others are done and the report is written."""
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """The night's config: its run id set (default: today's UTC date), after checking that it has
+    a prefix of manifests and that nothing it writes lies under that prefix."""
+    night = config.nightly
+    if not night.manifests:
+        raise InputError("no manifests prefix given: set nightly.manifests in the config or pass --manifests")
+    if config.manifest:
+        raise InputError(f"jobs.nightly takes every manifest under nightly.manifests; unset manifest ({config.manifest})")
+    for name, uri in (("output", config.output), ("nightly.ledger", ledger_uri(config))):
+        if is_allowed(uri, [night.manifests]):
+            raise InputError(
+                f"{name} {uri} lies under nightly.manifests {night.manifests}: its files would be taken for manifests"
+            )
+    run_id = night.run_id or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return dataclasses.replace(config, nightly=dataclasses.replace(night, run_id=run_id))
+
+
+def ledger_uri(config: RunConfig) -> str:
+    return config.nightly.ledger or join(config.output, "_ledger")  # '_': never a run id
+
+
+def list_manifests(prefix: str, endpoint_url: str | None = None) -> dict[str, str]:
+    """Every Parquet file under ``prefix`` (hidden and ``_`` files are not manifests): its
+    normalized URI (the ledger's key) -> its path under the prefix."""
+    fs, base = arrow_filesystem(prefix, endpoint_url)
+    if fs.get_file_info(base).type == pafs.FileType.File:
+        raise InputError(f"nightly.manifests {prefix} is one file: give the prefix (folder) that manifests arrive under")
+    relative = [posixpath.relpath(path, base) for path in parquet_files(prefix, endpoint_url)]
+    return {normalize_uri(join(prefix, r)): r for r in relative}
+
+
+def manifest_output(config: RunConfig, relative: str) -> str:
+    """Where a manifest's outputs go tonight: its path under the prefix, as one folder name."""
+    return join(config.output, config.nightly.run_id, key_for_id(relative.removesuffix(".parquet")))
+
+
+def read_ledger(uri: str, endpoint_url: str | None = None) -> list[dict]:
+    table = read_columns(uri, led.LEDGER_SCHEMA.names, endpoint_url)
+    return table.to_pylist() if table is not None else []
+
+
+def record(uri: str, row: dict, endpoint_url: str | None = None) -> None:
+    """Add a manifest's row to the ledger: one file per manifest, named by its URI, written whole."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=led.LEDGER_SCHEMA), buffer)
+    name = hashlib.sha256(row[led.MANIFEST].encode()).hexdigest()[:20]
+    write_bytes(join(uri, f"{name}.parquet"), buffer.getvalue(), endpoint_url)
+
+
+def gpus_held(config: RunConfig) -> float:
+    """GPUs a jobs.run holds while it runs: both stages' actors live at once."""
+    return config.gpus_per_actor * (config.tune_actors + config.edit_actors)
+
+
+def run_manifest(config: RunConfig, manifest: str, relative: str) -> dict:
+    """One manifest through jobs.run: its ledger row if it succeeded, else what failed."""
+    output, began = manifest_output(config, relative), time.perf_counter()
+    try:
+        summary = run_all(dataclasses.replace(config, manifest=manifest, output=output))
+    except Exception as exc:  # noqa: BLE001 -- the night goes on; the report and the exit status say it failed
+        log.exception("manifest %s failed", manifest)
+        return {led.MANIFEST: manifest, led.OUTPUT: output, led.SECONDS: time.perf_counter() - began,
+                led.GPUS: gpus_held(config), "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+    return {
+        led.MANIFEST: manifest, led.RUN_ID: config.nightly.run_id, led.OUTPUT: output,
+        led.FINISHED_AT: datetime.now(timezone.utc).replace(microsecond=0), led.ROWS_IN: summary["rows_in"],
+        led.ROWS_DONE: summary["rows_done"], led.ROWS_FAILED: summary["rows_failed"],
+        led.EDITS: count_edits(output, config.endpoint_url), led.SECONDS: time.perf_counter() - began,
+        led.ROWS_PER_SECOND: summary["rows_per_second"], led.GPUS: gpus_held(config),
+    }  # fmt: skip
+
+
+def sample_rows(entries: list[dict], count: int, endpoint_url: str | None) -> list:
+    """Contact-sheet rows of about ``count`` images, spread over the manifests that were done."""
+    done = [e for e in entries if "error" not in e]
+    rows: list = []
+    for entry in done:
+        per_manifest = math.ceil(count / len(done))
+        rows += edit_rows(entry[led.OUTPUT], entry[led.MANIFEST], endpoint_url, limit=min(per_manifest, count - len(rows)))
+    return rows
+
+
+def run_nightly(config: RunConfig) -> dict:
+    """``jobs.nightly``: the manifests under ``nightly.manifests`` without a ledger row, each
+    through jobs.run; the ledger row of each that succeeded; the night's report. Raises
+    NightFailed, after the report, when any manifest failed."""
+    started = time.perf_counter()
+    config = resolve(config)
+    night, endpoint = config.nightly, config.endpoint_url
+    root, ledger = join(config.output, night.run_id), ledger_uri(config)
+    write_bytes(join(root, "config-nightly.yaml"), config.to_yaml().encode(), endpoint)
+    rows = read_ledger(ledger, endpoint)
+    earlier_nights = {r[led.MANIFEST] for r in rows if r[led.RUN_ID] != night.run_id}
+    entries = [r for r in rows if r[led.RUN_ID] == night.run_id]  # done by an earlier attempt of this night
+    manifests = list_manifests(night.manifests, endpoint)
+    new = [m for m in manifests if m not in earlier_nights | {e[led.MANIFEST] for e in entries}]
+    log.info("night %s: %d manifests under %s, %d new", night.run_id, len(manifests), night.manifests, len(new))
+    for manifest in new:
+        entry = run_manifest(config, manifest, manifests[manifest])
+        if "error" not in entry:
+            record(ledger, entry, endpoint)
+        entries.append(entry)
+    skipped = sum(1 for m in manifests if m in earlier_nights)
+    report = night_report(night.run_id, night.manifests, entries, skipped, night.gpu_hour_price, endpoint)
+    uri = write_night_report(root, report, sample_rows(entries, night.sample_images, endpoint), endpoint)
+    totals = report["totals"]
+    if totals["manifests_failed"]:
+        failed = ", ".join(m["manifest"] for m in report["manifests"] if m["status"] == "failed")
+        raise NightFailed(
+            f"night {night.run_id}: {totals['manifests_failed']} of {totals['manifests']} manifests failed ({failed}); "
+            f"the report is {uri}; fix the cause and run again with --run-id {night.run_id} to resume them"
+        )
+    return {"job": "nightly", "run_id": night.run_id, "seconds": round(time.perf_counter() - started, 3),
+            **{k: v for k, v in totals.items() if k not in ("seconds", "gpu_hour_price")}, "report": uri}  # fmt: skip
