@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import fnmatch
 import importlib.util
+import os
 import re
 import shlex
 import subprocess
@@ -149,7 +150,11 @@ def test_the_cluster_launcher_config_passes_rays_schema():
 
 
 def make_dry_run(*args: str) -> str:
-    return subprocess.run(["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    """What ``make`` would run, as a fresh ``make`` in the repository would: not as a sub-make of
+    ``make test`` (whose variables and directory messages would leak in), with the Makefile's defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_SPEC", "VENV")}
+    return subprocess.run(["make", "--no-print-directory", "-n", "-B", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
 
 
 def test_the_image_installs_with_the_script_make_install_and_ci_run():
