@@ -36,6 +36,17 @@ def machine() -> str:
     return f"{'; '.join(parts)}; {versions}"
 
 
+def model_folder(name: str) -> str:
+    """A checkpoint folder: ``tiny`` is the seeded random tiny model, built in a temporary folder."""
+    if name != "tiny":
+        return name
+    import tempfile
+
+    from pipeline.models import build_tiny_model
+
+    return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="pti-bench-")) / "tiny", seed=0))
+
+
 def resident_mb() -> float:
     """This process's resident memory now, in MiB (Linux)."""
     import resource

@@ -21,13 +21,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import append_record, markdown_table, peak_resident_mb, resident_mb
+from benchmarks.common import append_record, markdown_table, model_folder, peak_resident_mb, resident_mb
 
 PROMPTS = ("a photo of a cat", "a watercolor painting", "a photo of a dog wearing a hat", "a pencil sketch")
 
@@ -63,13 +61,11 @@ def sd15_random(device: str, dtype: str):
 
 
 def load_model(name: str, device: str, dtype: str):
-    from pipeline.models import build_tiny_model, load_stable_diffusion
+    from pipeline.models import load_stable_diffusion
 
     if name == "sd15":
         return sd15_random(device, dtype)
-    if name == "tiny":
-        name = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0))
-    return load_stable_diffusion(name, device=device, dtype=dtype)
+    return load_stable_diffusion(model_folder(name), device=device, dtype=dtype)
 
 
 def photographs(count: int, size: int) -> torch.Tensor:

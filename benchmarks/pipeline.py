@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import append_record, markdown_table, peak_resident_mb, resident_mb
+from benchmarks.common import append_record, markdown_table, model_folder, peak_resident_mb, resident_mb
 
 TARGETS = ["a photo of a cat", "a watercolor painting of a dog"]
 
@@ -80,11 +80,10 @@ def engine_alone(config, manifest: str) -> dict:
 
 def overhead(args) -> str:
     from pipeline.batch import _init_ray, run_all
-    from pipeline.models import build_tiny_model
     from pipeline.run_config import RunConfig
 
     work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
-    model = args.model if args.model != "tiny" else str(build_tiny_model(work / "tiny", seed=0))
+    model = model_folder(args.model)
     manifests = {n: write_manifest(work / "inputs", n, TARGETS) for n in (args.rows, 2 * args.rows)}
 
     def config(rows: int, output: str) -> RunConfig:
@@ -145,9 +144,7 @@ def driver_memory_case(rows: int, model: str) -> dict:
 
 
 def driver_memory(args) -> str:
-    from pipeline.models import build_tiny_model
-
-    model = args.model if args.model != "tiny" else str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0))
+    model = model_folder(args.model)
     rows = []
     for n in args.driver_memory:
         done = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model],

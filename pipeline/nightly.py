@@ -139,7 +139,8 @@ def run_nightly(config: RunConfig) -> dict:
     earlier_nights = {r[led.MANIFEST] for r in rows if r[led.RUN_ID] != night.run_id}
     entries = [r for r in rows if r[led.RUN_ID] == night.run_id]  # done by an earlier attempt of this night
     manifests = list_manifests(night.manifests, endpoint)
-    new = [m for m in manifests if m not in earlier_nights | {e[led.MANIFEST] for e in entries}]
+    done = earlier_nights | {e[led.MANIFEST] for e in entries}
+    new = [m for m in manifests if m not in done]
     log.info("night %s: %d manifests under %s, %d new", night.run_id, len(manifests), night.manifests, len(new))
     for manifest in new:
         entry = run_manifest(config, manifest, manifests[manifest])
