@@ -155,9 +155,11 @@ def driver_memory(args) -> str:
         print(json.dumps(rows[-1]), flush=True)
     columns = {"rows": "manifest rows", "seconds": "job s", "driver_peak_mb": "driver peak RSS MB",
                "driver_growth_mb": "driver RSS growth over the job MB"}  # fmt: skip
+    table = f"`jobs.run`, model `{args.model}`, plain DDIM, T=1, one edit per row, each size in a fresh driver.\n\n{markdown_table(rows, columns)}"
+    if len(rows) < 2:
+        return table
     slope = (rows[-1]["driver_growth_mb"] - rows[0]["driver_growth_mb"]) / (rows[-1]["rows"] - rows[0]["rows"])
-    return (f"`jobs.run`, model `{args.model}`, plain DDIM, T=1, one edit per row, each size in a fresh driver.\n\n"
-            f"{markdown_table(rows, columns)}\n\nFrom {rows[0]['rows']} to {rows[-1]['rows']} rows the driver's peak goes "
+    return (f"{table}\n\nFrom {rows[0]['rows']} to {rows[-1]['rows']} rows the driver's peak goes "
             f"from {rows[0]['driver_peak_mb']:.0f} to {rows[-1]['driver_peak_mb']:.0f} MB; its growth over the job, "
             f"{slope * 2**20:.0f} bytes per row.")  # fmt: skip
 
