@@ -20,13 +20,17 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     parts = [f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"]
     if torch.cuda.is_available():
         parts.insert(0, f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
-    versions = f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    versions = (
+        f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    )
     try:
         import ray
 
@@ -42,7 +46,7 @@ def model_folder(name: str) -> str:
         return name
     import tempfile
 
-    from pipeline.models import build_tiny_model
+    from pipeline.world.tiny import build_tiny_model
 
     return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="pti-bench-")) / "tiny", seed=0))
 
@@ -85,6 +89,8 @@ def append_record(module: str, title: str, body: str, record: Path = RECORD) -> 
     section = f"\n## {title}\n\n`{command}`, {stamp}\n\nMachine: {machine()}\n\n{body.strip()}\n"
     if not record.exists():
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text("# Benchmark record\n\nEach run of a benchmark in `benchmarks/` appends its results here.\n")
+        record.write_text(
+            "# Benchmark record\n\nEach run of a benchmark in `benchmarks/` appends its results here.\n"
+        )
     with open(record, "a") as f:
         f.write(section)

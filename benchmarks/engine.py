@@ -39,29 +39,53 @@ def sd15_random(device: str, dtype: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.models import TINY_WORDS, StableDiffusion, clip_tokenizer, resolve_device, resolve_dtype, sd_scheduler
+    from pipeline.engine.models import StableDiffusion, resolve_device, resolve_dtype
+    from pipeline.world.tiny import TINY_WORDS, clip_tokenizer, sd_scheduler
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     torch.manual_seed(0)
     with torch_device:  # initialise on the device: faster than on the CPU, then moving
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the other defaults are SD 1.x's
+        unet = UNet2DConditionModel(
+            sample_size=64, cross_attention_dim=768
+        )  # the other defaults are SD 1.x's
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )  # fmt: skip
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        ))  # fmt: skip
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            sample_size=512,
+            scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+            )
+        )
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(torch_device, torch_dtype)
-    return StableDiffusion(unet, vae, text_encoder, clip_tokenizer(TINY_WORDS), sd_scheduler(), torch_device, torch_dtype,
-                           "sd15-random", "sd15-random")  # fmt: skip
+    return StableDiffusion(
+        unet,
+        vae,
+        text_encoder,
+        clip_tokenizer(TINY_WORDS),
+        sd_scheduler(),
+        torch_device,
+        torch_dtype,
+        "sd15-random",
+        "sd15-random",
+    )
 
 
 def load_model(name: str, device: str, dtype: str):
-    from pipeline.models import load_stable_diffusion
+    from pipeline.engine.models import load_stable_diffusion
 
     if name == "sd15":
         return sd15_random(device, dtype)
@@ -73,7 +97,7 @@ def photographs(count: int, size: int) -> torch.Tensor:
     from PIL import Image
     from skimage import data
 
-    from pipeline.images import center_square, to_tensor
+    from pipeline.io.images import center_square, to_tensor
 
     photos = [data.astronaut(), data.chelsea(), data.coffee()]
     return torch.stack([to_tensor(center_square(Image.fromarray(photos[i % 3]), size)) for i in range(count)])
@@ -134,21 +158,40 @@ def _compiled(engine):
 
 LEVERS = {  # name -> (what it changes, applied before stage 1, applied before stage 2)
     "baseline": ("the engine as shipped", None, None),
-    "weight_grads": ("UNet weights require grad (undoes 'no weight gradients')",
-                     lambda e: e.sd.unet.requires_grad_(True), None),
-    "fixed_branch_every_step": ("unconditional branch predicted at every inner step, not once per timestep",
-                                lambda e: setattr(e, "eps", RecomputedFixedBranch(e.eps, e.null)), None),
-    "no_early_stop": ("early stop off", lambda e: setattr(e, "config", e.config.replace(early_stop=False)), None),
+    "weight_grads": (
+        "UNet weights require grad (undoes 'no weight gradients')",
+        lambda e: e.sd.unet.requires_grad_(True),
+        None,
+    ),
+    "fixed_branch_every_step": (
+        "unconditional branch predicted at every inner step, not once per timestep",
+        lambda e: setattr(e, "eps", RecomputedFixedBranch(e.eps, e.null)),
+        None,
+    ),
+    "no_early_stop": (
+        "early stop off",
+        lambda e: setattr(e, "config", e.config.replace(early_stop=False)),
+        None,
+    ),
     "math_attention": ("attention without SDPA (diffusers' AttnProcessor)", _math_attention, None),
-    "channels_last": ("UNet in channels-last memory format",
-                      lambda e: e.sd.unet.to(memory_format=torch.channels_last), None),
-    "channels_last_vae": ("VAE in channels-last memory format",
-                          lambda e: e.sd.vae.to(memory_format=torch.channels_last), None),
+    "channels_last": (
+        "UNet in channels-last memory format",
+        lambda e: e.sd.unet.to(memory_format=torch.channels_last),
+        None,
+    ),
+    "channels_last_vae": (
+        "VAE in channels-last memory format",
+        lambda e: e.sd.vae.to(memory_format=torch.channels_last),
+        None,
+    ),
     "vae_one_at_a_time": ("VAE decodes one image at a time", _decode_one_at_a_time, None),
-    "split_edit_branches": ("editing calls the UNet once per guidance branch",
-                            None, lambda e: setattr(e, "eps", SplitBranches(e.eps))),
+    "split_edit_branches": (
+        "editing calls the UNet once per guidance branch",
+        None,
+        lambda e: setattr(e, "eps", SplitBranches(e.eps)),
+    ),
     "compile": ("torch.compile of the UNet (CUDA only)", _compiled, None),
-}  # fmt: skip
+}
 
 
 # --- one case, in its own process ------------------------------------------------------------
@@ -174,7 +217,9 @@ def _register_cpu_attention_flops() -> None:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    def _backward(
+        grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+    ) -> int:
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -183,8 +228,8 @@ def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
     equal to the timed one (same seed and inputs, so early stop takes the same steps)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline import algorithm
-    from pipeline.text import encode_prompts
+    from pipeline.engine import algorithm
+    from pipeline.engine.text import encode_prompts
 
     _register_cpu_attention_flops()
     cfg = engine.config
@@ -197,11 +242,13 @@ def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
     with FlopCounterMode(display=False) as inverting:
         trajectory = algorithm.invert(engine.eps, z0, src, null, engine.schedule, cfg.inversion_guidance)
     with FlopCounterMode(display=False) as tuning, torch.enable_grad():
-        algorithm.tune_prompt_embeddings(
-            engine.eps, trajectory, src, null, engine.schedule, cfg.guidance, cfg.inner_steps, cfg.lr,
-            cfg.early_stop, cfg.stop_eps, cfg.stop_slack,
-        )  # fmt: skip
-    return {"vae": vae.get_total_flops(), "invert": inverting.get_total_flops(), "tune": tuning.get_total_flops()}
+        options = cfg.tuning_options()
+        algorithm.tune_prompt_embeddings(engine.eps, trajectory, src, null, engine.schedule, options)
+    return {
+        "vae": vae.get_total_flops(),
+        "invert": inverting.get_total_flops(),
+        "tune": tuning.get_total_flops(),
+    }
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -213,12 +260,18 @@ def _peak_memory_mb(device: torch.device) -> float:
 def run_case(case: dict) -> dict:
     """Stage 1 on ``batch`` photographs and stage 2 on ``edits`` edits of each, timed after a
     one-step warm-up of both (allocator, kernels, and compilation where it is on)."""
-    from pipeline.config import PTIConfig
-    from pipeline.engine import Engine
+    from pipeline.engine.config import PTIConfig
+    from pipeline.engine.engine import Engine
 
     sd = load_model(case["model"], case["device"], case["dtype"])
-    config = PTIConfig(model=case["model"], steps=case["steps"], inner_steps=case["inner_steps"], lr=case["lr"],
-                       early_stop=not case["no_early_stop"], progress=False)  # fmt: skip
+    config = PTIConfig(
+        model=case["model"],
+        steps=case["steps"],
+        inner_steps=case["inner_steps"],
+        lr=case["lr"],
+        early_stop=not case["no_early_stop"],
+        progress=False,
+    )
     _, before_one, before_two = LEVERS[case["lever"]]
     engine, warm = Engine(sd, config), Engine(sd, config.replace(steps=1))
     for e in (engine, warm):
@@ -238,7 +291,11 @@ def run_case(case: dict) -> dict:
         started = time.perf_counter()
         inversion = e.invert_and_tune(pixels, sources)
         _sync(sd.device)
-        stage_one, stage_one_calls, stage_one_evals = time.perf_counter() - started, e.eps.calls, e.eps.evaluations
+        stage_one, stage_one_calls, stage_one_evals = (
+            time.perf_counter() - started,
+            e.eps.calls,
+            e.eps.evaluations,
+        )
         stage_one_peak = _peak_memory_mb(sd.device)
         if before_two:
             before_two(e)
@@ -282,7 +339,7 @@ def run_case(case: dict) -> dict:
 def matmul_peak_tflops(device: str, dtype: str) -> float:
     """The device's measured dense matmul throughput in its compute dtype, the best over a few
     sizes: the roof for utilisation."""
-    from pipeline.models import resolve_device, resolve_dtype
+    from pipeline.engine.models import resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -311,25 +368,41 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def run_in_subprocess(case: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.engine", "--case", json.dumps(case)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", "--case", json.dumps(case)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 COLUMNS = {
-    "batch": "batch", "lever": "lever", "stage1_s_per_image": "stage 1 s/image", "tune_s_per_image": "tuning s/image",
-    "stage1_evals_per_image": "stage 1 UNet evals/image", "inner_steps_taken": "inner steps/image",
-    "stage2_s_per_edit": "stage 2 s/edit", "stage2_evals_per_edit": "stage 2 UNet evals/edit",
-    "vae_tflop_per_image": "VAE TFLOP/image", "invert_tflop_per_image": "inversion TFLOP/image",
-    "tune_tflop_per_image": "tuning TFLOP/image", "edit_tflop_per_edit": "stage 2 TFLOP/edit", "tune_tflops": "tuning TFLOP/s", "utilisation": "of peak",
-    "loaded_mb": "model loaded MB", "stage1_peak_mb": "stage 1 peak MB", "stage2_peak_mb": "stage 2 peak MB",
-}  # fmt: skip
+    "batch": "batch",
+    "lever": "lever",
+    "stage1_s_per_image": "stage 1 s/image",
+    "tune_s_per_image": "tuning s/image",
+    "stage1_evals_per_image": "stage 1 UNet evals/image",
+    "inner_steps_taken": "inner steps/image",
+    "stage2_s_per_edit": "stage 2 s/edit",
+    "stage2_evals_per_edit": "stage 2 UNet evals/edit",
+    "vae_tflop_per_image": "VAE TFLOP/image",
+    "invert_tflop_per_image": "inversion TFLOP/image",
+    "tune_tflop_per_image": "tuning TFLOP/image",
+    "edit_tflop_per_edit": "stage 2 TFLOP/edit",
+    "tune_tflops": "tuning TFLOP/s",
+    "utilisation": "of peak",
+    "loaded_mb": "model loaded MB",
+    "stage1_peak_mb": "stage 1 peak MB",
+    "stage2_peak_mb": "stage 2 peak MB",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny", help="tiny, sd15, or a checkpoint folder")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=50)
@@ -339,22 +412,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no-early-stop", action="store_true")
-    parser.add_argument("--levers", nargs="*", metavar="LEVER",
-                        help=f"compare levers at the largest batch (all if none named): {', '.join(LEVERS)}")  # fmt: skip
-    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (a second run)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each case, interleaved; the fastest counts")
-    parser.add_argument("--no-record", dest="record", action="store_false", help="print only; do not append to docs/")
+    parser.add_argument(
+        "--levers",
+        nargs="*",
+        metavar="LEVER",
+        help=f"compare levers at the largest batch (all if none named): {', '.join(LEVERS)}",
+    )
+    parser.add_argument(
+        "--no-flops", dest="flops", action="store_false", help="skip the FLOP count (a second run)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each case, interleaved; the fastest counts"
+    )
+    parser.add_argument(
+        "--no-record", dest="record", action="store_false", help="print only; do not append to docs/"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a subprocess
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
 
-    base = dict(model=args.model, steps=args.steps, inner_steps=args.inner_steps, lr=args.lr, edits=args.edits,
-                device=args.device, dtype=args.dtype, no_early_stop=args.no_early_stop, flops=args.flops)  # fmt: skip
+    base = dict(
+        model=args.model,
+        steps=args.steps,
+        inner_steps=args.inner_steps,
+        lr=args.lr,
+        edits=args.edits,
+        device=args.device,
+        dtype=args.dtype,
+        no_early_stop=args.no_early_stop,
+        flops=args.flops,
+    )
     if args.levers is not None:
         levers = args.levers or [name for name in LEVERS if name != "compile" or torch.cuda.is_available()]
-        cases = [dict(base, batch=max(args.batches), lever=name) for name in ["baseline", *levers] if name in LEVERS]
+        cases = [
+            dict(base, batch=max(args.batches), lever=name)
+            for name in ["baseline", *levers]
+            if name in LEVERS
+        ]
         unknown = sorted(set(levers) - set(LEVERS))
         if unknown:
             parser.error(f"unknown lever(s): {', '.join(unknown)}")
@@ -371,23 +467,33 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         row["utilisation"] = f"{row['tune_tflops'] / peak:.1%}" if "tune_tflops" in row else None
     first = rows[0]
-    setting = (f"model `{args.model}` at {first['resolution']}x{first['resolution']}, T={args.steps}, K={args.inner_steps}, "
-               f"best of {args.repeat} interleaved run(s) per case, "
-               f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {args.edits} edits per image, "
-               f"device {args.device}, dtype {args.dtype}; measured matmul peak {peak:.3g} TFLOP/s")  # fmt: skip
+    setting = (
+        f"model `{args.model}` at {first['resolution']}x{first['resolution']}, "
+        f"T={args.steps}, K={args.inner_steps}, "
+        f"best of {args.repeat} interleaved run(s) per case, "
+        f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {args.edits} edits per image, "
+        f"device {args.device}, dtype {args.dtype}; measured matmul peak {peak:.3g} TFLOP/s"
+    )
     table = markdown_table(rows, COLUMNS)
     if args.levers is not None:
-        ratios = [f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "
-                  f"stage 2 x{r['stage2_s_per_edit'] / first['stage2_s_per_edit']:.2f} the baseline's time"
-                  for r in rows[1:]]  # fmt: skip
+        ratios = [
+            f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): "
+            f"stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "
+            f"stage 2 x{r['stage2_s_per_edit'] / first['stage2_s_per_edit']:.2f} the baseline's time"
+            for r in rows[1:]
+        ]
         table += "\n\n" + "\n".join(ratios)
     elif len(rows) > 1:
         speedup = first["stage1_s_per_image"] / rows[-1]["stage1_s_per_image"]
-        table += f"\n\nStage 1 images per second at batch {rows[-1]['batch']}: x{speedup:.2f} batch {first['batch']}'s."
+        batch = rows[-1]["batch"]
+        table += f"\n\nStage 1 images per second at batch {batch}: x{speedup:.2f} batch {first['batch']}'s."
     print(f"\n{setting}\n\n{table}")
     if args.record:
-        append_record("benchmarks.engine", "Engine levers" if args.levers is not None else "Engine cost by batch size",
-                      f"{setting}.\n\n{table}")  # fmt: skip
+        append_record(
+            "benchmarks.engine",
+            "Engine levers" if args.levers is not None else "Engine cost by batch size",
+            f"{setting}.\n\n{table}",
+        )
 
 
 if __name__ == "__main__":

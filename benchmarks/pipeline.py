@@ -40,14 +40,20 @@ def write_manifest(folder: Path, rows: int, targets: list[str]) -> str:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, photo in (("astronaut", data.astronaut()), ("chelsea", data.chelsea()), ("coffee", data.coffee())):
+    for name, photo in (
+        ("astronaut", data.astronaut()),
+        ("chelsea", data.chelsea()),
+        ("coffee", data.coffee()),
+    ):
         paths.append(folder / f"{name}.png")
         Image.fromarray(photo).resize((96, 96)).save(paths[-1])
-    table = pa.table({
-        "id": [f"row-{i:06d}" for i in range(rows)],
-        "image": [str(paths[i % 3]) for i in range(rows)],
-        "target_prompts": [targets] * rows,
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "id": [f"row-{i:06d}" for i in range(rows)],
+            "image": [str(paths[i % 3]) for i in range(rows)],
+            "target_prompts": [targets] * rows,
+        }
+    )
     path = folder / f"manifest-{rows}.parquet"
     pq.write_table(table, path)
     return str(path)
@@ -57,8 +63,8 @@ def engine_alone(config, manifest: str) -> dict:
     """The pipeline's work for these rows in one process, with no Ray: seconds per row."""
     import torch
 
-    from pipeline.engine import Engine
-    from pipeline.images import load_image, to_pil
+    from pipeline.engine.engine import Engine
+    from pipeline.io.images import load_image, to_pil
 
     started = time.perf_counter()
     engine = Engine.load(config.pti)
@@ -69,18 +75,25 @@ def engine_alone(config, manifest: str) -> dict:
         pixels = torch.stack([load_image(r["image"], engine.resolution) for r in batch])
         inversion = engine.invert_and_tune(pixels, [None] * len(batch))
         for group in range(0, len(batch), config.edit_batch_size):  # as the editing actors take them
-            fan = [(b, target, eta) for b in range(group, min(group + config.edit_batch_size, len(batch)))
-                   for target in batch[b]["target_prompts"] for eta in config.pti.etas]  # fmt: skip
+            fan = [
+                (b, target, eta)
+                for b in range(group, min(group + config.edit_batch_size, len(batch)))
+                for target in batch[b]["target_prompts"]
+                for eta in config.pti.etas
+            ]
             for start in range(0, len(fan), config.max_edits_per_call):
-                for image in engine.edit(inversion, *map(list, zip(*fan[start : start + config.max_edits_per_call]))):
+                for image in engine.edit(
+                    inversion, *map(list, zip(*fan[start : start + config.max_edits_per_call]))
+                ):
                     to_pil(image).save(io.BytesIO(), format="PNG")
     seconds = time.perf_counter() - loaded
     return {"load_s": loaded - started, "seconds": seconds, "s_per_row": seconds / len(rows)}
 
 
 def overhead(args) -> str:
-    from pipeline.batch import _init_ray, run_all
-    from pipeline.run_config import RunConfig
+    from pipeline.batch.cluster import init_ray
+    from pipeline.batch.jobs import run_all
+    from pipeline.batch.config import RunConfig
 
     work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
     model = model_folder(args.model)
@@ -88,15 +101,20 @@ def overhead(args) -> str:
 
     def config(rows: int, output: str) -> RunConfig:
         return RunConfig(
-            manifest=manifests[rows], output=output, gpus_per_actor=0, tune_actors=1, edit_actors=1,
-            tune_batch_size=args.tune_batch_size, edit_batch_size=args.edit_batch_size,
+            manifest=manifests[rows],
+            output=output,
+            gpus_per_actor=0,
+            tune_actors=1,
+            edit_actors=1,
+            tune_batch_size=args.tune_batch_size,
+            edit_batch_size=args.edit_batch_size,
             pti=dict(model=model, steps=args.steps, inner_steps=args.inner_steps, etas=[0.8], progress=False),
-        )  # fmt: skip
+        )
 
     alone = engine_alone(config(2 * args.rows, ""), manifests[2 * args.rows])
     print(json.dumps({"engine_alone": alone}), flush=True)
     started = time.perf_counter()
-    _init_ray(config(args.rows, ""))
+    init_ray(config(args.rows, ""))
     ray_start = time.perf_counter() - started
     job = {}
     for rows in (args.rows, 2 * args.rows):
@@ -108,64 +126,113 @@ def overhead(args) -> str:
     per_row = (job[2 * args.rows] - job[args.rows]) / args.rows
     fixed = job[args.rows] - args.rows * per_row
     result = [
-        {"what": "engine alone", "s_per_row": alone["s_per_row"], "rows_per_s": 1 / alone["s_per_row"],
-         "fixed": alone["load_s"], "overhead": None},
-        {"what": "jobs.run, per row at scale", "s_per_row": per_row, "rows_per_s": 1 / per_row, "fixed": fixed,
-         "overhead": f"{per_row / alone['s_per_row'] - 1:+.1%}"},
-        {"what": f"jobs.run end to end, {2 * args.rows} rows", "s_per_row": job[2 * args.rows] / (2 * args.rows),
-         "rows_per_s": 2 * args.rows / job[2 * args.rows], "fixed": None,
-         "overhead": f"{job[2 * args.rows] / (alone['seconds'] + alone['load_s']) - 1:+.1%}"},
-    ]  # fmt: skip
-    setting = (f"model `{args.model}`, T={args.steps}, K={args.inner_steps}, {len(TARGETS)} edits per row, "
-               f"tune_batch_size {args.tune_batch_size}, edit_batch_size {args.edit_batch_size}, one tuning and one "
-               f"editing actor on CPUs; {args.rows} and {2 * args.rows} rows; Ray's own start {ray_start:.1f} s (not counted)")  # fmt: skip
-    columns = {"what": "", "s_per_row": "s/row", "rows_per_s": "rows/s", "fixed": "fixed s (load, start-up)",
-               "overhead": "against the engine alone"}  # fmt: skip
+        {
+            "what": "engine alone",
+            "s_per_row": alone["s_per_row"],
+            "rows_per_s": 1 / alone["s_per_row"],
+            "fixed": alone["load_s"],
+            "overhead": None,
+        },
+        {
+            "what": "jobs.run, per row at scale",
+            "s_per_row": per_row,
+            "rows_per_s": 1 / per_row,
+            "fixed": fixed,
+            "overhead": f"{per_row / alone['s_per_row'] - 1:+.1%}",
+        },
+        {
+            "what": f"jobs.run end to end, {2 * args.rows} rows",
+            "s_per_row": job[2 * args.rows] / (2 * args.rows),
+            "rows_per_s": 2 * args.rows / job[2 * args.rows],
+            "fixed": None,
+            "overhead": f"{job[2 * args.rows] / (alone['seconds'] + alone['load_s']) - 1:+.1%}",
+        },
+    ]
+    setting = (
+        f"model `{args.model}`, T={args.steps}, K={args.inner_steps}, {len(TARGETS)} edits per row, "
+        f"tune_batch_size {args.tune_batch_size}, edit_batch_size {args.edit_batch_size}, one tuning and one "
+        f"editing actor on CPUs; {args.rows} and {2 * args.rows} rows; "
+        f"Ray's own start {ray_start:.1f} s (not counted)"
+    )
+    columns = {
+        "what": "",
+        "s_per_row": "s/row",
+        "rows_per_s": "rows/s",
+        "fixed": "fixed s (load, start-up)",
+        "overhead": "against the engine alone",
+    }
     return f"{setting}.\n\n{markdown_table(result, columns)}"
 
 
 def driver_memory_case(rows: int, model: str) -> dict:
     """One ``jobs.run`` of ``rows`` rows; the driver's (this process's) peak resident memory."""
-    from pipeline.batch import run_all
-    from pipeline.run_config import RunConfig
+    from pipeline.batch.jobs import run_all
+    from pipeline.batch.config import RunConfig
 
     work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
     manifest = write_manifest(work / "inputs", rows, TARGETS[:1])
     config = RunConfig(
-        manifest=manifest, output=str(work / "out"), gpus_per_actor=0, tune_actors=1, edit_actors=1,
-        tune_batch_size=64, edit_batch_size=64, max_edits_per_call=64,
+        manifest=manifest,
+        output=str(work / "out"),
+        gpus_per_actor=0,
+        tune_actors=1,
+        edit_actors=1,
+        tune_batch_size=64,
+        edit_batch_size=64,
+        max_edits_per_call=64,
         pti=dict(model=model, method="ddim", steps=1, inner_steps=0, etas=[1.0], progress=False),
-    )  # fmt: skip
+    )
     before, started = resident_mb(), time.perf_counter()
     summary = run_all(config)
     assert summary["rows_done"] == rows, summary
-    return {"rows": rows, "seconds": time.perf_counter() - started, "driver_growth_mb": resident_mb() - before,
-            "driver_peak_mb": peak_resident_mb()}  # fmt: skip
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "driver_growth_mb": resident_mb() - before,
+        "driver_peak_mb": peak_resident_mb(),
+    }
 
 
 def driver_memory(args) -> str:
     model = model_folder(args.model)
     rows = []
     for n in args.driver_memory:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             raise RuntimeError(f"{n} rows failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    columns = {"rows": "manifest rows", "seconds": "job s", "driver_peak_mb": "driver peak RSS MB",
-               "driver_growth_mb": "driver RSS growth over the job MB"}  # fmt: skip
-    table = f"`jobs.run`, model `{args.model}`, plain DDIM, T=1, one edit per row, each size in a fresh driver.\n\n{markdown_table(rows, columns)}"
+    columns = {
+        "rows": "manifest rows",
+        "seconds": "job s",
+        "driver_peak_mb": "driver peak RSS MB",
+        "driver_growth_mb": "driver RSS growth over the job MB",
+    }
+    table = (
+        f"`jobs.run`, model `{args.model}`, plain DDIM, T=1, one edit per row, each size in a fresh driver."
+        f"\n\n{markdown_table(rows, columns)}"
+    )
     if len(rows) < 2:
         return table
-    slope = (rows[-1]["driver_growth_mb"] - rows[0]["driver_growth_mb"]) / (rows[-1]["rows"] - rows[0]["rows"])
-    return (f"{table}\n\nFrom {rows[0]['rows']} to {rows[-1]['rows']} rows the driver's peak goes "
-            f"from {rows[0]['driver_peak_mb']:.0f} to {rows[-1]['driver_peak_mb']:.0f} MB; its growth over the job, "
-            f"{slope * 2**20:.0f} bytes per row.")  # fmt: skip
+    slope = (rows[-1]["driver_growth_mb"] - rows[0]["driver_growth_mb"]) / (
+        rows[-1]["rows"] - rows[0]["rows"]
+    )
+    return (
+        f"{table}\n\nFrom {rows[0]['rows']} to {rows[-1]['rows']} rows the driver's peak goes "
+        f"from {rows[0]['driver_peak_mb']:.0f} to {rows[-1]['driver_peak_mb']:.0f} MB; "
+        "its growth over the job, "
+        f"{slope * 2**20:.0f} bytes per row."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--driver-memory", type=int, nargs="*", metavar="ROWS")
     parser.add_argument("--model", default="tiny", help="tiny (built here) or a checkpoint folder")

@@ -8,12 +8,16 @@ import sys
 from typing import Callable
 
 from pipeline.errors import PTIError
-from pipeline.run_config import RunConfig
+from pipeline.batch.config import RunConfig
 
 FLAGS = {  # flag -> config key, for the settings people change most
-    "--manifest": "manifest", "--output": "output", "--embeddings": "embeddings",
-    "--targets": "targets", "--endpoint-url": "endpoint_url", "--model": "pti.model",
-}  # fmt: skip
+    "--manifest": "manifest",
+    "--output": "output",
+    "--embeddings": "embeddings",
+    "--targets": "targets",
+    "--endpoint-url": "endpoint_url",
+    "--model": "pti.model",
+}
 NIGHTLY_FLAGS = {**FLAGS, "--manifests": "nightly.manifests", "--run-id": "nightly.run_id"}  # jobs.nightly
 
 
@@ -22,10 +26,18 @@ def parser(description: str, flags: dict[str, str] = FLAGS) -> argparse.Argument
     p.add_argument("--config", help="YAML run config (see README); flags override it")
     for flag, key in flags.items():
         p.add_argument(flag, help=f"sets {key}")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set pti.steps=20 --set tune_actors=4")  # fmt: skip
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (file, flags and --set) as YAML and exit without running")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set pti.steps=20 --set tune_actors=4",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, flags and --set) as YAML and exit without running",
+    )
     return p
 
 
@@ -50,8 +62,11 @@ def print_summary(summary: dict) -> None:
 
 
 def main(
-    run: Callable[[RunConfig], dict], description: str, argv: list[str] | None = None, flags: dict[str, str] = FLAGS,
-) -> dict | None:  # fmt: skip
+    run: Callable[[RunConfig], dict],
+    description: str,
+    argv: list[str] | None = None,
+    flags: dict[str, str] = FLAGS,
+) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser(description, flags).parse_args(argv)
     try:

@@ -16,11 +16,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.common import print_summary
-from pipeline import world
-from pipeline.batch import run_all
-from pipeline.images import contact_sheet
-from pipeline.report import edit_rows
-from pipeline.run_config import RunConfig
+from pipeline.world import scenes as world
+from pipeline.batch.jobs import run_all
+from pipeline.io.images import contact_sheet
+from pipeline.batch.output import Output
+from pipeline.batch.report import edit_rows
+from pipeline.io.storage import Location
+from pipeline.batch.config import RunConfig
 
 SCENES = 4
 
@@ -35,7 +37,9 @@ def write_manifest(folder: Path) -> Path:
         Image.fromarray(scene.render()).save(path)
         targets = [t.caption() for t in world.edit_targets(scene, n).values()]
         source = scene.caption() if n < SCENES - 1 else None
-        rows.append({"id": f"scene-{n}", "image": str(path), "source_prompt": source, "target_prompts": targets})
+        rows.append(
+            {"id": f"scene-{n}", "image": str(path), "source_prompt": source, "target_prompts": targets}
+        )
     pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
     return folder / "manifest.parquet"
 
@@ -43,7 +47,7 @@ def write_manifest(folder: Path) -> Path:
 def write_contact_sheet(output: Path, manifest: Path) -> Path:
     """One row per image: the input, then its edits in results order."""
     path = output / "contact_sheet.png"
-    contact_sheet(edit_rows(str(output), str(manifest))).save(path)
+    contact_sheet(edit_rows(Output.at(str(output)), Location(str(manifest)))).save(path)
     return path
 
 
@@ -59,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(output)
     manifest = write_manifest(output / "inputs")
     config = RunConfig(
-        manifest=str(manifest), output=str(output), gpus_per_actor=0, tune_actors=1, edit_actors=1,
+        manifest=str(manifest),
+        output=str(output),
+        gpus_per_actor=0,
+        tune_actors=1,
+        edit_actors=1,
         pti=dict(model=args.model, progress=False),
-    )  # fmt: skip
+    )
     summary = run_all(config)
     print_summary(summary)
     print(f"contact sheet: {write_contact_sheet(output, manifest)}")

@@ -6,7 +6,7 @@ id resumes it. On Kubernetes, deploy/kuberay/raycronjob-nightly.yaml submits it 
 """
 
 from jobs.common import NIGHTLY_FLAGS, main
-from pipeline.nightly import run_nightly
+from pipeline.batch.nightly import run_nightly
 
 if __name__ == "__main__":
     main(run_nightly, __doc__, flags=NIGHTLY_FLAGS)

@@ -5,7 +5,7 @@ cluster it starts an embedded Ray.
 """
 
 from jobs.common import main
-from pipeline.batch import run_tune
+from pipeline.batch.jobs import run_tune
 
 if __name__ == "__main__":
     main(run_tune, __doc__)

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import PTIConfig, check_eta
-from pipeline.engine import Engine
+from pipeline.engine.config import PTIConfig, check_eta
+from pipeline.engine.engine import Engine
 from pipeline.errors import InputError
-from pipeline.images import center_square, contact_sheet, decode_rgb, read_bytes, save_png, to_tensor
-from pipeline.metrics import psnr, ssim
+from pipeline.io.images import center_square, contact_sheet, decode_rgb, read_bytes, save_png, to_tensor
+from pipeline.engine.metrics import psnr, ssim
 
 
 def edit_file_name(target_index: int, eta: float) -> str:
@@ -52,11 +52,16 @@ def edit_one_image(
         for eta in config.etas:
             name = edit_file_name(t, eta)
             save_png(edits[k], out / name)
-            records.append({
-                "file": name, "target_index": t, "target": target, "eta": eta,
-                "psnr_to_input": float(psnr(edits[k : k + 1], pixels)[0]),
-                "ssim_to_input": float(ssim(edits[k : k + 1], pixels)[0]),
-            })  # fmt: skip
+            records.append(
+                {
+                    "file": name,
+                    "target_index": t,
+                    "target": target,
+                    "eta": eta,
+                    "psnr_to_input": float(psnr(edits[k : k + 1], pixels)[0]),
+                    "ssim_to_input": float(ssim(edits[k : k + 1], pixels)[0]),
+                }
+            )
             row.append(edits[k])
             k += 1
         rows.append(row)

@@ -5,8 +5,8 @@ from schemas.embeddings import (  # noqa: F401
     embeddings_schema,
 )
 from schemas.ledger import LEDGER_SCHEMA  # noqa: F401
+from schemas.errors import ERRORS_SCHEMA  # noqa: F401
 from schemas.manifest import (  # noqa: F401
-    ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
     duplicated_ids,
     schema_problems,

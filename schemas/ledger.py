@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MANIFEST = "manifest"  # the manifest's URI, normalized (pipeline.storage.normalize_uri)
+MANIFEST = "manifest"  # the manifest's URI, normalized (pipeline.io.storage.normalize_uri)
 RUN_ID = "run_id"  # the night that processed it
 OUTPUT = "output"  # where its embeddings, images, results and errors are
 FINISHED_AT = "finished_at"

@@ -1,4 +1,4 @@
-"""The manifest a user submits, and the errors table every rejected row ends in.
+"""The manifest a user submits, and how its rows are checked (bad ones become ``schemas.errors`` rows).
 
 A manifest row: ``id`` (unique string), ``image`` (a URI string, or raw bytes in a binary column),
 ``source_prompt`` (nullable), ``target_prompts`` (list of strings; a single ``target_prompt``
@@ -12,6 +12,8 @@ import math
 from collections import Counter
 
 import pyarrow as pa
+
+from schemas.errors import error_row
 
 ID = "id"
 IMAGE = "image"
@@ -31,16 +33,6 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(ETA, pa.list_(pa.float64())),
         pa.field(GUIDANCE, pa.float64()),
         pa.field(SEED, pa.int64()),
-    ]
-)
-
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field(ID, pa.string()),  # null when the row had no usable id
-        pa.field("row", pa.int64()),  # position in its manifest block, for rows without an id
-        pa.field("stage", pa.string(), nullable=False),  # validate, read, tune, edit, write
-        pa.field("kind", pa.string(), nullable=False),  # e.g. duplicate_id, bad_image
-        pa.field("message", pa.string(), nullable=False),
     ]
 )
 
@@ -64,14 +56,23 @@ def schema_problems(schema: pa.Schema) -> list[str]:
         problems.append(f"missing column {TARGET_PROMPTS!r} (or a single {TARGET_PROMPT!r})")
     expect = {
         ID: ("a string", _is_string),
-        IMAGE: ("a string URI or binary", lambda t: _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+        IMAGE: (
+            "a string URI or binary",
+            lambda t: _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        ),
         SOURCE_PROMPT: ("a string", lambda t: _is_string(t) or pa.types.is_null(t)),
         TARGET_PROMPTS: ("a list of strings", lambda t: _is_list_of(t, _is_string)),
         TARGET_PROMPT: ("a string", _is_string),
-        ETA: ("a list of numbers", lambda t: _is_list_of(t, lambda v: pa.types.is_floating(v) or pa.types.is_integer(v))),
-        GUIDANCE: ("a number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)),
+        ETA: (
+            "a list of numbers",
+            lambda t: _is_list_of(t, lambda v: pa.types.is_floating(v) or pa.types.is_integer(v)),
+        ),
+        GUIDANCE: (
+            "a number",
+            lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
+        ),
         SEED: ("an integer", lambda t: pa.types.is_integer(t) or pa.types.is_null(t)),
-    }  # fmt: skip
+    }
     for field in schema:
         if field.name in expect and not expect[field.name][1](field.type):
             problems.append(f"column {field.name!r} must be {expect[field.name][0]}, got {field.type}")
@@ -125,10 +126,8 @@ def validate_rows(
     for position, row in enumerate(rows):
         problems = row_problems(row, duplicates)
         if problems:
-            errors.append({
-                ID: row.get(ID), "row": position, "stage": stage,
-                "kind": problems[0][0], "message": "; ".join(m for _, m in problems),
-            })  # fmt: skip
+            message = "; ".join(m for _, m in problems)
+            errors.append(error_row(row.get(ID), stage, problems[0][0], message, row=position))
             continue
         if row.get(TARGET_PROMPTS) is None:
             row = {**row, TARGET_PROMPTS: [row[TARGET_PROMPT]]}

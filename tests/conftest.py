@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from skimage import data
 
-from pipeline.config import PTIConfig
-from pipeline.engine import Engine
-from pipeline.faults import ENV as FAILPOINTS_ENV
-from pipeline.images import center_square, to_tensor
-from pipeline.models import build_tiny_model, load_stable_diffusion
+from pipeline.engine.config import PTIConfig
+from pipeline.engine.engine import Engine
+from pipeline.batch.faults import ENV as FAILPOINTS_ENV
+from pipeline.io.images import center_square, to_tensor
+from pipeline.engine.models import load_stable_diffusion
+from pipeline.world.tiny import build_tiny_model
 
 # Small and quick: the tiny model's 64x64 images, few steps. Its text embeddings are 32 wide
 # (SD's are 768), so tuning uses a larger learning rate than ALGORITHM.md's default.
@@ -76,7 +77,7 @@ SECRET = "pti-test-secret-Zq81vW3n"
 
 @pytest.fixture(scope="session")
 def failpoints(tmp_path_factory) -> Path:
-    """The folder where tests arm failpoints (``pipeline.faults``) for the session's cluster."""
+    """The folder where tests arm failpoints (``pipeline.batch.faults``) for the session's cluster."""
     return tmp_path_factory.mktemp("failpoints")
 
 
@@ -88,17 +89,33 @@ def ray_cluster(failpoints):
     inherit the environment when they start."""
     import ray
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ[key] = value
-    os.environ[FAILPOINTS_ENV] = str(failpoints)  # armed by tests: see pipeline.faults
+    os.environ[FAILPOINTS_ENV] = str(failpoints)  # armed by tests: see pipeline.batch.faults
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster: no token to hand around
     port, dashboard = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=6", "--num-gpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=6",
+            "--num-gpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
     yield f"http://127.0.0.1:{dashboard}"
     ray.shutdown()

@@ -10,10 +10,11 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from pipeline import algorithm
-from pipeline.models import NoisePredictor
-from pipeline.stored import config_of, inversion_from_arrow, inversion_to_arrow
-from pipeline.text import encode_prompts
+from pipeline.engine import algorithm
+from pipeline.engine.config import METHODS, Method, PTIConfig
+from pipeline.engine.models import NoisePredictor
+from pipeline.engine.stored import config_of, inversion_from_arrow, inversion_to_arrow
+from pipeline.engine.text import encode_prompts
 
 SOURCES = ["a photo of an astronaut", None, "a cup of coffee"]
 
@@ -104,10 +105,11 @@ def float64(tiny_sd, pixels, make_engine):
     return eps, engine.schedule, trajectory, cond, null
 
 
-def tune_rows(float64, rows, **options):
+def tune_rows(float64, rows, **settings):
     eps, schedule, trajectory, cond, null = float64
+    options = PTIConfig(lr=0.1, **settings).tuning_options()
     return algorithm.tune_prompt_embeddings(
-        eps, [z[rows] for z in trajectory], cond[rows], null[rows], schedule, lr=0.1, **options
+        eps, [z[rows] for z in trajectory], cond[rows], null[rows], schedule, options
     )
 
 
@@ -137,10 +139,11 @@ def test_batched_editing_equals_one_at_a_time(float64):
     stacks = tune_rows(float64, [0, 1, 2], inner_steps=2).embeddings
     target = torch.randn_like(cond, generator=torch.Generator().manual_seed(0))
     eta = torch.tensor([0.0, 0.6, 1.0], dtype=torch.float64)
-    edit = lambda rows: algorithm.sample(  # noqa: E731
-        eps, trajectory[-1][rows], algorithm.interpolate_embeddings(stacks[rows], target[rows], eta[rows]),
-        null[rows], schedule, 7.5,
-    )  # fmt: skip
+
+    def edit(rows):
+        cond = algorithm.interpolate_embeddings(stacks[rows], target[rows], eta[rows])
+        return algorithm.sample(eps, trajectory[-1][rows], cond, null[rows], schedule, 7.5)
+
     batch = edit([0, 1, 2])
     for b in range(3):
         torch.testing.assert_close(edit([b])[0], batch[b], rtol=1e-7, atol=1e-8)
@@ -152,9 +155,12 @@ def test_engine_batches_agree_at_float32(pti, pixels, tuned):
     rows, targets, etas = [0, 0, 1, 2], ["a tiger", "a dog", "a dog", "a red car"], [0.6, 0.8, 1.0, 0.3]
     batch = pti.edit(tuned, rows, targets, etas)
     for n in range(len(rows)):
-        torch.testing.assert_close(pti.edit(tuned, [rows[n]], [targets[n]], [etas[n]])[0], batch[n], rtol=0, atol=1e-3)
+        alone = pti.edit(tuned, [rows[n]], [targets[n]], [etas[n]])
+        torch.testing.assert_close(alone[0], batch[n], rtol=0, atol=1e-3)
     alone = pti.invert_and_tune(pixels[1:2], SOURCES[1:2])
-    torch.testing.assert_close(alone.reconstruction_latent[0], tuned.reconstruction_latent[1], rtol=0, atol=2e-2)
+    torch.testing.assert_close(
+        alone.reconstruction_latent[0], tuned.reconstruction_latent[1], rtol=0, atol=2e-2
+    )
 
 
 def test_unet_calls_match_the_costs_in_algorithm_md(make_engine, pixels):
@@ -192,6 +198,48 @@ def test_every_method_edits_at_eta_zero_to_its_own_reconstruction(make_engine, p
     assert (inversion.uncond is None) == (method == "ddim")
 
 
+# What each method must do, written out apart from METHODS: the branch that gets a per-step
+# embedding, where that embedding starts, whether Adam tunes it, and the inversion's guidance.
+METHOD_BEHAVIOUR = {
+    "pti": ("cond", "source", True, 0.0),
+    "ddim": ("cond", "source", False, 0.0),
+    "nti": ("uncond", "null", True, 1.0),
+    "npi": ("uncond", "source", False, 1.0),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_BEHAVIOUR))
+def test_the_method_table_decides_which_embedding_stage_one_learns(make_engine, pixels, method):
+    branch, start, tuned, inversion_guidance = METHOD_BEHAVIOUR[method]
+    assert METHODS[method] == Method(method, branch, tuned, start, inverts_on_source=inversion_guidance == 1)
+    engine = make_engine(method=method)  # inversion_guidance 0 in the config: nti and npi override it
+    T, K = engine.config.steps, engine.config.inner_steps
+    assert engine.config.tuning_options().inner_steps == (K if tuned else 0)
+    inversion = engine.invert_and_tune(pixels[:2], SOURCES[:2])
+
+    src = encode_prompts(engine.sd, [s or "" for s in SOURCES[:2]])
+    null = engine.null.expand(2, -1, -1)
+    z0 = engine.encode_images(pixels[:2])
+    inverted = algorithm.invert(engine.eps, z0, src, null, engine.schedule, inversion_guidance)
+    assert torch.equal(inversion.z_T, inverted[-1])
+    if branch == "cond":
+        per_step = inversion.cond
+        assert inversion.uncond is None  # psi("") in the unconditional branch
+    else:
+        per_step = inversion.uncond
+        assert torch.equal(inversion.cond, src.unsqueeze(1).expand(-1, T, -1, -1))
+    begin = (src if start == "source" else null).unsqueeze(1).expand(-1, T, -1, -1)
+    moved = (per_step - begin).abs().flatten(2).amax(2)  # [B, T]: how far from where it started
+    if tuned:  # the losses (about 0.1) never reach the early stop: K steps at every timestep
+        assert inversion.inner_steps.tolist() == [[K] * T] * 2
+        assert float(moved.min()) > 0.5
+        assert float(inversion.final_loss.mean()) < 0.9 * float(inversion.initial_loss.mean())
+    else:
+        assert int(inversion.inner_steps.abs().sum()) == 0
+        assert torch.equal(per_step, begin)
+        assert torch.equal(inversion.final_loss, inversion.initial_loss)
+
+
 def test_null_text_inversion_reconstructs_closer_than_negative_prompt_inversion(make_engine, pixels):
     z0 = make_engine().encode_images(pixels)
     nti = make_engine(method="nti").invert_and_tune(pixels, SOURCES)
@@ -226,7 +274,8 @@ def test_stored_stage_one_read_back_by_plain_pyarrow_gives_the_same_edits(
     rows, targets, etas = [0, 1, 2], ["a tiger", "a dog", "a red car"], [0.6, 0.8, 0.0]
     from_storage = engine.edit(stored, rows, targets, etas)
     # Equal up to float noise (buffers that numpy allocated can take other SIMD paths).
-    torch.testing.assert_close(from_storage, engine.edit(tuned, rows, targets, etas), rtol=0, atol=1e-2 if embedding_dtype == "float16" else 1e-3)
+    atol = 1e-2 if embedding_dtype == "float16" else 1e-3
+    torch.testing.assert_close(from_storage, engine.edit(tuned, rows, targets, etas), rtol=0, atol=atol)
 
 
 def test_stored_null_text_embeddings_round_trip(make_engine, pixels, tmp_path):

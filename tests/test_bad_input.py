@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.batch import run_all
-from pipeline.run_config import RunConfig
-from pipeline.storage import default_image_prefixes, is_allowed
+from pipeline.batch.jobs import run_all
+from pipeline.batch.config import RunConfig
+from pipeline.io.storage import default_image_prefixes, is_allowed
 
 PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[1.0], progress=False)
 
@@ -59,7 +59,10 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path.endswith("flaky.png") and count <= 2:
             status, data = 503, b""
         elif self.path.removesuffix("-flaky.png") in server.files or self.path in server.files:
-            status, data = 200, server.files.get(self.path) or server.files[self.path.removesuffix("-flaky.png")]
+            status, data = (
+                200,
+                server.files.get(self.path) or server.files[self.path.removesuffix("-flaky.png")],
+            )
         else:
             status, data = 404, b""
         self.send_response(status)
@@ -80,23 +83,31 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def web(photos):
-    server = Server({"/public/cat": png(photos["chelsea"][::4, ::4]), "/secret.png": png(photos["coffee"][::4, ::4])})
+    server = Server(
+        {"/public/cat": png(photos["chelsea"][::4, ::4]), "/secret.png": png(photos["coffee"][::4, ::4])}
+    )
     yield server
     server.shutdown()
 
 
-def test_every_bad_input_becomes_its_error_and_the_rest_completes(ray_cluster, tiny_model_dir, photos, web, tmp_path):
+def test_every_bad_input_becomes_its_error_and_the_rest_completes(
+    ray_cluster, tiny_model_dir, photos, web, tmp_path
+):
     images, outside = tmp_path / "images", tmp_path / "outside"
     images.mkdir(), outside.mkdir()
     good = png(photos["astronaut"][::4, ::4])
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((64, 64), np.float32), "F").save(buffer, format="TIFF")
     files = {
-        "good.png": good, "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(100), "truncated.png": good[: len(good) // 2],
-        "empty.png": b"", "notes.txt": b"not an image at all", "float.tiff": buffer.getvalue(),
+        "good.png": good,
+        "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(100),
+        "truncated.png": good[: len(good) // 2],
+        "empty.png": b"",
+        "notes.txt": b"not an image at all",
+        "float.tiff": buffer.getvalue(),
         "bomb.png": png(np.zeros((3000, 3000), np.uint8)),  # 9 MP from a few kB
         "big.png": png(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)),
-    }  # fmt: skip
+    }
     for name, data in files.items():
         (images / name).write_bytes(data)
     (outside / "elsewhere.png").write_bytes(good)
@@ -104,41 +115,78 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(ray_cluster, t
     assert len(files["bomb.png"]) < 50_000 and len(files["big.png"]) > 300_000
 
     def row(row_id, image, **extra):
-        return {"id": row_id, "image": image, "target_prompts": ["a photo of a cat"], "guidance": None, **extra}
+        return {
+            "id": row_id,
+            "image": image,
+            "target_prompts": ["a photo of a cat"],
+            "guidance": None,
+            **extra,
+        }
 
     expected = {  # id -> (stage, kind); None: it completes
-        "../../escape": None, "/absolute/id": None, "odd name?*%.png": None,
+        "../../escape": None,
+        "/absolute/id": None,
+        "odd name?*%.png": None,
         "web-flaky": None,  # 503 twice, then served: retried with backoff
-        "": ("validate", "bad_id"), "dup": ("validate", "duplicate_id"),
-        "corrupt": ("read", "bad_image"), "truncated": ("read", "bad_image"), "zero-bytes": ("read", "bad_image"),
-        "not-an-image": ("read", "bad_image"), "float-mode": ("read", "bad_image"),
-        "bomb": ("read", "too_large"), "big-file": ("read", "too_large"), "missing": ("read", "not_found"),
-        "outside": ("read", "not_allowed"), "dot-dot": ("read", "not_allowed"), "symlink-out": ("read", "not_allowed"),
-        "web-secret": ("read", "not_allowed"), "web-gone": ("read", "not_found"), "web-forbidden": ("read", "access_denied"),
+        "": ("validate", "bad_id"),
+        "dup": ("validate", "duplicate_id"),
+        "corrupt": ("read", "bad_image"),
+        "truncated": ("read", "bad_image"),
+        "zero-bytes": ("read", "bad_image"),
+        "not-an-image": ("read", "bad_image"),
+        "float-mode": ("read", "bad_image"),
+        "bomb": ("read", "too_large"),
+        "big-file": ("read", "too_large"),
+        "missing": ("read", "not_found"),
+        "outside": ("read", "not_allowed"),
+        "dot-dot": ("read", "not_allowed"),
+        "symlink-out": ("read", "not_allowed"),
+        "web-secret": ("read", "not_allowed"),
+        "web-gone": ("read", "not_found"),
+        "web-forbidden": ("read", "access_denied"),
         "web-redirect": ("read", "not_allowed"),  # an allowed host cannot send us elsewhere
         "non-finite": ("tune", "non_finite"),
-    }  # fmt: skip
+    }
     rows = [
-        row("../../escape", str(images / "good.png")), row("/absolute/id", str(images / "good.png")),
-        row("odd name?*%.png", str(images / "good.png")), row("web-flaky", f"{web.url}/public/cat-flaky.png"),
-        row("", str(images / "good.png")), row("dup", str(images / "good.png")), row("dup", str(images / "good.png")),
-        row("corrupt", str(images / "corrupt.png")), row("truncated", str(images / "truncated.png")),
-        row("zero-bytes", str(images / "empty.png")), row("not-an-image", str(images / "notes.txt")),
-        row("float-mode", str(images / "float.tiff")), row("bomb", str(images / "bomb.png")),
-        row("big-file", str(images / "big.png")), row("missing", str(images / "nowhere.png")),
-        row("outside", str(outside / "elsewhere.png")), row("dot-dot", f"{images}/../outside/elsewhere.png"),
-        row("symlink-out", str(images / "link.png")), row("web-secret", f"{web.url}/secret.png"),
-        row("web-redirect", f"{web.url}/public/redirect.png"), row("web-gone", f"{web.url}/public/gone.png"), row("web-forbidden", f"{web.url}/public/forbidden.png"),
+        row("../../escape", str(images / "good.png")),
+        row("/absolute/id", str(images / "good.png")),
+        row("odd name?*%.png", str(images / "good.png")),
+        row("web-flaky", f"{web.url}/public/cat-flaky.png"),
+        row("", str(images / "good.png")),
+        row("dup", str(images / "good.png")),
+        row("dup", str(images / "good.png")),
+        row("corrupt", str(images / "corrupt.png")),
+        row("truncated", str(images / "truncated.png")),
+        row("zero-bytes", str(images / "empty.png")),
+        row("not-an-image", str(images / "notes.txt")),
+        row("float-mode", str(images / "float.tiff")),
+        row("bomb", str(images / "bomb.png")),
+        row("big-file", str(images / "big.png")),
+        row("missing", str(images / "nowhere.png")),
+        row("outside", str(outside / "elsewhere.png")),
+        row("dot-dot", f"{images}/../outside/elsewhere.png"),
+        row("symlink-out", str(images / "link.png")),
+        row("web-secret", f"{web.url}/secret.png"),
+        row("web-redirect", f"{web.url}/public/redirect.png"),
+        row("web-gone", f"{web.url}/public/gone.png"),
+        row("web-forbidden", f"{web.url}/public/forbidden.png"),
         row("non-finite", str(images / "good.png"), guidance=1e30),  # the model's outputs overflow
-    ]  # fmt: skip
+    ]
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    summary = run_all(RunConfig(
-        manifest=str(manifest), output=str(out), gpus_per_actor=1, tune_batch_size=4, max_image_bytes=300_000,
-        max_image_pixels=1_000_000, allowed_image_prefixes=[str(images), f"{web.url}/public/"],
-        pti=dict(model=tiny_model_dir, **PTI),
-    ))  # fmt: skip
+    summary = run_all(
+        RunConfig(
+            manifest=str(manifest),
+            output=str(out),
+            gpus_per_actor=1,
+            tune_batch_size=4,
+            max_image_bytes=300_000,
+            max_image_pixels=1_000_000,
+            allowed_image_prefixes=[str(images), f"{web.url}/public/"],
+            pti=dict(model=tiny_model_dir, **PTI),
+        )
+    )
 
     errors = pq.read_table(out / "errors").to_pylist()
     got = {e["id"]: (e["stage"], e["kind"]) for e in errors}
@@ -152,7 +200,11 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(ray_cluster, t
     for r in results:  # odd ids never escape the output prefix
         path = Path(r["image_uri"]).resolve()
         assert path.is_file() and path.is_relative_to((out / "images").resolve()), r["image_uri"]
-    assert summary["rows_in"] == len(rows) and summary["rows_done"] == 4 and summary["rows_failed"] == len(rows) - 4
+    assert (
+        summary["rows_in"] == len(rows)
+        and summary["rows_done"] == 4
+        and summary["rows_failed"] == len(rows) - 4
+    )
     # Refused URIs are not read: the server never saw a request for the secret.
     assert web.requests["/secret.png"] == 0 and web.requests["/public/cat-flaky.png"] >= 3
 

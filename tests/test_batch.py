@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.batch import image_key, run_all, run_edit
-from pipeline.run_config import RunConfig
+from pipeline.batch.jobs import run_all, run_edit
+from pipeline.batch.output import image_key
+from pipeline.batch.config import RunConfig
 
 PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
 
@@ -29,25 +30,70 @@ def png(array: np.ndarray, size: int = 96) -> bytes:
 def manifest_rows(photos, image_ref) -> list[dict]:
     """Two good rows and every kind of bad row."""
     return [
-        {"id": "astronaut", "image": image_ref("astronaut.png", png(photos["astronaut"])), "source_prompt": "a photo of an astronaut",
-         "target_prompts": ["a photo of a robot", "a painting of an astronaut"]},
-        {"id": "cat/../chelsea", "image": image_ref("chelsea.png", png(photos["chelsea"])), "source_prompt": None,
-         "target_prompts": ["a photo of a tiger"], "eta": [0.8]},
-        {"id": "missing", "image": image_ref("nowhere.png", None), "source_prompt": None, "target_prompts": ["a cat"]},
-        {"id": "corrupt", "image": image_ref("corrupt.png", b"\x89PNG not really"), "source_prompt": None, "target_prompts": ["a cat"]},
-        {"id": "no-targets", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": []},
-        {"id": "twin", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": ["a cat"]},
-        {"id": "twin", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": ["a dog"]},
+        {
+            "id": "astronaut",
+            "image": image_ref("astronaut.png", png(photos["astronaut"])),
+            "source_prompt": "a photo of an astronaut",
+            "target_prompts": ["a photo of a robot", "a painting of an astronaut"],
+        },
+        {
+            "id": "cat/../chelsea",
+            "image": image_ref("chelsea.png", png(photos["chelsea"])),
+            "source_prompt": None,
+            "target_prompts": ["a photo of a tiger"],
+            "eta": [0.8],
+        },
+        {
+            "id": "missing",
+            "image": image_ref("nowhere.png", None),
+            "source_prompt": None,
+            "target_prompts": ["a cat"],
+        },
+        {
+            "id": "corrupt",
+            "image": image_ref("corrupt.png", b"\x89PNG not really"),
+            "source_prompt": None,
+            "target_prompts": ["a cat"],
+        },
+        {
+            "id": "no-targets",
+            "image": image_ref("chelsea.png", None),
+            "source_prompt": None,
+            "target_prompts": [],
+        },
+        {
+            "id": "twin",
+            "image": image_ref("chelsea.png", None),
+            "source_prompt": None,
+            "target_prompts": ["a cat"],
+        },
+        {
+            "id": "twin",
+            "image": image_ref("chelsea.png", None),
+            "source_prompt": None,
+            "target_prompts": ["a dog"],
+        },
     ] + [
-        {"id": f"copy-{i}", "image": image_ref("chelsea.png", None), "source_prompt": None, "target_prompts": ["a dog"], "eta": [1.0]}
+        {
+            "id": f"copy-{i}",
+            "image": image_ref("chelsea.png", None),
+            "source_prompt": None,
+            "target_prompts": ["a dog"],
+            "eta": [1.0],
+        }
         for i in range(4)
-    ]  # fmt: skip
+    ]
 
 
-MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image", pa.string()), ("source_prompt", pa.string()),
-    ("target_prompts", pa.list_(pa.string())), ("eta", pa.list_(pa.float64())),
-])  # fmt: skip
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.string()),
+        ("source_prompt", pa.string()),
+        ("target_prompts", pa.list_(pa.string())),
+        ("eta", pa.list_(pa.float64())),
+    ]
+)
 
 
 def local_manifest(tmp_path, photos) -> str:
@@ -67,23 +113,52 @@ def local_manifest(tmp_path, photos) -> str:
 def check_outputs(summary, read_table, read_bytes, config: RunConfig):
     results = read_table("results")
     errors = read_table("errors")
-    expected = {("astronaut", 0, 0.5), ("astronaut", 0, 1.0), ("astronaut", 1, 0.5), ("astronaut", 1, 1.0),
-                ("cat/../chelsea", 0, 0.8), *((f"copy-{i}", 0, 1.0) for i in range(4))}  # fmt: skip
-    got = list(zip(results["id"].to_pylist(), results["target_index"].to_pylist(), [round(e, 3) for e in results["eta"].to_pylist()]))
+    expected = {
+        ("astronaut", 0, 0.5),
+        ("astronaut", 0, 1.0),
+        ("astronaut", 1, 0.5),
+        ("astronaut", 1, 1.0),
+        ("cat/../chelsea", 0, 0.8),
+        *((f"copy-{i}", 0, 1.0) for i in range(4)),
+    }
+    got = list(
+        zip(
+            results["id"].to_pylist(),
+            results["target_index"].to_pylist(),
+            [round(e, 3) for e in results["eta"].to_pylist()],
+        )
+    )
     assert sorted(got) == sorted(expected) and len(got) == len(set(got))
     for row in results.to_pylist():
         assert row["image_uri"].endswith(image_key(row["id"], row["target_index"], row["eta"]))
         image = Image.open(io.BytesIO(read_bytes(row["image_uri"])))
         assert image.size == (64, 64) and image.mode == "RGB"
-    assert "%2F..%2Fchelsea" in results.filter(pa.compute.equal(results["id"], "cat/../chelsea"))["image_uri"][0].as_py()
+    assert (
+        "%2F..%2Fchelsea"
+        in results.filter(pa.compute.equal(results["id"], "cat/../chelsea"))["image_uri"][0].as_py()
+    )
     kinds = dict(zip(errors["id"].to_pylist(), errors["kind"].to_pylist()))
-    assert kinds == {"missing": "not_found", "corrupt": "bad_image", "no-targets": "no_targets", "twin": "duplicate_id"}
+    assert kinds == {
+        "missing": "not_found",
+        "corrupt": "bad_image",
+        "no-targets": "no_targets",
+        "twin": "duplicate_id",
+    }
     assert errors.num_rows == 5  # both copies of the duplicated id
     assert "not found" in errors.filter(pa.compute.equal(errors["id"], "missing"))["message"][0].as_py()
-    assert summary["rows_in"] == 11 and summary["rows_done"] == 6 and summary["rows_failed"] == 5 and summary["edits"] == 9
+    assert (
+        summary["rows_in"] == 11
+        and summary["rows_done"] == 6
+        and summary["rows_failed"] == 5
+        and summary["edits"] == 9
+    )
 
     embeddings = read_table("embeddings")
-    assert sorted(embeddings["id"].to_pylist()) == ["astronaut", "cat/../chelsea", *(f"copy-{i}" for i in range(4))]
+    assert sorted(embeddings["id"].to_pylist()) == [
+        "astronaut",
+        "cat/../chelsea",
+        *(f"copy-{i}" for i in range(4)),
+    ]
     stack = embeddings["prompt_embeddings"].combine_chunks().to_numpy_ndarray()
     assert stack.shape == (6, 3, 77, 32) and stack.dtype == np.float16
     assert embeddings["z_T"].combine_chunks().to_numpy_ndarray().shape == (6, 4, 8, 8)
@@ -93,9 +168,15 @@ def check_outputs(summary, read_table, read_bytes, config: RunConfig):
 
 def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_model_dir, photos, tmp_path):
     config = RunConfig(
-        manifest=local_manifest(tmp_path, photos), output=str(tmp_path / "out"), tune_actors=2, edit_actors=2,
-        gpus_per_actor=1, tune_batch_size=1, edit_batch_size=1, pti=dict(model=tiny_model_dir, **PTI),
-    )  # fmt: skip
+        manifest=local_manifest(tmp_path, photos),
+        output=str(tmp_path / "out"),
+        tune_actors=2,
+        edit_actors=2,
+        gpus_per_actor=1,
+        tune_batch_size=1,
+        edit_batch_size=1,
+        pti=dict(model=tiny_model_dir, **PTI),
+    )
     summary = run_all(config)
     read_table = lambda name: pq.read_table(str(tmp_path / "out" / name))  # noqa: E731
     results = check_outputs(summary, read_table, lambda uri: open(uri, "rb").read(), config)
@@ -106,15 +187,35 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_mode
 
     # New targets reuse the stored tunings; a target already edited gives the same image.
     targets = tmp_path / "targets.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {"id": "astronaut", "target_prompts": ["a photo of a robot", "a photo of a horse"], "eta": [1.0]},
-        *({"id": f"copy-{i}", "target_prompts": ["a photo of a lion"], "eta": [0.7]} for i in range(4)),
-        {"id": "unknown", "target_prompts": ["a cat"], "eta": None},
-    ]), targets)  # fmt: skip
-    again = RunConfig.load(overrides=[f"output={tmp_path / 'edit'}", f"embeddings={tmp_path / 'out' / 'embeddings'}",
-                                      f"targets={targets}", "gpus_per_actor=1", f"pti.model={tiny_model_dir}",
-                                      "edit_actors=2", "edit_batch_size=1",
-                                      *(f"pti.{k}={json.dumps(v)}" for k, v in PTI.items())])  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "id": "astronaut",
+                    "target_prompts": ["a photo of a robot", "a photo of a horse"],
+                    "eta": [1.0],
+                },
+                *(
+                    {"id": f"copy-{i}", "target_prompts": ["a photo of a lion"], "eta": [0.7]}
+                    for i in range(4)
+                ),
+                {"id": "unknown", "target_prompts": ["a cat"], "eta": None},
+            ]
+        ),
+        targets,
+    )
+    again = RunConfig.load(
+        overrides=[
+            f"output={tmp_path / 'edit'}",
+            f"embeddings={tmp_path / 'out' / 'embeddings'}",
+            f"targets={targets}",
+            "gpus_per_actor=1",
+            f"pti.model={tiny_model_dir}",
+            "edit_actors=2",
+            "edit_batch_size=1",
+            *(f"pti.{k}={json.dumps(v)}" for k, v in PTI.items()),
+        ]
+    )
     edit_summary = run_edit(again)
     assert edit_summary["edits"] == 6 and edit_summary["rows_failed"] == 1
     # Stored embeddings are all there at once: every editing actor gets work.
@@ -122,20 +223,38 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_mode
     first = np.asarray(Image.open(tmp_path / "out" / image_key("astronaut", 0, 1.0))).astype(int)
     second = np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 0, 1.0))).astype(int)
     assert np.abs(first - second).max() <= 1
-    assert not np.array_equal(second, np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 1, 1.0))))
+    assert not np.array_equal(
+        second, np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 1, 1.0)))
+    )
     assert pq.read_table(tmp_path / "edit" / "errors")["kind"].to_pylist() == ["no_embeddings"]
 
 
 def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
-    from pipeline.batch import PIXELS, prepare_rows
+    from pipeline.batch.stages import prepare_rows
+    from schemas.stages import PIXELS
 
-    table = pa.table({
-        "id": ["inline", "garbage"], "image": [png(photos["coffee"]), b"\x00\x01"],
-        "target_prompts": [["a cup of tea"], ["a cat"]],
-    })  # fmt: skip
-    out = prepare_rows(table, resolution=64, duplicates=set(), endpoint_url=None, allowed=("/",), max_bytes=2**20, max_pixels=10**6).to_pylist()
-    assert len(out[0][PIXELS]) == 64 * 64 * 3 and out[0]["error_kind"] is None
-    assert out[1]["error_kind"] == "bad_image" and "garbage" in out[1]["error_message"] and out[1][PIXELS] is None
+    table = pa.table(
+        {
+            "id": ["inline", "garbage"],
+            "image": [png(photos["coffee"]), b"\x00\x01"],
+            "target_prompts": [["a cup of tea"], ["a cat"]],
+        }
+    )
+    out = prepare_rows(
+        table,
+        resolution=64,
+        duplicates=set(),
+        endpoint_url=None,
+        allowed=("/",),
+        max_bytes=2**20,
+        max_pixels=10**6,
+    ).to_pylist()
+    assert len(out[0][PIXELS]) == 64 * 64 * 3 and out[0]["kind"] is None
+    assert (
+        out[1]["kind"] == "bad_image"
+        and "garbage" in out[1]["message"]
+        and out[1][PIXELS] is None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +273,9 @@ def s3_endpoint():
     server.stop()
 
 
-def test_run_against_s3_reads_and_writes_the_bucket(ray_cluster, s3_endpoint, tiny_model_dir, photos, tmp_path, monkeypatch, capfd, caplog):
+def test_run_against_s3_reads_and_writes_the_bucket(
+    ray_cluster, s3_endpoint, tiny_model_dir, photos, tmp_path, monkeypatch, capfd, caplog
+):
     import boto3
     import s3fs
 
@@ -169,14 +290,27 @@ def test_run_against_s3_reads_and_writes_the_bucket(ray_cluster, s3_endpoint, ti
             client.put_object(Bucket="data", Key=f"images/{name}", Body=data)
         return f"s3://data/images/{name}"
 
-    arrow_s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http", region="us-east-1")
+    arrow_s3 = pafs.S3FileSystem(
+        endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http", region="us-east-1"
+    )
     rows = manifest_rows(photos, ref)
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), "data/manifests/night-1.parquet", filesystem=arrow_s3)
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
+        "data/manifests/night-1.parquet",
+        filesystem=arrow_s3,
+    )
 
     config = RunConfig(
-        manifest="s3://data/manifests/", output="s3://data/out", endpoint_url=s3_endpoint, tune_actors=1, edit_actors=1,
-        gpus_per_actor=1, tune_batch_size=2, edit_batch_size=2, pti=dict(model="s3://data/models/tiny", **PTI),
-    )  # fmt: skip
+        manifest="s3://data/manifests/",
+        output="s3://data/out",
+        endpoint_url=s3_endpoint,
+        tune_actors=1,
+        edit_actors=1,
+        gpus_per_actor=1,
+        tune_batch_size=2,
+        edit_batch_size=2,
+        pti=dict(model="s3://data/models/tiny", **PTI),
+    )
     summary = run_all(config)
 
     def read_table(name):  # plain pyarrow, no Ray, no project code
@@ -204,17 +338,38 @@ def test_ray_job_submit_runs_the_job_on_a_head_node(ray_cluster, tiny_model_dir,
     from pathlib import Path
 
     config = tmp_path / "run.yaml"
-    config.write_text(RunConfig(
-        manifest=local_manifest(tmp_path, photos), output=str(tmp_path / "out"), gpus_per_actor=1,
-        pti=dict(model=tiny_model_dir, **PTI),
-    ).to_yaml())  # fmt: skip
+    config.write_text(
+        RunConfig(
+            manifest=local_manifest(tmp_path, photos),
+            output=str(tmp_path / "out"),
+            gpus_per_actor=1,
+            pti=dict(model=tiny_model_dir, **PTI),
+        ).to_yaml()
+    )
     repo = Path(__file__).resolve().parents[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     job = subprocess.run(
-        [ray_bin, "job", "submit", "--address", ray_cluster, "--working-dir", str(repo), "--",
-         sys.executable, "-m", "jobs.run", "--config", str(config), "--set", "edit_batch_size=3"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            ray_cluster,
+            "--working-dir",
+            str(repo),
+            "--",
+            sys.executable,
+            "-m",
+            "jobs.run",
+            "--config",
+            str(config),
+            "--set",
+            "edit_batch_size=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
     summary = json.loads((tmp_path / "out" / "summary-run.json").read_text())
@@ -242,17 +397,30 @@ def test_too_few_gpus_and_bad_manifests_fail_before_any_work(ray_cluster, tiny_m
 def test_pti_tune_writes_embeddings_and_errors_only(ray_cluster, tiny_model_dir, photos, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from jobs.cli import app
 
-    args = ["tune", "--manifest", local_manifest(tmp_path, photos), "--output", str(tmp_path / "out"),
-            "--model", tiny_model_dir, "--set", "gpus_per_actor=1", "--set", "tune_batch_size=3",
-            *(a for k, v in PTI.items() for a in ("--set", f"pti.{k}={json.dumps(v)}"))]  # fmt: skip
+    args = [
+        "tune",
+        "--manifest",
+        local_manifest(tmp_path, photos),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        tiny_model_dir,
+        "--set",
+        "gpus_per_actor=1",
+        "--set",
+        "tune_batch_size=3",
+        *(a for k, v in PTI.items() for a in ("--set", f"pti.{k}={json.dumps(v)}")),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary-tune.json").read_text())
     assert (summary["rows_in"], summary["rows_done"], summary["rows_failed"]) == (11, 6, 5)
     embeddings = pq.read_table(tmp_path / "out" / "embeddings")
-    assert sorted(embeddings["id"].to_pylist()) == sorted(["astronaut", "cat/../chelsea", *(f"copy-{i}" for i in range(4))])
+    assert sorted(embeddings["id"].to_pylist()) == sorted(
+        ["astronaut", "cat/../chelsea", *(f"copy-{i}" for i in range(4))]
+    )
     assert len(list((tmp_path / "out" / "embeddings").glob("*.parquet"))) < 6  # files per batch, not per row
     assert pq.read_table(tmp_path / "out" / "errors").num_rows == 5
     assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "results").exists()

@@ -11,8 +11,21 @@ T, K = 3, 2
 
 
 def case(model: str, lever: str) -> dict:
-    return run_case(dict(model=model, lever=lever, steps=T, inner_steps=K, lr=0.1, edits=2, batch=2, device="cpu",
-                         dtype="auto", no_early_stop=True, flops=True))  # fmt: skip
+    return run_case(
+        dict(
+            model=model,
+            lever=lever,
+            steps=T,
+            inner_steps=K,
+            lr=0.1,
+            edits=2,
+            batch=2,
+            device="cpu",
+            dtype="auto",
+            no_early_stop=True,
+            flops=True,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +37,10 @@ def test_engine_benchmark_counts_the_unet_evaluations_of_algorithm_md(baseline):
     assert baseline["stage1_evals_per_image"] == T + T * (1 + K + 1)
     assert baseline["inner_steps_taken"] == T * K
     assert baseline["stage2_calls"] == T and baseline["stage2_evals_per_edit"] == 2 * T
-    assert baseline["invert_tflop_per_image"] > 0 and baseline["tune_tflop_per_image"] > 2 * baseline["invert_tflop_per_image"]
+    assert (
+        baseline["invert_tflop_per_image"] > 0
+        and baseline["tune_tflop_per_image"] > 2 * baseline["invert_tflop_per_image"]
+    )
 
 
 def test_each_lever_changes_what_it_names(tiny_model_dir, baseline):
@@ -41,4 +57,6 @@ def test_cpu_attention_flops_are_counted_as_the_math_path_counts_them(tiny_model
     work; backward, the fused kernel recomputes the attention scores, so it counts more."""
     math = case(tiny_model_dir, "math_attention")
     assert baseline["invert_tflop_per_image"] == pytest.approx(math["invert_tflop_per_image"], rel=1e-9)
-    assert math["tune_tflop_per_image"] < baseline["tune_tflop_per_image"] < 1.05 * math["tune_tflop_per_image"]
+    assert (
+        math["tune_tflop_per_image"] < baseline["tune_tflop_per_image"] < 1.05 * math["tune_tflop_per_image"]
+    )

@@ -18,13 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.nightly import resolve
-from pipeline.run_config import SECTIONS, RunConfig
+from pipeline.batch.nightly import resolve
+from pipeline.batch.config import SECTIONS, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-RAY_PIN = next(re.fullmatch(r"ray\[[a-z,]+\]==(\S+)", d).group(1) for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray["))
+RAY_PIN = next(
+    re.fullmatch(r"ray\[[a-z,]+\]==(\S+)", d).group(1)
+    for d in PYPROJECT["project"]["dependencies"]
+    if d.startswith("ray[")
+)
 IMAGE = re.search(r"^IMAGE=(\S+)$", (DEPLOY / "image.env").read_text(), re.M).group(1)
 RAY_KINDS = ("RayJob", "RayCronJob", "RayCluster")
 
@@ -40,8 +44,11 @@ def kuberay(kind: str) -> dict:
 
 def cluster_spec(document: dict) -> dict:
     spec = document["spec"]
-    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
-            "RayCronJob": lambda: spec["jobTemplate"]["rayClusterSpec"]}[document["kind"]]()  # fmt: skip
+    return {
+        "RayCluster": lambda: spec,
+        "RayJob": lambda: spec["rayClusterSpec"],
+        "RayCronJob": lambda: spec["jobTemplate"]["rayClusterSpec"],
+    }[document["kind"]]()
 
 
 def values(node, key: str) -> list:
@@ -75,11 +82,20 @@ def test_every_yaml_parses_and_every_ray_node_runs_the_image_on_the_pinned_ray()
             continue
         ray_files.append(path.relative_to(DEPLOY).as_posix())
         images = {i for d in nodes for i in values(d, "image")}
-        assert images == {IMAGE}, f"{path.name} runs {images}, not the project's image {IMAGE} (deploy/image.env)"
+        assert images == {IMAGE}, (
+            f"{path.name} runs {images}, not the project's image {IMAGE} (deploy/image.env)"
+        )
         for d in nodes:
             if d.get("kind") in RAY_KINDS:
-                assert cluster_spec(d)["rayVersion"] == RAY_PIN, f"{path.name}: rayVersion is not the pinned {RAY_PIN}"
-    assert ray_files == ["cluster-launcher/aws-gpu.yaml", "kuberay/raycluster.yaml", "kuberay/raycronjob-nightly.yaml", "kuberay/rayjob.yaml"]
+                assert cluster_spec(d)["rayVersion"] == RAY_PIN, (
+                    f"{path.name}: rayVersion is not the pinned {RAY_PIN}"
+                )
+    assert ray_files == [
+        "cluster-launcher/aws-gpu.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/raycronjob-nightly.yaml",
+        "kuberay/rayjob.yaml",
+    ]
 
 
 @pytest.mark.parametrize("kind", ["RayJob", "RayCronJob"])
@@ -97,7 +113,13 @@ def test_the_entrypoint_is_a_job_module_that_accepts_its_arguments_and_config(ki
             local = tmp_path / Path(arg).name
             local.write_text(mounted[arg])
             args[i] = str(local)
-    run = subprocess.run([sys.executable, "-m", module, *args, "--print-config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", module, *args, "--print-config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     config = RunConfig.from_dict(yaml.safe_load(run.stdout))
     if module == "jobs.nightly":
@@ -108,19 +130,26 @@ def test_the_entrypoint_is_a_job_module_that_accepts_its_arguments_and_config(ki
 
 def test_every_ray_cluster_has_the_same_spec_gpu_workers_credentials_and_config():
     specs = {kind: cluster_spec(kuberay(kind)) for kind in RAY_KINDS}
-    assert specs["RayJob"] == specs["RayCronJob"] == specs["RayCluster"], "one cluster shape in all three manifests"
+    assert specs["RayJob"] == specs["RayCronJob"] == specs["RayCluster"], (
+        "one cluster shape in all three manifests"
+    )
     spec = specs["RayJob"]
     (gpu,) = spec["workerGroupSpecs"]
     worker = gpu["template"]["spec"]
     resources = worker["containers"][0]["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] >= 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
-    assert spec["enableInTreeAutoscaling"] and 1 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    assert (
+        spec["enableInTreeAutoscaling"] and 1 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    )
     assert spec["authOptions"]["mode"] == "token"  # the dashboard runs code for whoever reaches it
     # The largest cluster holds every GPU actor of every config at once.
     for text in configmap_files().values():
         config = RunConfig.from_dict(yaml.safe_load(text))
-        assert config.gpus_per_actor * (config.tune_actors + config.edit_actors) <= gpu["maxReplicas"] * resources["limits"]["nvidia.com/gpu"]
+        assert (
+            config.gpus_per_actor * (config.tune_actors + config.edit_actors)
+            <= gpu["maxReplicas"] * resources["limits"]["nvidia.com/gpu"]
+        )
     account = kuberay("ServiceAccount")["metadata"]["name"]
     head = spec["headGroupSpec"]["template"]["spec"]
     for pod in (head, worker):
@@ -152,9 +181,19 @@ def test_the_cluster_launcher_config_passes_rays_schema():
 def make_dry_run(*args: str) -> str:
     """What ``make`` would run, as a fresh ``make`` in the repository would: not as a sub-make of
     ``make test`` (whose variables and directory messages would leak in), with the Makefile's defaults."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_SPEC", "VENV")}
-    return subprocess.run(["make", "--no-print-directory", "-n", "-B", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_SPEC", "VENV")
+    }
+    return subprocess.run(
+        ["make", "--no-print-directory", "-n", "-B", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def test_the_image_installs_with_the_script_make_install_and_ci_run():
@@ -169,11 +208,17 @@ def test_the_image_installs_with_the_script_make_install_and_ci_run():
     assert "pip install" not in dockerfile
     (run,) = re.findall(r"^RUN (.+?)(?:\s*\\\n|$)", dockerfile, re.M)
     docker_call = shlex.split(run.replace("${TORCH_SPEC}", args["TORCH_SPEC"]))
-    assert docker_call == ["bash", "deploy/install.sh", "python", make_call[3]], "the same script and torch; no test extras"
-    base = re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1).replace("${RAY_VERSION}", args["RAY_VERSION"])
+    assert docker_call == ["bash", "deploy/install.sh", "python", make_call[3]], (
+        "the same script and torch; no test extras"
+    )
+    base = (
+        re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1).replace("${RAY_VERSION}", args["RAY_VERSION"])
+    )
     assert base.replace("${PYTHON_TAG}", args["PYTHON_TAG"]) == f"rayproject/ray:{RAY_PIN}-py311-gpu"
     image = shlex.split(make_dry_run("image"))
-    assert image[:4] == ["docker", "build", "-f", "deploy/Dockerfile"] and image[image.index("-t") + 1] == IMAGE
+    assert (
+        image[:4] == ["docker", "build", "-f", "deploy/Dockerfile"] and image[image.index("-t") + 1] == IMAGE
+    )
     assert f"TORCH_SPEC={make_call[3]}" in image
 
 
@@ -190,14 +235,31 @@ def dockerignored(path: str, rules: list[str]) -> bool:
 
 
 def test_the_image_gets_the_package_and_its_install_script_but_no_weights_tests_or_outputs():
-    rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    rules = [
+        r.strip()
+        for r in (REPO / ".dockerignore").read_text().splitlines()
+        if r.strip() and not r.startswith("#")
+    ]
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
-    needed = [f for f in tracked if f.split("/")[0] in packages or f in ("pyproject.toml", "README.md", "deploy/install.sh")]
+    needed = [
+        f
+        for f in tracked
+        if f.split("/")[0] in packages or f in ("pyproject.toml", "README.md", "deploy/install.sh")
+    ]
     assert {f.split("/")[0] for f in needed} >= packages
     assert [f for f in needed if dockerignored(f, rules) and not f.endswith(".pyc")] == []
-    assert [f for f in tracked if f.startswith("models/") and not dockerignored(f, rules)] == [], "no model weights in the image"
-    for other in ("tests/conftest.py", "benchmarks/edit_quality.py", ".venv/bin/python", "outputs/demo/contact_sheet.png"):
+    assert [f for f in tracked if f.startswith("models/") and not dockerignored(f, rules)] == [], (
+        "no model weights in the image"
+    )
+    for other in (
+        "tests/conftest.py",
+        "benchmarks/edit_quality.py",
+        ".venv/bin/python",
+        "outputs/demo/contact_sheet.png",
+    ):
         assert dockerignored(other, rules), other
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ImageError, InputError
-from pipeline.images import center_square, contact_sheet, decode_rgb, load_image, read_bytes
+from pipeline.io.images import center_square, contact_sheet, decode_rgb, load_image, read_bytes
 
 SIZE = 64
 

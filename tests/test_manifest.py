@@ -5,15 +5,25 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.manifest import ERRORS_SCHEMA, MANIFEST_SCHEMA, schema_problems, validate_rows
+from schemas.errors import ERRORS_SCHEMA
+from schemas.manifest import MANIFEST_SCHEMA, schema_problems, validate_rows
 
 
 def test_a_well_formed_manifest_has_no_schema_problems(tmp_path):
     table = pa.Table.from_pylist(
-        [{"id": "a", "image": "s3://b/a.png", "source_prompt": None, "target_prompts": ["a cat"],
-          "eta": [0.6], "guidance": 7.5, "seed": 1}],
+        [
+            {
+                "id": "a",
+                "image": "s3://b/a.png",
+                "source_prompt": None,
+                "target_prompts": ["a cat"],
+                "eta": [0.6],
+                "guidance": 7.5,
+                "seed": 1,
+            }
+        ],
         schema=MANIFEST_SCHEMA,
-    )  # fmt: skip
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     assert schema_problems(pq.read_schema(tmp_path / "m.parquet")) == []
     binary = pa.schema([("id", pa.string()), ("image", pa.binary()), ("target_prompt", pa.string())])
@@ -28,7 +38,10 @@ def test_every_column_problem_is_listed_at_once():
     assert "column 'target_prompts' must be a list of strings, got string" in problems
     assert "column 'eta' must be a list of numbers, got double" in problems
     assert len(problems) == 4
-    assert any("target_prompts" in p for p in schema_problems(pa.schema([("id", pa.string()), ("image", pa.string())])))
+    assert any(
+        "target_prompts" in p
+        for p in schema_problems(pa.schema([("id", pa.string()), ("image", pa.string())]))
+    )
 
 
 def test_each_bad_row_becomes_an_error_with_its_reason_and_good_rows_pass():
@@ -64,7 +77,7 @@ def test_the_example_run_config_loads_and_lists_every_field():
 
     import yaml
 
-    from pipeline.run_config import RunConfig
+    from pipeline.batch.config import RunConfig
 
     path = Path(__file__).resolve().parents[1] / "deploy" / "run.example.yaml"
     listed = set(yaml.safe_load(path.read_text()))

@@ -14,20 +14,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import PTIConfig
-from pipeline.engine import Engine
+from jobs.cli import app
+from pipeline.engine.config import PTIConfig
+from pipeline.engine.engine import Engine
 from pipeline.errors import InputError, ModelError
-from pipeline.images import load_image
-from pipeline.models import (
-    TINY_WORDS,
+from pipeline.io.images import load_image
+from pipeline.world.tiny import TINY_WORDS
+from pipeline.engine.models import (
     default_cache_dir,
     fetch_checkpoint,
     load_stable_diffusion,
     resolve_device,
     resolve_dtype,
 )
-from pipeline.text import encode_prompts, tokenize
+from pipeline.engine.text import encode_prompts, tokenize
 
 HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -206,10 +206,10 @@ def test_the_same_prompt_gives_identical_embeddings(tiny_sd):
 def test_a_prompt_longer_than_77_tokens_is_truncated_with_a_warning(tiny_sd, caplog):
     long = " ".join(["cat"] * 100)  # 102 tokens with start and end
     fits = " ".join(["dog"] * 75)  # 77 tokens exactly
-    with caplog.at_level(logging.WARNING, logger="pipeline.text"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine.text"):
         ids = tokenize(tiny_sd, [long, fits])
         embeddings = encode_prompts(tiny_sd, [long])
-    warnings = [r for r in caplog.records if r.name == "pipeline.text"]
+    warnings = [r for r in caplog.records if r.name == "pipeline.engine.text"]
     # the long prompt, once per call; the one that fits is not warned about
     assert len(warnings) == 2 and all(r.levelno == logging.WARNING for r in warnings)
     expected = "prompt is 102 tokens, longer than the text encoder's 77: truncated: 'cat cat"
@@ -258,7 +258,9 @@ def test_edits_of_images_not_in_the_inversion_are_refused(inverted, rows):
     engine, inversion = inverted
     calls = engine.eps.calls
     bad = [n for n, r in enumerate(rows) if r != 0][0]
-    with pytest.raises(InputError, match=rf"^edit {bad} asks for image {rows[bad]}, not one of the 1 inverted$"):
+    with pytest.raises(
+        InputError, match=rf"^edit {bad} asks for image {rows[bad]}, not one of the 1 inverted$"
+    ):
         engine.edit(inversion, rows, ["a cat"] * len(rows), [0.5] * len(rows))
     assert engine.eps.calls == calls
 
@@ -321,15 +323,41 @@ def test_pti_edit_writes_every_output_and_counts_unet_calls(tiny_model_dir, tiny
     Image.fromarray(photos["chelsea"]).save(image)
     out = tmp_path / "out"
     T, K = 3, 2
-    args = ["edit", str(image), "--model", tiny_model_dir, "--steps", str(T), "--inner-steps", str(K),
-            "--target", "a cat", "--target", "a dog", "--eta", "0.5", "--eta", "1.0",
-            "--out", str(out), "--quiet"]  # fmt: skip
+    args = [
+        "edit",
+        str(image),
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        str(T),
+        "--inner-steps",
+        str(K),
+        "--target",
+        "a cat",
+        "--target",
+        "a dog",
+        "--eta",
+        "0.5",
+        "--eta",
+        "1.0",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"contact sheet: {out / 'contact_sheet.png'}" in result.stdout and "4 edits" in result.stdout
 
-    names = ["input.png", "reconstruction.png", "0-0.5.png", "0-1.png", "1-0.5.png", "1-1.png",
-             "contact_sheet.png", "summary.json"]  # fmt: skip
+    names = [
+        "input.png",
+        "reconstruction.png",
+        "0-0.5.png",
+        "0-1.png",
+        "1-0.5.png",
+        "1-1.png",
+        "contact_sheet.png",
+        "summary.json",
+    ]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     for name in names[:-2]:
         assert Image.open(out / name).size == (64, 64)
@@ -340,9 +368,11 @@ def test_pti_edit_writes_every_output_and_counts_unet_calls(tiny_model_dir, tiny
 
     summary = json.loads((out / "summary.json").read_text())
     assert [(e["file"], e["target"], e["eta"]) for e in summary["edits"]] == [
-        ("0-0.5.png", "a cat", 0.5), ("0-1.png", "a cat", 1.0),
-        ("1-0.5.png", "a dog", 0.5), ("1-1.png", "a dog", 1.0),
-    ]  # fmt: skip
+        ("0-0.5.png", "a cat", 0.5),
+        ("0-1.png", "a cat", 1.0),
+        ("1-0.5.png", "a dog", 0.5),
+        ("1-1.png", "a dog", 1.0),
+    ]
     assert summary["config"]["steps"] == T and summary["config"]["inner_steps"] == K
     assert summary["model_fingerprint"] == tiny_sd.fingerprint
 

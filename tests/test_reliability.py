@@ -1,6 +1,6 @@
 """Crashed workers, a killed job and re-runs lose nothing and duplicate nothing (issue 5).
 
-Faults are real: a failpoint (``pipeline.faults``) makes a Ray worker or the driver kill itself
+Faults are real: a failpoint (``pipeline.batch.faults``) makes a Ray worker or the driver kill itself
 with SIGKILL at a named point, and the outputs are compared with an undisturbed run's.
 """
 
@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.batch import run_all
+from pipeline.batch.jobs import run_all
 from pipeline.errors import InputError
-from pipeline.run_config import RunConfig
+from pipeline.batch.config import RunConfig
 
 PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
 PHOTOS = ("astronaut", "chelsea", "coffee")
@@ -35,7 +35,13 @@ def manifest(tmp_path_factory, photos) -> str:
         buffer = io.BytesIO()
         Image.fromarray(photos[PHOTOS[i % 3]]).resize((80, 80)).save(buffer, format="PNG")
         (folder / f"{i}.png").write_bytes(buffer.getvalue())
-        rows.append({"id": f"row-{i}", "image": str(folder / f"{i}.png"), "target_prompts": ["a photo of a cat", "a painting of a dog"]})
+        rows.append(
+            {
+                "id": f"row-{i}",
+                "image": str(folder / f"{i}.png"),
+                "target_prompts": ["a photo of a cat", "a painting of a dog"],
+            }
+        )
     rows.append({"id": "broken", "image": str(folder / "missing.png"), "target_prompts": ["a cat"]})
     pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
     return str(folder / "manifest.parquet")
@@ -43,9 +49,18 @@ def manifest(tmp_path_factory, photos) -> str:
 
 def config(manifest, model, output, **overrides) -> RunConfig:
     return RunConfig(
-        manifest=manifest, output=str(output), tune_actors=1, edit_actors=1, gpus_per_actor=1, tune_batch_size=1,
-        edit_batch_size=1, max_edits_per_call=2, results_rows_per_file=2, pti=dict(model=model, **PTI), **overrides,
-    )  # fmt: skip
+        manifest=manifest,
+        output=str(output),
+        tune_actors=1,
+        edit_actors=1,
+        gpus_per_actor=1,
+        tune_batch_size=1,
+        edit_batch_size=1,
+        max_edits_per_call=2,
+        results_rows_per_file=2,
+        pti=dict(model=model, **PTI),
+        **overrides,
+    )
 
 
 def outputs(output) -> dict:
@@ -58,7 +73,11 @@ def outputs(output) -> dict:
     embedded = pq.read_table(output / "embeddings", columns=["id"]).column("id").to_pylist()
     assert len(embedded) == len(set(embedded)), "an image is tuned twice"
     errors = pq.read_table(output / "errors").to_pylist()
-    return {"images": images, "embedded": sorted(embedded), "errors": sorted((e["id"], e["kind"]) for e in errors)}
+    return {
+        "images": images,
+        "embedded": sorted(embedded),
+        "errors": sorted((e["id"], e["kind"]) for e in errors),
+    }
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -82,7 +101,9 @@ def arm(failpoints, name: str):
 
 
 @pytest.mark.parametrize("point", ["read", "tune", "edit"])
-def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(point, undisturbed, manifest, tiny_model_dir, failpoints, tmp_path):
+def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(
+    point, undisturbed, manifest, tiny_model_dir, failpoints, tmp_path
+):
     fired = arm(failpoints, point)
     summary = run_all(config(manifest, tiny_model_dir, tmp_path))
     assert len(fired()) == 1, "the worker was killed"
@@ -90,14 +111,22 @@ def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(point, undistu
     assert_same(outputs(tmp_path), undisturbed)
 
 
-def test_a_killed_job_run_again_ends_as_an_undisturbed_run_and_redoes_nothing(undisturbed, manifest, tiny_model_dir, failpoints, tmp_path):
+def test_a_killed_job_run_again_ends_as_an_undisturbed_run_and_redoes_nothing(
+    undisturbed, manifest, tiny_model_dir, failpoints, tmp_path
+):
     import ray
 
     job = tmp_path / "job.yaml"
     job.write_text(config(manifest, tiny_model_dir, tmp_path / "out").to_yaml())
     fired = arm(failpoints, "driver-after-results")  # the driver dies right after its first results file
     env = {**__import__("os").environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    killed = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(job)], env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-m", "jobs.run", "--config", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9 and len(fired()) == 1, killed.stderr[-2000:]
     assert not (tmp_path / "out" / "summary-run.json").exists()
 
@@ -129,12 +158,23 @@ def test_a_killed_job_run_again_ends_as_an_undisturbed_run_and_redoes_nothing(un
 def test_out_of_memory_splits_the_batch_before_a_row_fails(ray_cluster, tiny_model_dir, photos):
     import torch
 
-    from pipeline.batch import TuneStage, prepare_rows
-    from pipeline.config import PTIConfig
+    from pipeline.batch.stages import TuneStage, prepare_rows
+    from pipeline.io.storage import Location
+    from pipeline.engine.config import PTIConfig
 
-    table = pa.table({"id": list(PHOTOS), "image": [_png(photos[p]) for p in PHOTOS], "target_prompts": [["a cat"]] * 3})
-    prepared = prepare_rows(table, resolution=64, duplicates=set(), endpoint_url=None, allowed=(), max_bytes=2**24, max_pixels=10**7)
-    stage = TuneStage(PTIConfig(model=tiny_model_dir, **PTI))
+    table = pa.table(
+        {"id": list(PHOTOS), "image": [_png(photos[p]) for p in PHOTOS], "target_prompts": [["a cat"]] * 3}
+    )
+    prepared = prepare_rows(
+        table,
+        resolution=64,
+        duplicates=set(),
+        endpoint_url=None,
+        allowed=(),
+        max_bytes=2**24,
+        max_pixels=10**7,
+    )
+    stage = TuneStage(PTIConfig(model=tiny_model_dir, **PTI), Location(tiny_model_dir))
     real, calls = stage.engine.invert_and_tune, []
 
     def device_that_holds(n):
@@ -149,18 +189,20 @@ def test_out_of_memory_splits_the_batch_before_a_row_fails(ray_cluster, tiny_mod
     stage.engine.invert_and_tune = device_that_holds(1)
     out = stage(prepared)
     assert calls == [3, 1, 2, 1, 1]  # halves, then single images
-    assert out["error_kind"].null_count == 3 and sorted(out["id"].to_pylist()) == sorted(PHOTOS)
+    assert out["kind"].null_count == 3 and sorted(out["id"].to_pylist()) == sorted(PHOTOS)
     stage.engine.invert_and_tune = real
     for k, name in enumerate(out["id"].to_pylist()):  # each equals the image tuned on its own
         single = stage(prepared.filter(pa.compute.equal(prepared["id"], name)))
-        np.testing.assert_array_equal(single["prompt_embeddings"].combine_chunks().to_numpy_ndarray()[0],
-                                      out["prompt_embeddings"].combine_chunks().to_numpy_ndarray()[k])  # fmt: skip
+        np.testing.assert_array_equal(
+            single["prompt_embeddings"].combine_chunks().to_numpy_ndarray()[0],
+            out["prompt_embeddings"].combine_chunks().to_numpy_ndarray()[k],
+        )
 
     calls.clear()
     stage.engine.invert_and_tune = device_that_holds(0)  # not even one image fits: the rows fail, named
     out = stage(prepared)
-    assert calls == [3, 1, 2, 1, 1] and out["error_kind"].to_pylist() == ["OutOfMemoryError"] * 3
-    assert all("out of memory" in m for m in out["error_message"].to_pylist())
+    assert calls == [3, 1, 2, 1, 1] and out["kind"].to_pylist() == ["OutOfMemoryError"] * 3
+    assert all("out of memory" in m for m in out["message"].to_pylist())
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -172,7 +214,7 @@ def _png(array: np.ndarray) -> bytes:
 def test_a_model_whose_files_changed_is_refused_on_an_output_it_did_not_make(ray_cluster, manifest, tmp_path):
     import time
 
-    from pipeline.models import build_tiny_model
+    from pipeline.world.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", seed=0)
     first = run_all(config(manifest, str(model), tmp_path / "out"))

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import world
-from pipeline.config import PTIConfig
-from pipeline.engine import Engine
-from pipeline.images import to_pil, to_tensor
-from pipeline.models import load_stable_diffusion
-from pipeline.text import tokenize
+from pipeline.world import scenes as world
+from pipeline.engine.config import PTIConfig
+from pipeline.engine.engine import Engine
+from pipeline.io.images import to_pil, to_tensor
+from pipeline.engine.models import load_stable_diffusion
+from pipeline.engine.text import tokenize
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 
@@ -29,8 +29,13 @@ def shapes_sd():
 
 def test_the_shipped_model_is_safetensors_in_diffusers_layout_with_its_training_record(shapes_sd):
     files = {p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*") if p.is_file()}
-    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-            "text_encoder/model.safetensors", "training.json"} <= files  # fmt: skip
+    assert {
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "training.json",
+    } <= files
     assert not [f for f in files if f.endswith((".bin", ".ckpt", ".pt", ".pkl"))]
     assert sum((SHIPPED / f).stat().st_size for f in files) < 10 * 2**20
     record = json.loads((SHIPPED / "training.json").read_text())
@@ -43,10 +48,12 @@ def test_the_tokenizer_knows_every_word_of_the_world(shapes_sd):
     end = shapes_sd.tokenizer.eos_token_id
     spelled = [tuple(t for t in row.tolist()[1:] if t != end) for row in ids]
     assert len(set(spelled)) == len(world.WORDS)  # every word its own token sequence
-    # Most are one token. (The model was trained before the BPE builder of pipeline.models was
+    # Most are one token. (The model was trained before the BPE builder of pipeline.engine.models was
     # fixed, and its tokenizer spells a few words, such as "green", in several tokens.)
     assert sum(len(s) == 1 for s in spelled) >= len(world.WORDS) - 4
-    red, blue = tokenize(shapes_sd, ["a red circle on a white background", "a blue circle on a white background"])
+    red, blue = tokenize(
+        shapes_sd, ["a red circle on a white background", "a blue circle on a white background"]
+    )
     assert (red != blue).sum() == 1
 
 
@@ -59,8 +66,13 @@ def colour_edits(shapes_sd):
     pixels = torch.stack([to_tensor(Image.fromarray(s.render())) for s in scenes])
     inversion = engine.invert_and_tune(pixels, [s.caption() for s in scenes])
     # eta 0 and eta 0.8 in one batch: the same target prompt, only its weight differs
-    edited = engine.edit(inversion, [0, 1, 2, 3] * 2, [t.caption() for t in truths] * 2, [0.0] * 4 + [ETA] * 4)
-    scores = [world.score_edit(np.asarray(to_pil(e)), s, t, "colour") for e, s, t in zip(edited, scenes * 2, truths * 2)]
+    edited = engine.edit(
+        inversion, [0, 1, 2, 3] * 2, [t.caption() for t in truths] * 2, [0.0] * 4 + [ETA] * 4
+    )
+    scores = [
+        world.score_edit(np.asarray(to_pil(e)), s, t, "colour")
+        for e, s, t in zip(edited, scenes * 2, truths * 2)
+    ]
     return inversion, scores[:4], scores[4:]
 
 

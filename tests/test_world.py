@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.ndimage import binary_dilation
 
-from pipeline import world
-from pipeline.world import Scene, Thing
+from pipeline.world import scenes as world
+from pipeline.world.scenes import Scene, Thing
 
 
 def test_a_scene_renders_its_background_and_object_colours_exactly():
@@ -29,9 +29,14 @@ def test_each_shape_covers_its_geometric_area(shape, area):
 
 
 def test_captions_name_every_object_and_the_background():
-    two = Scene((Thing("circle", "red", "small", 0.3, 0.3), Thing("triangle", "yellow", "big", 0.7, 0.7)), "black")
+    two = Scene(
+        (Thing("circle", "red", "small", 0.3, 0.3), Thing("triangle", "yellow", "big", 0.7, 0.7)), "black"
+    )
     assert two.caption() == "a small red circle and a big yellow triangle on a black background"
-    assert two.edited(1, colour="green").caption() == "a small red circle and a big green triangle on a black background"
+    assert (
+        two.edited(1, colour="green").caption()
+        == "a small red circle and a big green triangle on a black background"
+    )
 
 
 def test_an_edit_changes_only_what_it_names():
@@ -43,7 +48,9 @@ def test_an_edit_changes_only_what_it_names():
     assert np.array_equal(scene.render()[~inside & ~edge], blue.render()[~inside & ~edge])
     assert world.nearest_colour(world.mean_colour(blue.render(), inside)) == "blue"
     square = scene.edited(shape="square")
-    assert 0.6 < world.iou(scene.masks()[0], square.masks()[0]) < 0.9  # same place and size, not the same shape
+    assert (
+        0.6 < world.iou(scene.masks()[0], square.masks()[0]) < 0.9
+    )  # same place and size, not the same shape
 
 
 def test_random_scenes_are_seeded_inside_the_image_and_apart():
@@ -78,17 +85,23 @@ def test_background_psnr_ignores_the_objects_and_sees_the_background():
 def test_training_the_world_model_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
-    from pipeline.models import load_stable_diffusion
-    from pipeline.training import TrainingConfig, train_world_model
+    from pipeline.engine.models import load_stable_diffusion
+    from pipeline.world.training import TrainingConfig, train_world_model
 
     config = TrainingConfig(vae_steps=2, vae_batch=4, scenes=16, unet_steps=2, unet_batch=4, threads=1)
     first, second = (train_world_model(tmp_path / name, config, progress=False) for name in ("a", "b"))
-    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors"):  # fmt: skip
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
         a, b = load_file(first / part), load_file(second / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     untrained = TrainingConfig(vae_steps=0, unet_steps=0, scenes=16, threads=1)
-    before = load_file(train_world_model(tmp_path / "c", untrained, progress=False) / "unet/diffusion_pytorch_model.safetensors")
+    before = load_file(
+        train_world_model(tmp_path / "c", untrained, progress=False)
+        / "unet/diffusion_pytorch_model.safetensors"
+    )
     after = load_file(first / "unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in after)  # the steps did train
     sd = load_stable_diffusion(str(first), device="cpu")

@@ -15,4 +15,6 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
     """SSIM per image of two ``[B, 3, H, W]`` batches in ``[0, 1]``."""
-    return structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, reduction="none").reshape(-1)
+    return structural_similarity_index_measure(
+        a.float(), b.float(), data_range=1.0, reduction="none"
+    ).reshape(-1)

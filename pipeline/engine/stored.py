@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import PTIConfig
-from pipeline.engine import Engine, Inversion
+from pipeline.engine.config import PTIConfig
+from pipeline.engine.engine import Engine, Inversion
 from schemas import embeddings as col
 
 

@@ -113,6 +113,7 @@ def _apart(a: Thing, b: Thing) -> bool:
 
 # --- scoring an edit against the truth -----------------------------------------------------------
 
+
 def nearest_colour(rgb: np.ndarray) -> str:
     """The world's colour nearest to an RGB triple (0-255)."""
     names = list(COLOURS)
@@ -138,7 +139,9 @@ def object_region(image: np.ndarray, background: str) -> np.ndarray:
     cover = np.clip((offset * towards).sum(-1) / (towards**2).sum(-1), 0, 1)  # [H, W, colours]
     residual = np.linalg.norm(offset - cover[..., None] * towards, axis=-1)
     best = residual.argmin(axis=-1)[..., None]
-    return np.take_along_axis(cover, best, axis=-1)[..., 0] >= 0.5 - 1 / 255  # as masks(), less 8-bit rounding
+    return (
+        np.take_along_axis(cover, best, axis=-1)[..., 0] >= 0.5 - 1 / 255
+    )  # as masks(), less 8-bit rounding
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -169,7 +172,10 @@ def edit_targets(scene: Scene, n: int) -> dict[str, Scene]:
     thing = scene.things[0]
     colours = [c for c in COLOURS if c != thing.colour]
     shapes = [s for s in SHAPES if s != thing.shape]
-    return {"colour": scene.edited(colour=colours[n % len(colours)]), "shape": scene.edited(shape=shapes[n % len(shapes)])}
+    return {
+        "colour": scene.edited(colour=colours[n % len(colours)]),
+        "shape": scene.edited(shape=shapes[n % len(shapes)]),
+    }
 
 
 def score_edit(edit: np.ndarray, scene: Scene, truth: Scene, kind: str) -> dict:

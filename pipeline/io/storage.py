@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from dataclasses import dataclass
 from urllib.parse import quote, urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def endpoint_from_env(endpoint_url: str | None) -> str | None:
@@ -35,7 +38,9 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fi
         options = {}
         if endpoint:
             endpoint_parsed = urlparse(endpoint)
-            options = dict(endpoint_override=endpoint_parsed.netloc or endpoint, scheme=endpoint_parsed.scheme or "https")
+            options = dict(
+                endpoint_override=endpoint_parsed.netloc or endpoint, scheme=endpoint_parsed.scheme or "https"
+            )
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             options["region"] = region
@@ -94,56 +99,77 @@ def key_for_id(row_id: str) -> str:
     return "%2E" + key[1:] if key.startswith(".") else key
 
 
-def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
-    """Write one object, all or nothing: an object store's PUT is atomic; a local file is written
-    beside its final name (hidden, ``.tmp``: no reader lists it) and renamed into place, so a
-    killed writer never leaves a partial file that looks finished."""
-    fs, path = arrow_filesystem(uri, endpoint_url)
-    if isinstance(fs, pafs.LocalFileSystem):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        staging = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        with open(staging, "wb") as f:
+@dataclass(frozen=True)
+class Location:
+    """A file or folder anywhere: a local path or any fsspec/pyarrow URI, with the S3-compatible
+    endpoint that reaches it (None: ``AWS_ENDPOINT_URL``, read where it is used). ``loc / "a"``
+    is the location of ``a`` under it."""
+
+    uri: str
+    endpoint_url: str | None = None
+
+    def __truediv__(self, part: str) -> Location:
+        return Location(join(self.uri, part), self.endpoint_url)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem and the path inside it."""
+        return arrow_filesystem(self.uri, self.endpoint_url)
+
+    def storage_options(self) -> dict:
+        """fsspec options to open it."""
+        return storage_options(self.uri, self.endpoint_url)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write one object, all or nothing: an object store's PUT is atomic; a local file is
+        written beside its final name (hidden, ``.tmp``: no reader lists it) and renamed into
+        place, so a killed writer never leaves a partial file that looks finished."""
+        fs, path = self.filesystem()
+        if isinstance(fs, pafs.LocalFileSystem):
+            folder, name = os.path.split(path)
+            os.makedirs(folder, exist_ok=True)
+            staging = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+            with open(staging, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
+            return
+        with fs.open_output_stream(path) as f:
             f.write(data)
-        os.replace(staging, path)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
 
+    def read_bytes(self) -> bytes:
+        """One object's bytes; FileNotFoundError if there is none."""
+        fs, path = self.filesystem()
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(self.uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
 
-def parquet_files(uri: str, endpoint_url: str | None = None) -> list[str]:
-    """The finished Parquet files under a folder (none if it does not exist), as paths inside its
-    filesystem; hidden staging files are not finished ones."""
-    fs, path = arrow_filesystem(uri, endpoint_url)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(
-        i.path for i in infos
-        if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))
-    )  # fmt: skip
+    def parquet_files(self) -> list[str]:
+        """The finished Parquet files under a folder (none if it does not exist), as paths inside
+        its filesystem; hidden staging files are not finished ones."""
+        fs, path = self.filesystem()
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and i.path.endswith(".parquet")
+            and not i.base_name.startswith((".", "_"))
+        )
 
+    def read_columns(self, columns: list[str]) -> pa.Table | None:
+        """Some columns of the Parquet files under a folder as one table, or None if there are none."""
+        files = self.parquet_files()
+        if not files:
+            return None
+        return pq.ParquetDataset(files, filesystem=self.filesystem()[0]).read(columns=columns)
 
-def read_columns(uri: str, columns: list[str], endpoint_url: str | None = None):
-    """Some columns of the Parquet files under a folder as one table, or None if there are none."""
-    import pyarrow.parquet as pq
-
-    fs, _ = arrow_filesystem(uri, endpoint_url)
-    files = parquet_files(uri, endpoint_url)
-    return pq.ParquetDataset(files, filesystem=fs).read(columns=columns) if files else None
-
-
-def delete(uri: str, paths: list[str], endpoint_url: str | None = None) -> None:
-    """Delete files given as paths inside ``uri``'s filesystem."""
-    fs, _ = arrow_filesystem(uri, endpoint_url)
-    for path in paths:
-        fs.delete_file(path)
-
-
-def read_object(uri: str, endpoint_url: str | None = None) -> bytes:
-    """One object's bytes; FileNotFoundError if there is none."""
-    fs, path = arrow_filesystem(uri, endpoint_url)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    def delete(self, paths: list[str]) -> None:
+        """Delete files given as paths inside this location's filesystem."""
+        fs, _ = self.filesystem()
+        for path in paths:
+            fs.delete_file(path)

@@ -43,9 +43,7 @@ def ddim_schedule(scheduler, num_steps: int) -> Schedule:
     ddim.set_timesteps(num_steps)
     descending = [int(t) for t in ddim.timesteps]
     taus = [descending[-1] - ddim.config.num_train_timesteps // num_steps, *reversed(descending)]
-    alphas = [
-        float(ddim.alphas_cumprod[t]) if t >= 0 else float(ddim.final_alpha_cumprod) for t in taus
-    ]
+    alphas = [float(ddim.alphas_cumprod[t]) if t >= 0 else float(ddim.final_alpha_cumprod) for t in taus]
     return Schedule(tuple(taus), tuple(alphas))
 
 
@@ -122,64 +120,106 @@ def latent_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 
 
+@dataclass(frozen=True)
+class TuningOptions:
+    """The settings of stage 1b's loop (ALGORITHM.md); ``PTIConfig.tuning_options`` holds the defaults.
+
+    ``guidance``: ``w`` of the reconstruction; ``inner_steps``: ``K``, Adam steps per timestep at
+    most (0: no tuning, plain guided DDIM reconstruction); ``lr``: Adam's learning rate at the first
+    tuned timestep, decayed to ``lr / 2`` over the ``T`` timesteps; ``early_stop``: an image stops
+    its inner loop once its loss is under ``stop_eps + j * stop_slack`` at the ``j``-th timestep.
+    """
+
+    guidance: Guidance
+    inner_steps: int
+    lr: float
+    early_stop: bool
+    stop_eps: float
+    stop_slack: float
+
+
+def _adam_steps_with_early_stop(
+    loss_of: Callable[[Tensor, Tensor | None], Tensor],
+    tuned: Tensor,
+    lr: float,
+    threshold: float,
+    options: TuningOptions,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Null-text inversion's inner loop at one timestep, per image: at most ``inner_steps`` Adam
+    steps on ``tuned`` (one embedding per image), an image stopping for good once its loss is under
+    ``threshold`` (with ``early_stop``).
+
+    ``loss_of(emb, rows)`` is the loss per image of the images ``rows`` (None: all of them).
+    Returns the embeddings, the losses before any step (None without steps) and the steps each
+    image took.
+    """
+    tuned = tuned.detach().clone().requires_grad_(options.inner_steps > 0)  # a new leaf: Adam steps in place
+    optimiser = torch.optim.Adam([tuned], lr=lr) if options.inner_steps else None
+    active = torch.ones(len(tuned), dtype=torch.bool, device=tuned.device)
+    first = None  # the loss before any step; every image is active at the first inner step
+    taken = torch.zeros(len(tuned), dtype=torch.long)
+    for k in range(options.inner_steps):
+        rows = active.nonzero().squeeze(1)
+        loss = loss_of(tuned, None if active.all() else rows)  # no gather while no image has stopped
+        if k == 0:
+            first = loss.detach()
+        if options.early_stop:
+            stepping = loss.detach() >= threshold
+        else:
+            stepping = torch.ones_like(loss, dtype=torch.bool)
+        active[rows[~stepping]] = False  # converged before this step: keep its embedding as is
+        if not stepping.any():
+            break
+        before = tuned.detach().clone()
+        optimiser.zero_grad(set_to_none=True)
+        loss[stepping].sum().backward()  # summed: each image gets its own gradient
+        optimiser.step()
+        with torch.no_grad():
+            tuned[~active] = before[~active]  # Adam's momentum must not move stopped images
+        taken[active.cpu()] += 1
+    return tuned.detach(), first, taken
+
+
 def _tune_along_trajectory(
     eps: NoiseFn,
     trajectory: list[Tensor],
     init: Tensor,
     fixed: Tensor,
-    combine: Callable[[Tensor, Tensor], Tensor],
+    guide: Callable[[Tensor, Tensor], Tensor],
     schedule: Schedule,
-    inner_steps: int,
-    lr: float,
-    early_stop: bool,
-    stop_eps: float,
-    stop_slack: float,
+    options: TuningOptions,
     progress: bool,
     desc: str,
 ) -> Tuning:
-    """The per-timestep optimisation loop shared by PTI and null-text inversion.
+    """The per-timestep loop shared by PTI and null-text inversion (Mokady et al. 2023, Algorithm 1).
 
-    ``combine(e_fixed, e_tuned)`` is the guided noise; ``e_fixed`` is predicted once per timestep
-    without gradient, and only the tuned embedding receives gradients (the UNet is frozen).
+    One embedding is tuned per timestep, starting from ``init`` and then from the previous
+    timestep's optimum; the other branch's embedding is ``fixed``. ``guide(e_fixed, e_tuned)`` is
+    the guided noise; ``e_fixed`` is predicted once per timestep without gradient, and only the
+    tuned embedding receives gradients (the UNet is frozen).
     """
-    taus, a = schedule.timesteps, schedule.alphas
-    T = schedule.num_steps
-    batch = init.shape[0]
+    taus, a, T = schedule.timesteps, schedule.alphas, schedule.num_steps
     z = trajectory[T]
     tuned = init.detach().clone().to(z.dtype)
     embeddings, initial_loss, final_loss, steps = [], [], [], []
     for j, i in enumerate(tqdm(range(T, 0, -1), desc=desc, disable=not progress, leave=False)):
         t, a_t, a_s, target = taus[i], a[i], a[i - 1], trajectory[i - 1]
         with torch.no_grad():
-            e_fixed = eps(z, t, fixed)
-        tuned = tuned.detach().clone().requires_grad_(inner_steps > 0)  # a new leaf: Adam steps in place
-        optimiser = torch.optim.Adam([tuned], lr=lr * (1 - j / (2 * T))) if inner_steps else None
-        threshold = stop_eps + j * stop_slack
-        active = torch.ones(batch, dtype=torch.bool, device=z.device)
-        first = None  # the loss before any step; every image is active at the first inner step
-        taken = torch.zeros(batch, dtype=torch.long)
-        for k in range(inner_steps):
-            rows = active.nonzero().squeeze(1)
-            every = bool(active.all())  # skip the gather when no image has stopped
-            z_a, fixed_a, tuned_a = (z, e_fixed, tuned) if every else (z[rows], e_fixed[rows], tuned[rows])
-            noise = combine(fixed_a, eps(z_a, t, tuned_a))
-            loss = latent_mse(ddim_move(z_a, noise, a_t, a_s), target if every else target[rows])
-            if k == 0:
-                first = loss.detach()
-            stepping = loss.detach() >= threshold if early_stop else torch.ones_like(loss, dtype=torch.bool)
-            active[rows[~stepping]] = False  # converged before this step: keep its embedding as is
-            if not stepping.any():
-                break
-            before = tuned.detach().clone()
-            optimiser.zero_grad(set_to_none=True)
-            loss[stepping].sum().backward()  # summed: each image gets its own gradient
-            optimiser.step()
-            with torch.no_grad():
-                tuned[~active] = before[~active]  # Adam's momentum must not move stopped images
-            taken[active.cpu()] += 1
+            e_fixed = eps(z, t, fixed)  # it does not depend on the tuned embedding
+
+        def loss_of(emb: Tensor, rows: Tensor | None) -> Tensor:
+            """How far a DDIM step with ``emb`` lands from ``z*_s``, for the images ``rows``."""
+            if rows is None:
+                z_r, e_r, emb_r, target_r = z, e_fixed, emb, target
+            else:  # only the images still tuning
+                z_r, e_r, emb_r, target_r = z[rows], e_fixed[rows], emb[rows], target[rows]
+            return latent_mse(ddim_move(z_r, guide(e_r, eps(z_r, t, emb_r)), a_t, a_s), target_r)
+
+        lr = options.lr * (1 - j / (2 * T))  # null-text inversion's decay, to lr / 2 at the last step
+        threshold = options.stop_eps + j * options.stop_slack  # ... and its looser stop at later steps
+        tuned, first, taken = _adam_steps_with_early_stop(loss_of, tuned, lr, threshold, options)
         with torch.no_grad():
-            tuned = tuned.detach()
-            z = ddim_move(z, combine(e_fixed, eps(z, t, tuned)), a_t, a_s)
+            z = ddim_move(z, guide(e_fixed, eps(z, t, tuned)), a_t, a_s)
             last = latent_mse(z, target)
         embeddings.append(tuned)
         initial_loss.append(last if first is None else first)
@@ -200,25 +240,23 @@ def tune_prompt_embeddings(
     cond: Tensor,
     null: Tensor,
     schedule: Schedule,
-    guidance: Guidance = 7.5,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: bool = True,
-    stop_eps: float = 1e-5,
-    stop_slack: float = 2e-5,
+    options: TuningOptions,
     progress: bool = False,
 ) -> Tuning:
     """Prompt tuning (ALGORITHM.md, stage 1b; Dong et al. 2023, sec. 3.2).
 
-    Learns one conditional embedding per timestep so that guided DDIM sampling at ``guidance``
-    retraces ``trajectory``; each timestep starts from the previous one's optimum, the first from
-    ``cond``. With ``inner_steps=0`` it is plain DDIM reconstruction with ``cond``.
+    Learns one conditional embedding per timestep so that guided DDIM sampling at
+    ``options.guidance`` retraces ``trajectory``; each timestep starts from the previous one's
+    optimum, the first from ``cond``. With ``options.inner_steps=0`` it is plain DDIM
+    reconstruction with ``cond``.
     """
+
+    def guide(e_null: Tensor, e_cond: Tensor) -> Tensor:
+        return guided_noise(e_null, e_cond, options.guidance)
+
     return _tune_along_trajectory(
-        eps, trajectory, cond, null,
-        lambda e_null, e_cond: guided_noise(e_null, e_cond, guidance),
-        schedule, inner_steps, lr, early_stop, stop_eps, stop_slack, progress, "tune prompt",
-    )  # fmt: skip
+        eps, trajectory, cond, null, guide, schedule, options, progress, desc="tune prompt"
+    )
 
 
 def tune_null_embeddings(
@@ -227,21 +265,18 @@ def tune_null_embeddings(
     cond: Tensor,
     null: Tensor,
     schedule: Schedule,
-    guidance: Guidance = 7.5,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: bool = True,
-    stop_eps: float = 1e-5,
-    stop_slack: float = 2e-5,
+    options: TuningOptions,
     progress: bool = False,
 ) -> Tuning:
     """Null-text inversion (Mokady et al., CVPR 2023, Algorithm 1): tune the unconditional
     embedding per timestep, starting from ``null``, with ``cond`` fixed."""
+
+    def guide(e_cond: Tensor, e_null: Tensor) -> Tensor:
+        return guided_noise(e_null, e_cond, options.guidance)
+
     return _tune_along_trajectory(
-        eps, trajectory, null, cond,
-        lambda e_cond, e_null: guided_noise(e_null, e_cond, guidance),
-        schedule, inner_steps, lr, early_stop, stop_eps, stop_slack, progress, "tune null-text",
-    )  # fmt: skip
+        eps, trajectory, null, cond, guide, schedule, options, progress, desc="tune null-text"
+    )
 
 
 def interpolate_embeddings(stack: Tensor, target: Tensor, eta: Tensor) -> Tensor:
@@ -259,7 +294,7 @@ def sample(
     cond: Tensor,
     uncond: Tensor,
     schedule: Schedule,
-    guidance: Guidance = 7.5,
+    guidance: Guidance,
     progress: bool = False,
 ) -> Tensor:
     """Deterministic guided DDIM sampling from ``z_T`` to ``tau_0`` with per-timestep embeddings.

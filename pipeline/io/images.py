@@ -30,9 +30,11 @@ READ_BACKOFF_S = 0.5  # ... after 0.5 s, then 1 s
 
 
 def read_bytes(
-    source: str | bytes, name: str | None = None, storage_options: dict | None = None,
+    source: str | bytes,
+    name: str | None = None,
+    storage_options: dict | None = None,
     max_bytes: int = MAX_IMAGE_BYTES,
-) -> bytes:  # fmt: skip
+) -> bytes:
     """The raw bytes of an image given as bytes, a local path or any fsspec URI.
 
     A missing object or a refused one is permanent and fails at once; any other storage error is
@@ -44,7 +46,9 @@ def read_bytes(
     else:
         data = _read_with_retries(source, name, storage_options or {}, max_bytes)
     if len(data) > max_bytes:
-        raise ImageError(f"image {name!r}: larger than the {max_bytes}-byte limit (max_image_bytes)", "too_large")
+        raise ImageError(
+            f"image {name!r}: larger than the {max_bytes}-byte limit (max_image_bytes)", "too_large"
+        )
     return data
 
 
@@ -74,7 +78,9 @@ def _read_with_retries(uri: str, name: str, storage_options: dict, max_bytes: in
                 raise ImageError(f"image {name!r}: not found: HTTP {status}", "not_found") from exc
             if attempt + 1 == READ_ATTEMPTS:
                 raise ImageError(
-                    f"image {name!r}: cannot read after {READ_ATTEMPTS} attempts: {type(exc).__name__}: {exc}", "read_failed"
+                    f"image {name!r}: cannot read after {READ_ATTEMPTS} attempts: "
+                    f"{type(exc).__name__}: {exc}",
+                    "read_failed",
                 ) from exc
             time.sleep(READ_BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
@@ -82,7 +88,9 @@ def _read_with_retries(uri: str, name: str, storage_options: dict, max_bytes: in
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise ImageError(f"image {req.full_url!r}: redirects to {newurl!r}; redirects are not followed", "not_allowed")
+        raise ImageError(
+            f"image {req.full_url!r}: redirects to {newurl!r}; redirects are not followed", "not_allowed"
+        )
 
 
 def _get(url: str, limit: int) -> bytes:
@@ -150,24 +158,34 @@ def to_tensor(image: Image.Image) -> Tensor:
 
 
 def load_image(
-    source: str | bytes, size: int, name: str | None = None, storage_options: dict | None = None,
-    max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-) -> Tensor:  # fmt: skip
+    source: str | bytes,
+    size: int,
+    name: str | None = None,
+    storage_options: dict | None = None,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Tensor:
     """Read, convert to RGB and resize one image: ``[3, size, size]`` in ``[0, 1]``."""
     name = name or (source if isinstance(source, str) else "<bytes>")
     data = read_bytes(source, name, storage_options, max_bytes)
     return to_tensor(center_square(decode_rgb(data, name, max_pixels), size))
 
 
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """``[3, H, W]`` in ``[0, 1]`` to ``[H, W, 3]`` 8-bit RGB, rounded."""
+    array = (pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round()
+    return array.astype(np.uint8)
+
+
 def to_pil(pixels: Tensor) -> Image.Image:
     """``[3, H, W]`` in ``[0, 1]`` to an 8-bit RGB image."""
-    array = (pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round()
-    return Image.fromarray(array.astype(np.uint8), "RGB")
+    return Image.fromarray(to_uint8(pixels), "RGB")
 
 
-def encode_png(pixels: Tensor) -> bytes:
+def encode_png(rgb: np.ndarray) -> bytes:
+    """``[H, W, 3]`` 8-bit RGB as PNG bytes."""
     buffer = io.BytesIO()
-    to_pil(pixels).save(buffer, format="PNG")
+    Image.fromarray(rgb, "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pipeline.models import StableDiffusion
+from pipeline.engine.models import StableDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,10 @@ def tokenize(sd: StableDiffusion, prompts: Sequence[str]) -> Tensor:
         if len(ids) > length:
             log.warning(
                 "prompt is %d tokens, longer than the text encoder's %d: truncated: %r",
-                len(ids), length, prompt,
-            )  # fmt: skip
+                len(ids),
+                length,
+                prompt,
+            )
     batch = sd.tokenizer(
         list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     )

@@ -28,13 +28,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.batch import run_all
+from pipeline.batch.jobs import run_all
+from pipeline.batch.output import Output
 from pipeline.errors import InputError, PTIError
-from pipeline.report import count_edits, edit_rows, night_report, write_night_report
-from pipeline.run_config import RunConfig
-from pipeline.storage import (
-    arrow_filesystem, is_allowed, join, key_for_id, normalize_uri, parquet_files, read_columns, write_bytes,
-)  # fmt: skip
+from pipeline.batch.report import count_edits, edit_rows, night_report, write_night_report
+from pipeline.batch.config import RunConfig
+from pipeline.io.storage import Location, is_allowed, key_for_id, normalize_uri
 from schemas import ledger as led
 
 log = logging.getLogger(__name__)
@@ -51,46 +50,58 @@ def resolve(config: RunConfig) -> RunConfig:
     if not night.manifests:
         raise InputError("no manifests prefix given: set nightly.manifests in the config or pass --manifests")
     if config.manifest:
-        raise InputError(f"jobs.nightly takes every manifest under nightly.manifests; unset manifest ({config.manifest})")
-    for name, uri in (("output", config.output), ("nightly.ledger", ledger_uri(config))):
+        raise InputError(
+            f"jobs.nightly takes every manifest under nightly.manifests; unset manifest ({config.manifest})"
+        )
+    for name, uri in (("output", config.output), ("nightly.ledger", ledger(config).uri)):
         if is_allowed(uri, [night.manifests]):
             raise InputError(
-                f"{name} {uri} lies under nightly.manifests {night.manifests}: its files would be taken for manifests"
+                f"{name} {uri} lies under nightly.manifests {night.manifests}: "
+                "its files would be taken for manifests"
             )
     run_id = night.run_id or datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return dataclasses.replace(config, nightly=dataclasses.replace(night, run_id=run_id))
 
 
-def ledger_uri(config: RunConfig) -> str:
-    return config.nightly.ledger or join(config.output, "_ledger")  # '_': never a run id
+def ledger(config: RunConfig) -> Location:
+    """The table of processed manifests."""
+    if config.nightly.ledger:
+        return Location(config.nightly.ledger, config.endpoint_url)
+    return Location(config.output, config.endpoint_url) / "_ledger"  # '_': never a run id
 
 
-def list_manifests(prefix: str, endpoint_url: str | None = None) -> dict[str, str]:
+def list_manifests(prefix: Location) -> dict[str, str]:
     """Every Parquet file under ``prefix`` (hidden and ``_`` files are not manifests): its
     normalized URI (the ledger's key) -> its path under the prefix."""
-    fs, base = arrow_filesystem(prefix, endpoint_url)
+    fs, base = prefix.filesystem()
     if fs.get_file_info(base).type == pafs.FileType.File:
-        raise InputError(f"nightly.manifests {prefix} is one file: give the prefix (folder) that manifests arrive under")
-    relative = [posixpath.relpath(path, base) for path in parquet_files(prefix, endpoint_url)]
-    return {normalize_uri(join(prefix, r)): r for r in relative}
+        raise InputError(
+            f"nightly.manifests {prefix} is one file: give the prefix (folder) that manifests arrive under"
+        )
+    relative = [posixpath.relpath(path, base) for path in prefix.parquet_files()]
+    return {normalize_uri((prefix / r).uri): r for r in relative}
+
+
+def night_root(config: RunConfig) -> Location:
+    return Location(config.output, config.endpoint_url) / config.nightly.run_id
 
 
 def manifest_output(config: RunConfig, relative: str) -> str:
     """Where a manifest's outputs go tonight: its path under the prefix, as one folder name."""
-    return join(config.output, config.nightly.run_id, key_for_id(relative.removesuffix(".parquet")))
+    return (night_root(config) / key_for_id(relative.removesuffix(".parquet"))).uri
 
 
-def read_ledger(uri: str, endpoint_url: str | None = None) -> list[dict]:
-    table = read_columns(uri, led.LEDGER_SCHEMA.names, endpoint_url)
+def read_ledger(uri: Location) -> list[dict]:
+    table = uri.read_columns(led.LEDGER_SCHEMA.names)
     return table.to_pylist() if table is not None else []
 
 
-def record(uri: str, row: dict, endpoint_url: str | None = None) -> None:
+def record(uri: Location, row: dict) -> None:
     """Add a manifest's row to the ledger: one file per manifest, named by its URI, written whole."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([row], schema=led.LEDGER_SCHEMA), buffer)
     name = hashlib.sha256(row[led.MANIFEST].encode()).hexdigest()[:20]
-    write_bytes(join(uri, f"{name}.parquet"), buffer.getvalue(), endpoint_url)
+    (uri / f"{name}.parquet").write_bytes(buffer.getvalue())
 
 
 def gpus_held(config: RunConfig) -> float:
@@ -103,17 +114,28 @@ def run_manifest(config: RunConfig, manifest: str, relative: str) -> dict:
     output, began = manifest_output(config, relative), time.perf_counter()
     try:
         summary = run_all(dataclasses.replace(config, manifest=manifest, output=output))
-    except Exception as exc:  # noqa: BLE001 -- the night goes on; the report and the exit status say it failed
+    except Exception as exc:  # noqa: BLE001 -- the night goes on; the report and exit status say it failed
         log.exception("manifest %s failed", manifest)
-        return {led.MANIFEST: manifest, led.OUTPUT: output, led.SECONDS: time.perf_counter() - began,
-                led.GPUS: gpus_held(config), "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+        return {
+            led.MANIFEST: manifest,
+            led.OUTPUT: output,
+            led.SECONDS: time.perf_counter() - began,
+            led.GPUS: gpus_held(config),
+            "error": f"{type(exc).__name__}: {exc}",
+        }
     return {
-        led.MANIFEST: manifest, led.RUN_ID: config.nightly.run_id, led.OUTPUT: output,
-        led.FINISHED_AT: datetime.now(timezone.utc).replace(microsecond=0), led.ROWS_IN: summary["rows_in"],
-        led.ROWS_DONE: summary["rows_done"], led.ROWS_FAILED: summary["rows_failed"],
-        led.EDITS: count_edits(output, config.endpoint_url), led.SECONDS: time.perf_counter() - began,
-        led.ROWS_PER_SECOND: summary["rows_per_second"], led.GPUS: gpus_held(config),
-    }  # fmt: skip
+        led.MANIFEST: manifest,
+        led.RUN_ID: config.nightly.run_id,
+        led.OUTPUT: output,
+        led.FINISHED_AT: datetime.now(timezone.utc).replace(microsecond=0),
+        led.ROWS_IN: summary["rows_in"],
+        led.ROWS_DONE: summary["rows_done"],
+        led.ROWS_FAILED: summary["rows_failed"],
+        led.EDITS: count_edits(Output.at(output, config.endpoint_url)),
+        led.SECONDS: time.perf_counter() - began,
+        led.ROWS_PER_SECOND: summary["rows_per_second"],
+        led.GPUS: gpus_held(config),
+    }
 
 
 def sample_rows(entries: list[dict], count: int, endpoint_url: str | None) -> list:
@@ -121,8 +143,12 @@ def sample_rows(entries: list[dict], count: int, endpoint_url: str | None) -> li
     done = [e for e in entries if "error" not in e]
     rows: list = []
     for entry in done:
-        per_manifest = math.ceil(count / len(done))
-        rows += edit_rows(entry[led.OUTPUT], entry[led.MANIFEST], endpoint_url, limit=min(per_manifest, count - len(rows)))
+        limit = min(math.ceil(count / len(done)), count - len(rows))
+        output, manifest = (
+            Output.at(entry[led.OUTPUT], endpoint_url),
+            Location(entry[led.MANIFEST], endpoint_url),
+        )
+        rows += edit_rows(output, manifest, limit=limit)
     return rows
 
 
@@ -133,29 +159,33 @@ def run_nightly(config: RunConfig) -> dict:
     started = time.perf_counter()
     config = resolve(config)
     night, endpoint = config.nightly, config.endpoint_url
-    root, ledger = join(config.output, night.run_id), ledger_uri(config)
-    write_bytes(join(root, "config-nightly.yaml"), config.to_yaml().encode(), endpoint)
-    rows = read_ledger(ledger, endpoint)
+    root, processed = night_root(config), ledger(config)
+    (root / "config-nightly.yaml").write_bytes(config.to_yaml().encode())
+    rows = read_ledger(processed)
     earlier_nights = {r[led.MANIFEST] for r in rows if r[led.RUN_ID] != night.run_id}
     entries = [r for r in rows if r[led.RUN_ID] == night.run_id]  # done by an earlier attempt of this night
-    manifests = list_manifests(night.manifests, endpoint)
+    manifests = list_manifests(Location(night.manifests, endpoint))
     done = earlier_nights | {e[led.MANIFEST] for e in entries}
     new = [m for m in manifests if m not in done]
-    log.info("night %s: %d manifests under %s, %d new", night.run_id, len(manifests), night.manifests, len(new))
+    log.info(
+        "night %s: %d manifests under %s, %d new", night.run_id, len(manifests), night.manifests, len(new)
+    )
     for manifest in new:
         entry = run_manifest(config, manifest, manifests[manifest])
         if "error" not in entry:
-            record(ledger, entry, endpoint)
+            record(processed, entry)
         entries.append(entry)
     skipped = sum(1 for m in manifests if m in earlier_nights)
     report = night_report(night.run_id, night.manifests, entries, skipped, night.gpu_hour_price, endpoint)
-    uri = write_night_report(root, report, sample_rows(entries, night.sample_images, endpoint), endpoint)
+    uri = write_night_report(root, report, sample_rows(entries, night.sample_images, endpoint))
     totals = report["totals"]
     if totals["manifests_failed"]:
         failed = ", ".join(m["manifest"] for m in report["manifests"] if m["status"] == "failed")
         raise NightFailed(
-            f"night {night.run_id}: {totals['manifests_failed']} of {totals['manifests']} manifests failed ({failed}); "
+            f"night {night.run_id}: {totals['manifests_failed']} of {totals['manifests']} manifests failed "
+            f"({failed}); "
             f"the report is {uri}; fix the cause and run again with --run-id {night.run_id} to resume them"
         )
-    return {"job": "nightly", "run_id": night.run_id, "seconds": round(time.perf_counter() - started, 3),
-            **{k: v for k, v in totals.items() if k not in ("seconds", "gpu_hour_price")}, "report": uri}  # fmt: skip
+    kept = {k: v for k, v in totals.items() if k not in ("seconds", "gpu_hour_price")}
+    seconds = round(time.perf_counter() - started, 3)
+    return {"job": "nightly", "run_id": night.run_id, "seconds": seconds, **kept, "report": uri}

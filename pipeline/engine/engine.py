@@ -1,6 +1,6 @@
 """The PTI engine: models loaded once, then stage 1 and stage 2 batch after batch.
 
-A thin layer between images and prompts and the pure math of ``pipeline.algorithm``: it encodes
+A thin layer between images and prompts and the pure math of ``pipeline.engine.algorithm``: it encodes
 images and text, picks the method's embeddings, and decodes results. A Ray actor holds one.
 """
 
@@ -13,12 +13,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pipeline import algorithm
-from pipeline.config import PTIConfig, check_eta
+from pipeline.engine import algorithm
+from pipeline.engine.config import PTIConfig, check_eta
 from pipeline.errors import InputError
-from pipeline.metrics import psnr, ssim
-from pipeline.models import NoisePredictor, StableDiffusion, load_stable_diffusion
-from pipeline.text import encode_prompts
+from pipeline.engine.metrics import psnr, ssim
+from pipeline.engine.models import NoisePredictor, StableDiffusion, load_stable_diffusion
+from pipeline.engine.text import encode_prompts
 
 
 @dataclass
@@ -112,34 +112,31 @@ class Engine:
         batch = len(z0)
         src = encode_prompts(self.sd, [p or "" for p in source_prompts])
         null = self.null.expand(batch, -1, -1)
-        conditional = cfg.method in ("nti", "npi")  # both invert on c_src, as their papers do
-        inversion_guidance = 1.0 if conditional else cfg.inversion_guidance
+        method = cfg.method_spec
+        inversion_guidance = 1.0 if method.inverts_on_source else cfg.inversion_guidance
         trajectory = algorithm.invert(
             self.eps, z0, src, null, self.schedule, inversion_guidance, cfg.progress
         )
         inverted = time.perf_counter()
-        tuning_args = dict(
-            schedule=self.schedule, guidance=cfg.guidance, lr=cfg.lr, early_stop=cfg.early_stop,
-            stop_eps=cfg.stop_eps, stop_slack=cfg.stop_slack, progress=cfg.progress,
-        )  # fmt: skip
-        steps = cfg.inner_steps if cfg.method in ("pti", "nti") else 0
+        start = src if method.start == "source" else null  # where the per-step embedding starts
+        options = cfg.tuning_options()  # no Adam steps for the methods that do not tune
+        per_step_cond = method.branch == "cond"
         with torch.enable_grad():
-            if conditional:  # tune (nti) or fix (npi) the unconditional branch; cond is c_src
-                init = null if cfg.method == "nti" else src
-                tuned = algorithm.tune_null_embeddings(
-                    self.eps, trajectory, src, init, inner_steps=steps, **tuning_args
-                )
-            else:  # tune (pti) or fix (ddim) the conditional branch; uncond is psi("")
+            if per_step_cond:  # c_t learned (pti) or fixed (ddim); the uncond branch is psi("")
                 tuned = algorithm.tune_prompt_embeddings(
-                    self.eps, trajectory, src, null, inner_steps=steps, **tuning_args
+                    self.eps, trajectory, start, null, self.schedule, options, cfg.progress
+                )
+            else:  # the uncond branch learned (nti) or fixed (npi) per step; cond is psi(source)
+                tuned = algorithm.tune_null_embeddings(
+                    self.eps, trajectory, src, start, self.schedule, options, cfg.progress
                 )
         src_stack = src.unsqueeze(1).expand(-1, self.schedule.num_steps, -1, -1)
         tuned_at = time.perf_counter()
         reconstruction = self.decode_latents(tuned.reconstruction)
         return Inversion(
             z_T=trajectory[-1],
-            cond=src_stack.clone() if conditional else tuned.embeddings,
-            uncond=tuned.embeddings if conditional else None,
+            cond=tuned.embeddings if per_step_cond else src_stack.clone(),
+            uncond=None if per_step_cond else tuned.embeddings,
             reconstruction=reconstruction,
             reconstruction_latent=tuned.reconstruction,
             initial_loss=tuned.initial_loss,
@@ -170,12 +167,18 @@ class Engine:
         Returns pixels ``[N, 3, H, W]`` in ``[0, 1]``.
         """
         if not (len(rows) == len(targets) == len(etas)):
-            raise InputError(f"rows, targets and etas differ in length: {len(rows)}, {len(targets)}, {len(etas)}")
+            raise InputError(
+                f"rows, targets and etas differ in length: {len(rows)}, {len(targets)}, {len(etas)}"
+            )
         if not targets:
             raise InputError("no edits asked for: give at least one target prompt")
         problems = [p for p in (check_eta(e) for e in etas) if p]
         problems += [f"target prompt {n} is empty" for n, t in enumerate(targets) if not (t or "").strip()]
-        problems += [f"edit {n} asks for image {r}, not one of the {len(inversion)} inverted" for n, r in enumerate(rows) if not 0 <= r < len(inversion)]
+        problems += [
+            f"edit {n} asks for image {r}, not one of the {len(inversion)} inverted"
+            for n, r in enumerate(rows)
+            if not 0 <= r < len(inversion)
+        ]
         if problems:
             raise InputError("; ".join(problems))
         picked = inversion.select(rows)
@@ -183,11 +186,15 @@ class Engine:
         target = encode_prompts(self.sd, targets)
         eta = torch.tensor(etas, dtype=torch.float32, device=device)
         cond = algorithm.interpolate_embeddings(picked.cond.to(device, torch.float32), target, eta)
-        uncond = self.null.expand(len(rows), -1, -1) if picked.uncond is None else picked.uncond.to(device, torch.float32)
+        if picked.uncond is None:
+            uncond = self.null.expand(len(rows), -1, -1)
+        else:
+            uncond = picked.uncond.to(device, torch.float32)
         w = self.config.guidance if guidance is None else guidance
         if not isinstance(w, (int, float)):
             w = torch.tensor(list(w), dtype=torch.float32, device=device)
-        z = algorithm.sample(self.eps, picked.z_T.to(device), cond, uncond, self.schedule, w, self.config.progress)
+        z_T = picked.z_T.to(device)
+        z = algorithm.sample(self.eps, z_T, cond, uncond, self.schedule, w, self.config.progress)
         return self.decode_latents(z)
 
     def edit_grid(self, inversion: Inversion, targets: Sequence[str], etas: Sequence[float]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Training the small Stable Diffusion of the rendered world (``pipeline.world``) on the CPU.
+"""Training the small Stable Diffusion of the rendered world (``pipeline.world.scenes``) on the CPU.
 
 Stable Diffusion's recipe, shrunk: first the VAE (reconstruction + a small KL term), then the
 UNet and the text encoder together on the VAE's latents with epsilon-prediction and caption
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from pipeline import world
+from pipeline.world import scenes as world
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,33 @@ def build_components(config: TrainingConfig):
     """Untrained tokenizer, text encoder, VAE and UNet of the world's model."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from pipeline.models import TINY_WORDS, tiny_text_model
+    from pipeline.world.tiny import TINY_WORDS, tiny_text_model
 
     torch.manual_seed(config.seed)
     tokenizer, text_encoder = tiny_text_model(dict.fromkeys([*TINY_WORDS, *world.WORDS]), config.hidden_size)
     vae = AutoencoderKL(  # Stable Diffusion's 8x downsampling: 64x64 images, 8x8x4 latents
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=config.resolution,
-        layers_per_block=1, block_out_channels=(16, 32, 64, 64), norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=config.resolution,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 64, 64),
+        norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     unet = UNet2DConditionModel(
-        sample_size=config.resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(48, 96), norm_num_groups=16, cross_attention_dim=config.hidden_size,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        sample_size=config.resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(48, 96),
+        norm_num_groups=16,
+        cross_attention_dim=config.hidden_size,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
+    )
     return tokenizer, text_encoder, vae, unet
 
 
@@ -101,17 +113,23 @@ def train_vae(vae, pixels: torch.Tensor, config: TrainingConfig, progress: bool 
 def encode_latents(vae, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Unscaled latent means of every image; sets the VAE's ``scaling_factor`` to 1/std, as
     Stable Diffusion's was chosen, so the UNet sees unit-variance latents."""
-    latents = torch.cat([vae.encode(pixels[i : i + batch]).latent_dist.mean for i in range(0, len(pixels), batch)])
+    latents = torch.cat(
+        [vae.encode(pixels[i : i + batch]).latent_dist.mean for i in range(0, len(pixels), batch)]
+    )
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     return latents * vae.config.scaling_factor
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, captions, config: TrainingConfig, progress: bool = True) -> list[float]:
-    from pipeline.models import sd_scheduler
+def train_unet(
+    unet, text_encoder, tokenizer, latents, captions, config: TrainingConfig, progress: bool = True
+) -> list[float]:
+    from pipeline.world.tiny import sd_scheduler
 
     scheduler = sd_scheduler()  # the noise schedule the model is saved with
     generator = torch.Generator().manual_seed(config.seed + 1)
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
@@ -141,10 +159,12 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, config: Trainin
     return losses
 
 
-def train_world_model(folder: Path | str, config: TrainingConfig = TrainingConfig(), progress: bool = True) -> Path:
+def train_world_model(
+    folder: Path | str, config: TrainingConfig = TrainingConfig(), progress: bool = True
+) -> Path:
     """Train the world's model and save it in diffusers layout (fp16 safetensors, a few MB) with
     ``training.json``: the config, the final losses and the time it took."""
-    from pipeline.models import save_checkpoint
+    from pipeline.world.tiny import save_checkpoint
 
     torch.set_num_threads(config.threads)
     started = time.perf_counter()

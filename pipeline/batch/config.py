@@ -14,8 +14,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PTIConfig, from_known_fields
+from pipeline.batch.output import Output
+from pipeline.engine.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
+from pipeline.io.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from pipeline.io.storage import Location
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one safe path component: a night's folder
@@ -28,13 +31,17 @@ class NightlyConfig:
     manifests: str | None = None  # a prefix: every Parquet file under it is one manifest, processed once
     run_id: str | None = None  # the night's name and folder under output; default: the UTC date, YYYY-MM-DD
     ledger: str | None = None  # the table of processed manifests; default {output}/_ledger
-    gpu_hour_price: float | None = None  # price of one GPU hour, for the report's cost estimate; None: no cost
+    gpu_hour_price: float | None = (
+        None  # price of one GPU hour, for the report's cost estimate; None: no cost
+    )
     sample_images: int = 4  # images on the report's contact sheet, each with its input and edits
 
     def __post_init__(self):
         problems = []
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
-            problems.append(f"nightly.run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (a folder name)")
+            problems.append(
+                f"nightly.run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (a folder name)"
+            )
         if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
             problems.append(f"nightly.gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
         if self.sample_images < 0:
@@ -63,10 +70,12 @@ class RunConfig:
     results_rows_per_file: int = 100_000
     results_flush_seconds: float = 60.0  # a results file at least this often: what a killed driver can lose
     # Where image URIs may point. None: the manifest's own bucket, or the local filesystem when the
-    # manifest is a local file (pipeline.storage.default_image_prefixes); web URLs only if listed.
+    # manifest is a local file (pipeline.io.storage.default_image_prefixes); web URLs only if listed.
     allowed_image_prefixes: list[str] | None = None
-    max_image_bytes: int = 64 * 2**20  # larger image files are refused unread
-    max_image_pixels: int = 64_000_000  # larger images are refused from their header (decompression bombs)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # larger image files are refused unread
+    max_image_pixels: int = (
+        MAX_IMAGE_PIXELS  # larger images are refused from their header (decompression bombs)
+    )
     # When the cluster holds all of a job's actors at once, pools wait for all their actors before
     # taking work (so every actor gets some), and fail when they cannot start in this time.
     actor_start_timeout_s: float = 1800.0
@@ -79,7 +88,13 @@ class RunConfig:
                 object.__setattr__(self, name, from_known_fields(kind, getattr(self, name), f"{name} config"))
         problems = [
             f"{name} must be at least 1, got {getattr(self, name)}"
-            for name in ("tune_actors", "edit_actors", "tune_batch_size", "edit_batch_size", "max_edits_per_call")
+            for name in (
+                "tune_actors",
+                "edit_actors",
+                "tune_batch_size",
+                "edit_batch_size",
+                "max_edits_per_call",
+            )
             if getattr(self, name) < 1
         ]
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
@@ -88,10 +103,13 @@ class RunConfig:
             raise InputError("invalid run config: " + "; ".join(problems))
 
     @property
-    def embeddings_uri(self) -> str:
-        from pipeline.storage import join
+    def output_location(self) -> Output:
+        """The output prefix and its parts, with the endpoint that reaches them."""
+        return Output.at(self.output, self.endpoint_url, self.embeddings)
 
-        return self.embeddings or join(self.output, "embeddings")
+    @property
+    def manifest_location(self) -> Location:
+        return Location(self.manifest or "", self.endpoint_url)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

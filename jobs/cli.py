@@ -6,11 +6,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
-from pipeline.config import DEFAULT_MODEL, PTIConfig
+from jobs import common
+from pipeline.batch.config import RunConfig
+from pipeline.batch.jobs import run_all, run_edit, run_tune
+from pipeline.batch.nightly import run_nightly
+from pipeline.engine.config import PTIConfig
 from pipeline.errors import PTIError
 
 app = typer.Typer(
@@ -31,17 +35,21 @@ def edit_command(
     target: list[str] = typer.Option(..., "--target", "-t", help="Target prompt; repeat for more."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the outputs."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="Source prompt (optional)."),
-    eta: list[float] = typer.Option(list(PTIConfig.etas), "--eta", help="Weight on the target, in [0, 1]; repeat for more."),
-    method: str = typer.Option("pti", help="pti, ddim, nti or npi."),
-    steps: int = typer.Option(50, help="DDIM steps T."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance w."),
-    inner_steps: int = typer.Option(10, help="Adam steps per timestep K."),
-    lr: float = typer.Option(1e-2, help="Tuning learning rate (decays to half)."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hub id, local folder or fsspec URI of a diffusers checkpoint."),
-    resolution: Optional[int] = typer.Option(None, help="Image size; default: the model's."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16 (CUDA)."),
+    eta: list[float] = typer.Option(
+        list(PTIConfig.etas), "--eta", help="Weight on the target, in [0, 1]; repeat for more."
+    ),
+    method: str = typer.Option(PTIConfig.method, help="pti, ddim, nti or npi."),
+    steps: int = typer.Option(PTIConfig.steps, help="DDIM steps T."),
+    guidance: float = typer.Option(PTIConfig.guidance, help="Classifier-free guidance w."),
+    inner_steps: int = typer.Option(PTIConfig.inner_steps, help="Adam steps per timestep K."),
+    lr: float = typer.Option(PTIConfig.lr, help="Tuning learning rate (decays to half)."),
+    model: str = typer.Option(
+        PTIConfig.model, help="Hub id, local folder or fsspec URI of a diffusers checkpoint."
+    ),
+    resolution: Optional[int] = typer.Option(PTIConfig.resolution, help="Image size; default: the model's."),
+    seed: int = typer.Option(PTIConfig.seed),
+    device: str = typer.Option(PTIConfig.device, help="auto, cpu or cuda[:N]."),
+    dtype: str = typer.Option(PTIConfig.dtype, help="auto, float32, float16 or bfloat16 (CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Invert and tune one image, then write one edit per (target, eta), a contact sheet and a summary."""
@@ -49,10 +57,19 @@ def edit_command(
 
     try:
         config = PTIConfig(
-            model=model, method=method, steps=steps, guidance=guidance, inner_steps=inner_steps,
-            lr=lr, etas=tuple(eta), resolution=resolution, seed=seed, device=device, dtype=dtype,
+            model=model,
+            method=method,
+            steps=steps,
+            guidance=guidance,
+            inner_steps=inner_steps,
+            lr=lr,
+            etas=tuple(eta),
+            resolution=resolution,
+            seed=seed,
+            device=device,
+            dtype=dtype,
             progress=not quiet,
-        )  # fmt: skip
+        )
         summary = edit_one_image(config, image, target, source, out)
     except PTIError as error:
         _fail(error)
@@ -71,30 +88,32 @@ def build_tiny_model_command(
     seed: int = typer.Option(0, help="Seed of the random weights."),
 ) -> None:
     """Write a tiny Stable Diffusion with seeded random weights (offline; for tests and the demo)."""
-    from pipeline.models import build_tiny_model
+    from pipeline.world.tiny import build_tiny_model
 
     started = time.perf_counter()
     build_tiny_model(folder, seed=seed)
     typer.echo(f"tiny model written to {folder} in {time.perf_counter() - started:.1f} s")
 
 
-def _job(name: str, run_name: str, help: str, library: str = "pipeline.batch", flags: str = "FLAGS") -> None:
-    """A ``pti`` subcommand that is a job of ``jobs/``, with the same flags (``jobs.common.{flags}``)."""
+def _job(
+    name: str, run: Callable[[RunConfig], dict], help: str, flags: dict[str, str] = common.FLAGS
+) -> None:
+    """A ``pti`` subcommand that is a job of ``jobs/``, with the same flags (``jobs.common``)."""
 
     @app.command(name, help=help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def command(context: typer.Context) -> None:
-        import importlib
-
-        from jobs import common
-
-        common.main(getattr(importlib.import_module(library), run_name), help, context.args, getattr(common, flags))
+        common.main(run, help, context.args, flags)
 
 
-_job("run", "run_all", "Both stages on Ray: manifest -> embeddings -> edits (jobs.run).")
-_job("tune", "run_tune", "Stage 1 on Ray: manifest -> embeddings (jobs.tune).")
-_job("edit-batch", "run_edit", "Stage 2 on Ray: embeddings + targets -> edits (jobs.edit).")
-_job("nightly", "run_nightly", "Every new manifest under a prefix through jobs.run, then a report (jobs.nightly).",
-     library="pipeline.nightly", flags="NIGHTLY_FLAGS")  # fmt: skip
+_job("run", run_all, "Both stages on Ray: manifest -> embeddings -> edits (jobs.run).")
+_job("tune", run_tune, "Stage 1 on Ray: manifest -> embeddings (jobs.tune).")
+_job("edit-batch", run_edit, "Stage 2 on Ray: embeddings + targets -> edits (jobs.edit).")
+_job(
+    "nightly",
+    run_nightly,
+    "Every new manifest under a prefix through jobs.run, then a report (jobs.nightly).",
+    common.NIGHTLY_FLAGS,
+)
 
 
 def main() -> None:
@@ -104,4 +123,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -1,0 +1,171 @@
+"""The driver's side of a job: start it, stream its final rows into the results and errors
+tables, count every input row, and write the summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.batch.cluster import check_gpus, init_ray, pools_fit
+from pipeline.batch.config import RunConfig
+from pipeline.batch.faults import failpoint
+from pipeline.batch.resume import check_same_settings
+from pipeline.batch.rows import good_rows
+from pipeline.io.storage import Location
+from schemas import errors as err
+from schemas import results as res
+
+
+class RollingParquet:
+    """Parquet files of at most ``rows_per_file`` rows under ``folder``, written as rows stream in,
+    and at least every ``flush_seconds``, so a killed driver loses little committed work. File
+    names carry ``prefix`` (the job and this attempt): a resumed run adds files, never
+    overwrites an earlier attempt's."""
+
+    def __init__(
+        self,
+        folder: Location,
+        schema: pa.Schema,
+        rows_per_file: int,
+        prefix: str,
+        flush_seconds: float = float("inf"),
+    ):
+        self.folder, self.schema, self.limit = folder, schema, rows_per_file
+        self.prefix, self.flush_seconds, self.flushed_at = prefix, flush_seconds, time.monotonic()
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.files = self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if len(table):
+            self.pending.append(table.select(self.schema.names).cast(self.schema))
+            self.pending_rows += len(table)
+            self.rows += len(table)
+        while self.pending_rows >= self.limit:
+            self._flush(self.limit)
+        if self.pending_rows and time.monotonic() - self.flushed_at >= self.flush_seconds:
+            self._flush(self.pending_rows)
+
+    def close(self) -> None:
+        while self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        head, rest = table.slice(0, n), table.slice(n)
+        buffer = io.BytesIO()
+        pq.write_table(head, buffer)
+        (self.folder / f"{self.prefix}-{self.files:05d}.parquet").write_bytes(buffer.getvalue())
+        self.files += 1
+        self.flushed_at = time.monotonic()
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
+        failpoint(f"driver-after-{posixpath.basename(self.folder.uri.rstrip('/'))}")
+
+
+def start(config: RunConfig, job: str) -> tuple[float, str]:
+    """Join or start Ray, check its GPUs and that the output holds nothing made with other
+    settings, drop an earlier attempt's errors (every row not done is tried again) and write the
+    resolved config beside the outputs. Returns the start time and this attempt's name."""
+    from ray.data import DataContext
+
+    started = time.perf_counter()
+    output = config.output_location
+    init_ray(config)
+    check_gpus(config)
+    check_same_settings(config, job)
+    actors = {
+        "run": config.tune_actors + config.edit_actors,
+        "tune": config.tune_actors,
+        "edit": config.edit_actors,
+    }
+    # The context is per process: set it both ways, a driver may run several jobs.
+    fit = pools_fit(config, actors[job])
+    DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if fit else -1
+    earlier = [p for p in output.errors.parquet_files() if posixpath.basename(p).startswith(f"{job}-")]
+    output.errors.delete(earlier)
+    output.config_file(job).write_bytes(config.to_yaml().encode())
+    return started, f"{job}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def drain(
+    ds, config: RunConfig, attempt: str, results_schema: pa.Schema | None, errors_before: list[dict] = ()
+) -> dict:
+    """Stream the final rows to the driver (small rows: no tensors, no images) and write the
+    results and errors tables; count everything for the summary."""
+    output = config.output_location
+
+    def table(folder: Location, schema: pa.Schema) -> RollingParquet:
+        return RollingParquet(
+            folder, schema, config.results_rows_per_file, attempt, config.results_flush_seconds
+        )
+
+    errors = table(output.errors, err.ERRORS_SCHEMA)
+    results = results_schema and table(output.results, results_schema)
+    errors.add(pa.Table.from_pylist(list(errors_before), schema=err.ERRORS_SCHEMA))
+    ok_ids, early_ids, edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
+    early_errors, resumed_ids = len(errors_before), set()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
+        ok = good_rows(batch)
+        bad = batch.filter(pa.array(~ok))
+        if len(bad):
+            columns = {c: bad.column(c) for c in (err.ID, err.STAGE, err.KIND, err.MESSAGE)}
+            errors.add(pa.table({**columns, err.ROW: pa.nulls(len(bad), pa.int64())}))
+            for row_id, stage in zip(bad.column(err.ID).to_pylist(), bad.column(err.STAGE).to_pylist()):
+                if stage == "edit":
+                    edit_error_ids.add(row_id)
+                else:
+                    early_ids.add(row_id)
+                    early_errors += 1
+        good = batch.filter(pa.array(ok))
+        ids = good.column(res.ID).to_pylist()
+        ok_ids.update(ids)
+        if res.TUNE_WORKER in good.column_names:  # edited from stored embeddings: not tuned by this run
+            resumed_ids.update(i for i, w in zip(ids, good.column(res.TUNE_WORKER).to_pylist()) if w is None)
+        if results is not None:
+            results.add(good)
+    errors.close()
+    if results is not None:
+        results.close()
+    return {
+        "ok_ids": ok_ids,
+        "early_error_rows": early_errors,
+        "edit_only_failures": len(edit_error_ids - ok_ids - early_ids),
+        "error_rows": errors.rows,
+        "result_rows": results.rows if results else 0,
+        "resumed": len(resumed_ids),
+    }
+
+
+def account(rows_in: int, counts: dict, already_done: int) -> dict:
+    """Every input row is done (now or by an earlier run) or in the errors table, exactly once
+    before editing; refuse to report success when the counts do not add up."""
+    done = len(counts["ok_ids"]) + already_done
+    accounted = done + counts["early_error_rows"] + counts["edit_only_failures"]
+    if accounted != rows_in:
+        raise RuntimeError(f"accounting failed: {rows_in} rows in, {accounted} accounted for")
+    return {
+        "rows_in": rows_in,
+        "rows_done": done,
+        "rows_failed": rows_in - done,
+        "error_rows": counts["error_rows"],
+        "already_done": already_done,
+    }
+
+
+def finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
+    """The job's summary, written beside its outputs."""
+    summary = {
+        "job": job,
+        "output": config.output,
+        "seconds": round(time.perf_counter() - started, 3),
+        **counts,
+    }
+    new_rows = counts["rows_done"] - counts["already_done"]
+    summary["rows_per_second"] = round(new_rows / max(summary["seconds"], 1e-9), 4)
+    config.output_location.summary_file(job).write_bytes(json.dumps(summary, indent=2).encode())
+    return summary

@@ -1,0 +1,376 @@
+"""The Ray stages of the batch pipeline: read (CPU tasks) -> tune (GPU actors) -> write
+embeddings -> edit (GPU actors) -> write images.
+
+Thin adapters between Arrow blocks and the engine. A row that fails at any stage carries the
+error columns of ``schemas.errors`` and is skipped by later stages, so the driver can account for
+every input row in the results or the errors table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.batch.faults import failpoint
+from pipeline.batch.output import Output
+from pipeline.batch.resume import edit_key
+from pipeline.batch.rows import conform, good_rows, table_of, worker_id
+from pipeline.engine.config import PTIConfig
+from pipeline.errors import ModelError, PTIError
+from pipeline.io.images import encode_png, load_image, to_uint8
+from pipeline.io.storage import Location, is_allowed
+from schemas import embeddings as emb
+from schemas import errors as err
+from schemas import manifest as man
+from schemas import results as res
+from schemas.stages import CARRIED, EDITED, EDITED_SCHEMA, PIXELS, PREPARED_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+# --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
+
+
+def prepare_rows(
+    table: pa.Table,
+    *,
+    resolution: int,
+    duplicates: set,
+    endpoint_url: str | None,
+    allowed: tuple[str, ...],
+    max_bytes: int,
+    max_pixels: int,
+    skip=frozenset(),
+) -> pa.Table:
+    """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
+    An image URI outside the ``allowed`` prefixes is refused unread. Rows whose ids are in
+    ``skip`` (tuned by an earlier run) are dropped."""
+    failpoint("read")
+    if skip:
+        table = table.filter(pa.array([i not in skip for i in table.column(man.ID).to_pylist()], pa.bool_()))
+    good, out = man.validate_rows(table.to_pylist(), duplicates)
+    for row in good:
+        row_id, image = row[man.ID], row[man.IMAGE]
+        name = f"{row_id}: {image if isinstance(image, str) else '<bytes>'}"
+        if isinstance(image, str) and not is_allowed(image, allowed):
+            message = (
+                f"image {name!r}: outside the allowed prefixes ({', '.join(allowed)}); "
+                "list its prefix in allowed_image_prefixes to read it"
+            )
+            out.append(err.error_row(row_id, "read", "not_allowed", message))
+            continue
+        options = Location(image, endpoint_url).storage_options() if isinstance(image, str) else {}
+        try:
+            pixels = load_image(
+                image,
+                resolution,
+                name=name,
+                storage_options=options,
+                max_bytes=max_bytes,
+                max_pixels=max_pixels,
+            )
+        except PTIError as exc:
+            out.append(err.error_row(row_id, "read", getattr(exc, "kind", "bad_image"), str(exc)))
+            continue
+        array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        out.append({**{k: row.get(k) for k in PREPARED_SCHEMA.names if k in row}, PIXELS: array.tobytes()})
+    return table_of(out, PREPARED_SCHEMA)
+
+
+# --- stage 1: invert and tune (GPU actors) ---------------------------------------------------
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def split_on_oom(run, items: list):
+    """``run(items)``, and on out-of-memory ``run`` on each half, down to single items.
+
+    Yields ``(items, result)`` per call that ran, or ``(items, exception)`` for a call that failed
+    otherwise, or ran out of memory with one item: a batch too big for the device costs a retry,
+    not its rows."""
+    try:
+        result = run(items)
+    except Exception as exc:
+        if len(items) == 1 or not _out_of_memory(exc):
+            yield items, exc
+            return
+        log.warning("out of memory on a batch of %d: splitting it", len(items))
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        yield from split_on_oom(run, items[:half])
+        yield from split_on_oom(run, items[half:])
+        return
+    yield items, result
+
+
+def _load_engine(config: PTIConfig, model: Location, expect_model: frozenset, cpus: float):
+    """The stage's model; refused if the output's stored embeddings came from another one. A CPU
+    engine gets ``cpus`` threads, sharing the node's cores with other actors."""
+    import torch
+
+    from pipeline.engine.engine import Engine
+
+    engine = Engine.load(config.replace(progress=False), model.storage_options())
+    if expect_model and engine.sd.fingerprint not in expect_model:
+        raise ModelError(
+            f"model {config.model!r} (fingerprint {engine.sd.fingerprint}) is not the one that made the "
+            f"stored embeddings ({', '.join(sorted(expect_model))}): its files changed; write to a new output"
+        )
+    if engine.sd.device.type == "cpu":
+        torch.set_num_threads(max(1, int(cpus)))
+    return engine
+
+
+def _pixels(raw: list[bytes], side: int):
+    """Raw uint8 RGB rows to a ``[B, 3, side, side]`` float batch in ``[0, 1]``."""
+    import torch
+
+    arrays = [np.frombuffer(r, np.uint8).reshape(side, side, 3) for r in raw]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255
+
+
+class TuneStage:
+    """Holds one model; maps prepared rows to stored stage-1 rows (plus what stage 2 needs)."""
+
+    def __init__(self, config: PTIConfig, model: Location, cpus: float = 1.0, expect_model=frozenset()):
+        self.engine = _load_engine(config, model, expect_model, cpus)
+        self.engines = {(config.guidance, config.seed): self.engine}
+
+    def _engine_for(self, guidance: float, seed: int):
+        from pipeline.engine.engine import Engine
+
+        key = (guidance, seed)
+        if key not in self.engines:  # a per-row override: same model, other settings
+            self.engines[key] = Engine(
+                self.engine.sd, self.engine.config.replace(guidance=guidance, seed=seed)
+            )
+        return self.engines[key]
+
+    def schema(self) -> pa.Schema:
+        cfg, sd = self.engine.config, self.engine.sd
+        h = self.engine.resolution // sd.vae_scale_factor
+        text = sd.text_encoder.config
+        base = emb.embeddings_schema(
+            (sd.unet.config.in_channels, h, h),
+            (cfg.steps, text.max_position_embeddings, text.hidden_size),
+            cfg.embedding_dtype,
+        )
+        extra = [*CARRIED, pa.field(res.TUNE_WORKER, pa.string())]
+        return pa.schema([*(f.with_nullable(True) for f in base), *extra, *err.ERROR_FIELDS])
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        from pipeline.engine.stored import inversion_to_arrow
+
+        failpoint("tune")
+        schema, worker, cfg = self.schema(), worker_id(), self.engine.config
+        ok = good_rows(table)
+        rows = table.to_pylist()
+        out = [{**rows[i], res.TUNE_WORKER: worker} for i in np.flatnonzero(~ok)]
+        groups: dict[tuple, list[int]] = {}
+        for i in np.flatnonzero(ok):
+            guidance, seed = rows[i][man.GUIDANCE], rows[i][man.SEED]
+            key = (cfg.guidance if guidance is None else guidance, cfg.seed if seed is None else seed)
+            groups.setdefault(key, []).append(i)
+        parts = []
+        for (guidance, seed), members in groups.items():
+            engine = self._engine_for(guidance, seed)
+            ids = [rows[i][man.ID] for i in members]
+            sources = [rows[i][man.SOURCE_PROMPT] for i in members]
+            pixels = _pixels([rows[i][PIXELS] for i in members], self.engine.resolution)
+
+            def tune(ks):
+                return engine.invert_and_tune(pixels[ks], [sources[k] for k in ks])
+
+            for ks, inversion in split_on_oom(tune, list(range(len(members)))):
+                if isinstance(inversion, Exception):  # the call failed (one image, if out of memory)
+                    message = str(inversion)
+                    kind = type(inversion).__name__
+                    out += [
+                        {**err.error_row(ids[k], "tune", kind, message), res.TUNE_WORKER: worker} for k in ks
+                    ]
+                    continue
+                finite = torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(
+                    inversion.z_T
+                ).flatten(1).all(1)
+                finite = finite.tolist()
+                out += [
+                    {
+                        **err.error_row(ids[k], "tune", "non_finite", "the model produced NaN or inf"),
+                        res.TUNE_WORKER: worker,
+                    }
+                    for k, ok_k in zip(ks, finite)
+                    if not ok_k
+                ]
+                kept = [members[k] for k, ok_k in zip(ks, finite) if ok_k]
+                stored = inversion_to_arrow(engine, inversion, [ids[k] for k in ks], [sources[k] for k in ks])
+                carried = {f.name: [rows[i][f.name] for i in kept] for f in CARRIED}
+                extra = {**carried, res.TUNE_WORKER: [worker] * len(kept)}
+                parts.append(conform(stored.filter(pa.array(finite, pa.bool_())), schema, extra))
+        return pa.concat_tables([*parts, table_of(out, schema)])
+
+
+def write_embeddings(table: pa.Table, *, folder: Location) -> pa.Table:
+    """Write a batch's stage-1 rows as one Parquet file; its name comes from its ids, so a retried
+    batch overwrites its own file instead of adding a copy."""
+    ok = good_rows(table)
+    if ok.any():
+        stored = table.filter(pa.array(ok)).select(list(emb.EMBEDDINGS_COLUMNS))
+        name = hashlib.sha256("\n".join(sorted(stored.column(emb.ID).to_pylist())).encode()).hexdigest()[:20]
+        buffer = io.BytesIO()
+        pq.write_table(stored, buffer)
+        (folder / f"part-{name}.parquet").write_bytes(buffer.getvalue())
+    return table
+
+
+def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
+    """Give stored stage-1 rows the targets to edit toward; ids without targets are dropped."""
+    ids = table.column(emb.ID).to_pylist()
+    table = table.filter(pa.array([i in targets for i in ids], pa.bool_())).select(
+        list(emb.EMBEDDINGS_COLUMNS)
+    )
+    ids = table.column(emb.ID).to_pylist()
+    target_prompts, etas = CARRIED
+    table = table.append_column(target_prompts, pa.array([targets[i][0] for i in ids], target_prompts.type))
+    table = table.append_column(etas, pa.array([targets[i][1] for i in ids], etas.type))
+    table = table.append_column(pa.field(res.TUNE_WORKER, pa.string()), pa.nulls(len(table), pa.string()))
+    for f in err.ERROR_FIELDS:
+        table = table.append_column(f, pa.nulls(len(table), pa.string()))
+    return table
+
+
+# --- stage 2: fan out and edit (GPU actors) --------------------------------------------------
+
+
+class Edit(NamedTuple):
+    """One edit of a stage-2 batch."""
+
+    image: int  # the image's row in the batch
+    target_index: int
+    target: str
+    eta: float
+
+
+class EditStage:
+    """Holds one model; maps stage-1 rows to one row per (image, target, eta) with its pixels.
+    Edits in ``done`` (``resume.edit_key``s an earlier run committed) are not made again."""
+
+    def __init__(
+        self,
+        config: PTIConfig,
+        model: Location,
+        max_edits_per_call: int = 16,
+        cpus: float = 1.0,
+        expect_model=frozenset(),
+        done=frozenset(),
+    ):
+        self.engine = _load_engine(config, model, expect_model, cpus)
+        self.max_edits, self.done = max_edits_per_call, done
+
+    def _fan_out(self, meta: list[dict]) -> list[Edit]:
+        """Every edit of the batch's images still to make."""
+        return [
+            Edit(b, t, target, float(eta))
+            for b, row in enumerate(meta)
+            for t, target in enumerate(row[man.TARGET_PROMPTS])
+            for eta in (row[man.ETA] or self.engine.config.etas)
+            if edit_key(row[emb.ID], t, target, eta) not in self.done
+        ]
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from pipeline.engine.stored import inversion_from_arrow
+
+        failpoint("edit")
+        worker = worker_id()
+        ok = good_rows(table)
+        out = [
+            {
+                **err.error_row(r[man.ID], r[err.STAGE], r[err.KIND], r[err.MESSAGE]),
+                res.TUNE_WORKER: r.get(res.TUNE_WORKER),
+            }
+            for r in table.filter(pa.array(~ok)).to_pylist()
+        ]
+        good = table.filter(pa.array(ok))
+        if not len(good):
+            return table_of(out, EDITED_SCHEMA)
+        inversion = inversion_from_arrow(good)
+        meta = good.drop_columns([emb.Z_T, emb.PROMPT_EMBEDDINGS, emb.UNCOND_EMBEDDINGS]).to_pylist()
+        fan = self._fan_out(meta)
+
+        def edit(chunk: list[Edit]):
+            images = [e.image for e in chunk]
+            guidance = [meta[b][emb.GUIDANCE] for b in images]
+            targets, etas = [e.target for e in chunk], [e.eta for e in chunk]
+            return self.engine.edit(inversion, images, targets, etas, guidance=guidance)
+
+        chunks = (fan[start : start + self.max_edits] for start in range(0, len(fan), self.max_edits))
+        began = time.perf_counter()
+        for chunk, pixels in (part for c in chunks for part in split_on_oom(edit, c)):
+            if isinstance(pixels, Exception):  # these edits fail; the batch's other edits go on
+                failed = dict.fromkeys(meta[e.image][emb.ID] for e in chunk)
+                kind, message = type(pixels).__name__, str(pixels)
+                out += [{**err.error_row(i, "edit", kind, message), res.EDIT_WORKER: worker} for i in failed]
+                began = time.perf_counter()
+                continue
+            seconds = (time.perf_counter() - began) / len(chunk)
+            for e, image in zip(chunk, pixels):
+                row = meta[e.image]
+                if not bool(image.isfinite().all()):  # this edit fails, not its batch
+                    message = f"target {e.target_index} at eta {e.eta:g}: the model produced NaN or inf"
+                    out.append(
+                        {**err.error_row(row[emb.ID], "edit", "non_finite", message), res.EDIT_WORKER: worker}
+                    )
+                    continue
+                out.append(
+                    {
+                        res.ID: row[emb.ID],
+                        res.TARGET_INDEX: e.target_index,
+                        res.TARGET_PROMPT: e.target,
+                        res.ETA: e.eta,
+                        res.GUIDANCE: row[emb.GUIDANCE],
+                        res.RECONSTRUCTION_PSNR: row[emb.RECONSTRUCTION_PSNR],
+                        res.RECONSTRUCTION_SSIM: row[emb.RECONSTRUCTION_SSIM],
+                        res.TUNE_SECONDS: row[emb.SECONDS],
+                        res.EDIT_SECONDS: seconds,
+                        res.CONFIG_FINGERPRINT: row[emb.CONFIG_FINGERPRINT],
+                        res.TUNE_WORKER: row.get(res.TUNE_WORKER),
+                        res.EDIT_WORKER: worker,
+                        EDITED: to_uint8(image).tobytes(),
+                    }
+                )
+            began = time.perf_counter()
+        return table_of(out, EDITED_SCHEMA)
+
+
+def write_images(table: pa.Table, *, output: Output) -> pa.Table:
+    """Encode each edit as PNG (on a CPU worker, not the GPU actor), write it under its
+    deterministic key, and keep only its URI."""
+    uris = []
+    columns = (table.column(c).to_pylist() for c in (res.ID, res.TARGET_INDEX, res.ETA, EDITED))
+    for row_id, t, eta, raw in zip(*columns):
+        if raw is None:
+            uris.append(None)
+            continue
+        side = int(round((len(raw) // 3) ** 0.5))
+        location = output.image(row_id, t, eta)
+        location.write_bytes(encode_png(np.frombuffer(raw, np.uint8).reshape(side, side, 3)))
+        uris.append(location.uri)
+    table = table.set_column(
+        table.schema.get_field_index(res.IMAGE_URI), res.IMAGE_URI, pa.array(uris, pa.string())
+    )
+    return table.drop_columns([EDITED])

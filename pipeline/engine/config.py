@@ -1,0 +1,178 @@
+"""The one config object of a run: every default of ALGORITHM.md, written beside every output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:  # the algorithm needs torch; a driver that reads configs must not
+    from pipeline.engine.algorithm import TuningOptions
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# The settings that determine stage 1's results, in the order stage_one_fingerprint hashes them.
+STAGE_ONE_FIELDS = (
+    "method",
+    "steps",
+    "guidance",
+    "inversion_guidance",
+    "inner_steps",
+    "lr",
+    "early_stop",
+    "stop_eps",
+    "stop_slack",
+    "resolution",
+    "seed",
+    "dtype",
+)
+# ... with the precision stage 1's embeddings are stored in: what shapes what is stored.
+STORED_FIELDS = (*STAGE_ONE_FIELDS, "embedding_dtype")
+# ... and what also shapes the edits. Device and progress bars shape nothing.
+EDIT_FIELDS = (*STORED_FIELDS, "etas")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a stage-1 method treats the two branches of classifier-free guidance.
+
+    Stage 1 yields one embedding per timestep for one branch (``branch``); the other branch keeps
+    one embedding at every step:
+
+    - ``"cond"``: the conditional embedding, learned (``tuned``) or fixed to its start; the
+      unconditional branch is ``psi("")``.
+    - ``"uncond"``: the unconditional embedding, learned or fixed to its start; the conditional
+      branch is ``psi(source)``.
+
+    ``start``: where the per-step embedding starts, ``"source"`` (``psi(source)``) or ``"null"``
+    (``psi("")``). ``inverts_on_source``: DDIM inversion runs at guidance 1 on ``psi(source)``
+    whatever the config's ``inversion_guidance``, as the method's paper does.
+    """
+
+    name: str
+    branch: str  # "cond" or "uncond"
+    tuned: bool  # Adam steps on the per-step embedding, or none
+    start: str  # "source" or "null"
+    inverts_on_source: bool
+
+    def __post_init__(self):
+        if self.branch not in ("cond", "uncond") or self.start not in ("source", "null"):
+            raise ValueError(
+                f"method {self.name!r}: branch must be cond or uncond and start source or null, "
+                f"got {self.branch!r} and {self.start!r}"
+            )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        # Prompt Tuning Inversion (Dong et al., ICCV 2023): learn the conditional embedding.
+        Method("pti", branch="cond", tuned=True, start="source", inverts_on_source=False),
+        # DDIM inversion, then sampling with guidance on psi(source): PTI without the tuning.
+        Method("ddim", branch="cond", tuned=False, start="source", inverts_on_source=False),
+        # Null-text inversion (Mokady et al., CVPR 2023): learn the unconditional embedding.
+        Method("nti", branch="uncond", tuned=True, start="null", inverts_on_source=True),
+        # Negative-prompt inversion (Miyake et al. 2023): psi(source) as the unconditional one.
+        Method("npi", branch="uncond", tuned=False, start="source", inverts_on_source=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PTIConfig:
+    """How stage 1 (inversion and tuning) and stage 2 (editing) run.
+
+    ``method``: a name in ``METHODS``: ``pti`` (Dong et al. 2023), ``ddim`` (inversion, then target
+    sampling with guidance), ``nti`` (null-text inversion, Mokady et al. 2023), ``npi``
+    (negative-prompt inversion, Miyake et al. 2023).
+    """
+
+    model: str = DEFAULT_MODEL
+    method: str = "pti"
+    steps: int = 50  # T, DDIM steps
+    guidance: float = 7.5  # w, for tuning and editing
+    inversion_guidance: float = 0.0  # 0: unconditional inversion (the paper); 1: on c_src
+    inner_steps: int = 10  # K, Adam steps per timestep at most
+    lr: float = 1e-2  # decays to lr / 2 over the T timesteps
+    early_stop: bool = True
+    stop_eps: float = 1e-5
+    stop_slack: float = 2e-5
+    etas: tuple[float, ...] = (0.6, 0.8)  # weight on the target prompt; 0 is the reconstruction
+    resolution: int | None = None  # None: the model's own (512 for SD 1.x)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # auto: float32 on the CPU, float16 on CUDA
+    embedding_dtype: str = "float16"  # how tuned embeddings are stored
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "etas", tuple(float(e) for e in self.etas))
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.steps < 1:
+            problems.append(f"steps must be at least 1, got {self.steps}")
+        if self.inner_steps < 0:
+            problems.append(f"inner_steps must be 0 or more, got {self.inner_steps}")
+        if self.inversion_guidance not in (0, 1):
+            problems.append(f"inversion_guidance must be 0 or 1, got {self.inversion_guidance}")
+        if self.embedding_dtype not in ("float16", "float32"):
+            problems.append(f"embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            problems.append(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        problems += [p for p in (check_eta(e) for e in self.etas) if p]
+        if problems:
+            raise InputError("invalid config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PTIConfig":
+        return from_known_fields(cls, values, "config")
+
+    def replace(self, **changes) -> "PTIConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def method_spec(self) -> Method:
+        """The method's row of ``METHODS``: which embedding stage 1 learns or fixes, and how."""
+        return METHODS[self.method]
+
+    def tuning_options(self) -> TuningOptions:
+        """The options of stage 1b's loop for this config's method: no Adam steps for a method that
+        does not tune (ddim, npi), whatever ``inner_steps`` says."""
+        from pipeline.engine.algorithm import TuningOptions
+
+        return TuningOptions(
+            guidance=self.guidance,
+            inner_steps=self.inner_steps if self.method_spec.tuned else 0,
+            lr=self.lr,
+            early_stop=self.early_stop,
+            stop_eps=self.stop_eps,
+            stop_slack=self.stop_slack,
+        )
+
+    def stage_one_fingerprint(self, model_fingerprint: str) -> str:
+        """A hash of everything that determines stage-1 results (not the edit settings)."""
+        payload = {k: getattr(self, k) for k in STAGE_ONE_FIELDS} | {"model": model_fingerprint}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_known_fields(cls, values: dict[str, Any], what: str):
+    """A dataclass from a dict, refusing unknown keys (a typo must not silently do nothing)."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InputError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
+def check_eta(eta: float) -> str | None:
+    """The problem with an interpolation weight, or None."""
+    if not 0.0 <= eta <= 1.0:  # also refuses NaN
+        return f"eta must be in [0, 1], got {eta}"
+    return None

@@ -1,0 +1,169 @@
+"""The tiny offline Stable Diffusion: seeded random weights of the real architecture, built in code.
+
+Tests and the CPU benchmarks use it where no checkpoint can be downloaded; ``pti build-tiny-model``
+writes it. Its CLIP tokenizer is built here too (a byte-level BPE that knows the project's words),
+and ``save_checkpoint`` writes any set of components in diffusers layout, as the world's trainer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = (
+    "a an the of on in with and photo picture painting drawing sketch portrait image "
+    "cat dog man woman person astronaut cup coffee tiger lion horse car tree house "
+    "red green blue yellow black white orange purple pink brown gray "
+    "circle square triangle background big small wearing hat glasses sitting standing "
+    "oil watercolor pencil style sunny snowy night"
+).split()
+
+
+def _clip_bpe_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP byte-level BPE vocabulary: every byte, with and without the end-of-word mark, plus
+    merges that make each of ``words`` one token, so any text tokenises and these words are one
+    token each. (Hand-written because ``tokenizers``' BPE trainer learns merges by frequency and
+    would not promise one token per word.)"""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())  # the 256 characters that stand for bytes
+    tokens = chars + [c + "</w>" for c in chars]
+    ranks: dict[tuple[str, str], int] = {}  # a merge's rank is the order it was added in
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # First the merges the tokenizer will apply anyway (BPE: the lowest-ranked adjacent pair,
+        # until none is left) ...
+        while pairs := [(ranks[p], i) for i, p in enumerate(zip(pieces, pieces[1:])) if p in ranks]:
+            _, i = min(pairs)
+            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+        # ... then new merges, ranked after every other, that join what is left from the left.
+        while len(pieces) > 1:
+            ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+            tokens.append(pieces[0] + pieces[1])
+            pieces[:2] = [pieces[0] + pieces[1]]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return vocab, list(ranks)
+
+
+def clip_tokenizer(words: Sequence[str]):
+    """A CLIP tokenizer that tokenises any text and knows each of ``words`` as one token."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe_vocab(tuple(words))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_text_model(words: Sequence[str], hidden_size: int):
+    """A CLIP tokenizer that knows ``words`` and a small, untrained CLIP text encoder for it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer(words)
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    return tokenizer, text_encoder
+
+
+def sd_scheduler():
+    """A DDIM scheduler with Stable Diffusion 1.x's noise schedule."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def save_checkpoint(
+    folder: Path, vae, text_encoder, tokenizer, unet, dtype: torch.dtype | None = None
+) -> None:
+    """Save the parts in diffusers layout, safetensors only, with Stable Diffusion 1.x's scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if dtype is not None:
+        pipe.to(dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
+    """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
+    layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
+    text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = tiny_text_model(TINY_WORDS, hidden_size)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=32,
+        cross_attention_dim=hidden_size,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=64,
+        layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
+    save_checkpoint(folder, vae, text_encoder, tokenizer, unet)
+    (folder / "README.md").write_text(
+        f"Tiny Stable Diffusion with seeded random weights (seed {seed}), built by "
+        "`pti build-tiny-model`. Its edits are noise: it proves mechanics, not quality.\n"
+    )
+    return folder
+
+
+@torch.no_grad()
+def _unit_latent_scale(vae) -> float:
+    """The VAE's ``scaling_factor``, chosen as Stable Diffusion's was: one over the standard
+    deviation of the latents of real photographs (scikit-image's), so latents have unit scale."""
+    from skimage import data
+    from PIL import Image
+
+    from pipeline.io.images import center_square, to_tensor
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    size = vae.config.sample_size
+    pixels = torch.stack([to_tensor(center_square(Image.fromarray(p), size)) for p in photos])
+    return float(1 / vae.encode(2 * pixels - 1).latent_dist.mean.std())
