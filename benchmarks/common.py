@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -31,11 +32,9 @@ def machine() -> str:
     versions = (
         f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
     )
-    try:
-        import ray
-
-        versions += f", ray {ray.__version__}"
-    except ImportError:
+    try:  # its version, without loading Ray into a process that does not use it
+        versions += f", ray {importlib.metadata.version('ray')}"
+    except importlib.metadata.PackageNotFoundError:
         pass
     return f"{'; '.join(parts)}; {versions}"
 

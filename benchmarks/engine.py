@@ -6,6 +6,7 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
     python -m benchmarks.engine --model sd15 --batches 1 --steps 1 --inner-steps 1 --edits 1
                                                          # SD 1.5's architecture at 512x512 on the CPU
     python -m benchmarks.engine --model sd15 --dtype bfloat16 --batches 1 2 4 8    # on a GPU
+    python -m benchmarks.engine --model sd15 --dtype bfloat16 --timed-steps 3      # 3 of 50 steps timed
 
 ``sd15`` is Stable Diffusion 1.5's architecture built from its public config with seeded random
 weights (nothing is downloaded; cost does not depend on the weights). Utilisation is the FLOPs
@@ -22,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -148,12 +150,66 @@ def _math_attention(engine):
     engine.sd.unet.set_attn_processor(AttnProcessor())
 
 
-_COMPILED = {}  # one compiled UNet per process: the warm-up compiles what the timed run uses
+class TensorTimestep:
+    """The UNet called with its timestep as a tensor on the device, not a Python int: a compiled or
+    graphed UNet then serves every timestep with the same graphs (to torch.compile an int is a
+    constant: on the tiny model, T=4, it made twice the graphs in four times the compile time)."""
+
+    def __init__(self, unet):
+        self.unet, self.timesteps = unet, {}
+
+    def timestep(self, t: int, device: torch.device) -> torch.Tensor:
+        if t not in self.timesteps:
+            self.timesteps[t] = torch.tensor(t, device=device)
+        return self.timesteps[t]
+
+    def __call__(self, z, t, encoder_hidden_states):
+        return self.unet(z, self.timestep(t, z.device), encoder_hidden_states=encoder_hidden_states)
 
 
-def _compiled(engine):
-    unet = engine.eps.unet
-    engine.eps.unet = _COMPILED.setdefault(id(unet), torch.compile(unet))
+class GraphedUNet(TensorTimestep):
+    """The UNet replayed from CUDA graphs (``torch.cuda.make_graphed_callables``: forward, and
+    backward when the embedding needs a gradient), one per input shape and grad mode, captured at
+    first use. A call then launches one graph instead of the UNet's hundreds of kernels. Outputs
+    are cloned: the next replay of the same graph overwrites them."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.graphs = {}
+
+    def capture(self, z, t, emb):
+        def forward(z, t, emb):
+            return self.unet(z, t, encoder_hidden_states=emb).sample
+
+        # Copies: a replay copies each call's inputs into these, which must not be the cached timesteps.
+        sample_args = (z.detach().clone(), t.clone(), emb.detach().clone().requires_grad_(emb.requires_grad))
+        return torch.cuda.make_graphed_callables(forward, sample_args)
+
+    def __call__(self, z, t, encoder_hidden_states):
+        emb = encoder_hidden_states
+        key = (tuple(z.shape), tuple(emb.shape), emb.requires_grad)
+        t = self.timestep(t, z.device)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(z, t, emb)
+        return SimpleNamespace(sample=self.graphs[key](z, t, emb).clone())
+
+
+# One compiled (or graphed) UNet per model, so the warm-up compiles what the timed run uses; each
+# holds its model, so no id is reused while the process lives.
+_WRAPPED = {}
+
+
+def _wrapped_unet(wrap):
+    def apply(engine):
+        unet = engine.eps.unet
+        if id(unet) not in _WRAPPED:
+            _WRAPPED[id(unet)] = wrap(unet)
+        engine.eps.unet = _WRAPPED[id(unet)]
+
+    return apply
+
+
+CUDA_ONLY = {"compile", "cuda_graphs"}
 
 
 LEVERS = {  # name -> (what it changes, applied before stage 1, applied before stage 2)
@@ -190,7 +246,16 @@ LEVERS = {  # name -> (what it changes, applied before stage 1, applied before s
         None,
         lambda e: setattr(e, "eps", SplitBranches(e.eps)),
     ),
-    "compile": ("torch.compile of the UNet (CUDA only)", _compiled, None),
+    "compile": (  # stage 2 stays eager: its batch shape would cost a third compile in the GPU check
+        "torch.compile of the UNet in stage 1 (CUDA only; static shapes, timesteps as tensors)",
+        _wrapped_unet(lambda unet: TensorTimestep(torch.compile(unet, dynamic=False))),
+        lambda e: setattr(e.eps, "unet", e.sd.unet),
+    ),
+    "cuda_graphs": (
+        "the UNet replayed from CUDA graphs, one per shape and grad mode (CUDA only)",
+        _wrapped_unet(GraphedUNet),
+        None,
+    ),
 }
 
 
@@ -224,8 +289,9 @@ def _register_cpu_attention_flops() -> None:
 
 
 def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
-    """FLOPs of the VAE (encode and decode), the inversion and the tuning loop, counted on a run
-    equal to the timed one (same seed and inputs, so early stop takes the same steps)."""
+    """FLOPs of the VAE (encode, decode, and both as ``vae``), the inversion and the tuning loop,
+    counted on a run equal to the timed one (same seed and inputs, so early stop takes the same
+    steps, and the same schedule)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.engine import algorithm
@@ -234,8 +300,9 @@ def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
     _register_cpu_attention_flops()
     cfg = engine.config
     torch.manual_seed(cfg.seed)
-    with FlopCounterMode(display=False) as vae:
+    with FlopCounterMode(display=False) as encoding:
         z0 = engine.encode_images(pixels)
+    with FlopCounterMode(display=False) as decoding:
         engine.decode_latents(z0)
     src = encode_prompts(engine.sd, [p or "" for p in sources])
     null = engine.null.expand(len(z0), -1, -1)
@@ -245,7 +312,9 @@ def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
         options = cfg.tuning_options()
         algorithm.tune_prompt_embeddings(engine.eps, trajectory, src, null, engine.schedule, options)
     return {
-        "vae": vae.get_total_flops(),
+        "encode": encoding.get_total_flops(),
+        "decode": decoding.get_total_flops(),
+        "vae": encoding.get_total_flops() + decoding.get_total_flops(),
         "invert": inverting.get_total_flops(),
         "tune": tuning.get_total_flops(),
     }
@@ -257,13 +326,54 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak_resident_mb()
 
 
-def run_case(case: dict) -> dict:
+def first_steps(schedule, n: int):
+    """The first ``n`` steps (``tau_0 .. tau_n``) of a DDIM schedule. Every step of inversion,
+    tuning and sampling costs the same UNet work whatever its timestep, so timing the first ``n``
+    of ``T`` steps and scaling by ``T / n`` is exact up to timing noise."""
+    from pipeline.engine.algorithm import Schedule
+
+    return Schedule(schedule.timesteps[: n + 1], schedule.alphas[: n + 1])
+
+
+def timing_decodes(engine) -> list[float]:
+    """Record the seconds of each of the engine's VAE decodes (stage 2 scales all but them)."""
+    seconds, decode = [], engine.decode_latents
+
+    def timed(z: torch.Tensor) -> torch.Tensor:
+        _sync(z.device)  # the sampling loop's last UNet calls belong to sampling, not decoding
+        started = time.perf_counter()
+        pixels = decode(z)  # on the CPU: the copy waits for the decode
+        seconds.append(time.perf_counter() - started)
+        return pixels
+
+    engine.decode_latents = timed
+    return seconds
+
+
+def timed_text_encoding(engine, prompts: list[str]) -> float:
+    """Seconds to encode ``prompts`` with the engine's text encoder, as stage 2 does first."""
+    from pipeline.engine.text import encode_prompts
+
+    _sync(engine.sd.device)
+    started = time.perf_counter()
+    encode_prompts(engine.sd, prompts)
+    _sync(engine.sd.device)
+    return time.perf_counter() - started
+
+
+def run_case(case: dict, sd=None) -> dict:
     """Stage 1 on ``batch`` photographs and stage 2 on ``edits`` edits of each, timed after a
-    one-step warm-up of both (allocator, kernels, and compilation where it is on)."""
+    one-step warm-up of both (allocator, kernels, and compilation where it is on).
+
+    With ``timed_steps`` (fewer than ``steps``), the first that many steps of the ``steps``-step
+    schedule are timed and the per-step parts (inversion, tuning, sampling: seconds, UNet
+    evaluations, FLOPs) are scaled to all ``steps`` (``first_steps``); encoding and decoding are
+    not. ``sd``: the case's model already loaded (its model, device and dtype), else it is loaded.
+    """
     from pipeline.engine.config import PTIConfig
     from pipeline.engine.engine import Engine
 
-    sd = load_model(case["model"], case["device"], case["dtype"])
+    sd = sd or load_model(case["model"], case["device"], case["dtype"])
     config = PTIConfig(
         model=case["model"],
         steps=case["steps"],
@@ -272,11 +382,14 @@ def run_case(case: dict) -> dict:
         early_stop=not case["no_early_stop"],
         progress=False,
     )
+    steps, timed = config.steps, min(case.get("timed_steps") or config.steps, config.steps)
     _, before_one, before_two = LEVERS[case["lever"]]
     engine, warm = Engine(sd, config), Engine(sd, config.replace(steps=1))
+    engine.schedule = first_steps(engine.schedule, timed)
     for e in (engine, warm):
         if before_one:
             before_one(e)
+    decodes = timing_decodes(engine)
     batch = case["batch"]
     pixels = photographs(batch, engine.resolution)
     sources = [None] * batch  # PTI needs no source prompt
@@ -301,21 +414,31 @@ def run_case(case: dict) -> dict:
             before_two(e)
         if e is engine and sd.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        decodes.clear()
         started = time.perf_counter()
         e.edit(inversion, rows, targets, etas)
         _sync(sd.device)
         stage_two = time.perf_counter() - started
+        if e is warm:
+            warmup = stage_one + stage_two
+    per_step_one = inversion.seconds["invert"] + inversion.seconds["tune"]
+    # Stage 2's parts that do not repeat per step: decoding, and encoding the target prompts (timed
+    # again apart, as edit() does it inside).
+    fixed_two = sum(decodes) + timed_text_encoding(engine, list(targets))
     result = {
         **case,
         "resolution": engine.resolution,
-        "stage1_s_per_image": stage_one / batch,
-        "tune_s_per_image": inversion.seconds["tune"] / batch,
-        "stage1_calls": stage_one_calls,
-        "stage1_evals_per_image": stage_one_evals / batch,
-        "inner_steps_taken": float(inversion.inner_steps.float().sum(1).mean()),
-        "stage2_s_per_edit": stage_two / len(fan),
-        "stage2_calls": engine.eps.calls - stage_one_calls,
-        "stage2_evals_per_edit": (engine.eps.evaluations - stage_one_evals) / len(fan),
+        "timed_steps": timed,
+        "warmup_s": warmup,
+        "stage1_s_per_image": (stage_one + per_step_one * (steps - timed) / timed) / batch,
+        "tune_s_per_image": inversion.seconds["tune"] * steps / timed / batch,
+        "stage1_calls": stage_one_calls * steps / timed,
+        "stage1_evals_per_image": stage_one_evals * steps / timed / batch,
+        "stage1_evals_timed_per_image": stage_one_evals / batch,
+        "inner_steps_taken": float(inversion.inner_steps.float().sum(1).mean()) * steps / timed,
+        "stage2_s_per_edit": (fixed_two + (stage_two - fixed_two) * steps / timed) / len(fan),
+        "stage2_calls": (engine.eps.calls - stage_one_calls) * steps / timed,
+        "stage2_evals_per_edit": (engine.eps.evaluations - stage_one_evals) * steps / timed / len(fan),
         "stage1_peak_mb": stage_one_peak,
         "stage2_peak_mb": _peak_memory_mb(sd.device),
         "loaded_mb": loaded_mb if sd.device.type == "cpu" else torch.cuda.memory_allocated() / 2**20,
@@ -323,28 +446,37 @@ def run_case(case: dict) -> dict:
     if case["flops"]:
         from torch.utils.flop_counter import FlopCounterMode
 
+        from pipeline.engine.text import encode_prompts
+
         flops = count_flops(engine, pixels, sources)
-        for part in ("vae", "invert", "tune"):
-            result[f"{part}_tflop_per_image"] = flops[part] / batch / 1e12
+        result["vae_tflop_per_image"] = flops["vae"] / batch / 1e12
+        for part in ("invert", "tune"):
+            result[f"{part}_tflop_per_image"] = flops[part] * steps / timed / batch / 1e12
         result["tune_tflops"] = flops["tune"] / 1e12 / inversion.seconds["tune"]
         with FlopCounterMode(display=False) as editing:
             engine.edit(inversion, rows, targets, etas)
-        result["edit_tflop_per_edit"] = editing.get_total_flops() / len(fan) / 1e12
+        with FlopCounterMode(display=False) as texts:
+            encode_prompts(engine.sd, list(targets))
+        # Per edit, what does not repeat per step: one image decoded, one target prompt encoded.
+        fixed = flops["decode"] / batch + texts.get_total_flops() / len(fan)
+        sampling = editing.get_total_flops() / len(fan) - fixed
+        result["edit_tflop_per_edit"] = (fixed + sampling * steps / timed) / 1e12
     return result
 
 
 # --- the peak, and the sweep ------------------------------------------------------------------
 
 
-def matmul_peak_tflops(device: str, dtype: str) -> float:
+def matmul_peak_tflops(device: str, dtype: str, sizes: tuple[int, ...] | None = None) -> float:
     """The device's measured dense matmul throughput in its compute dtype, the best over a few
-    sizes: the roof for utilisation."""
+    sizes (``n x n`` by ``n x n``): the roof for utilisation."""
     from pipeline.engine.models import resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     best = 0.0
-    for n in (4096, 8192, 16384) if torch_device.type == "cuda" else (1024, 2048, 4096):
+    sizes = sizes or ((4096, 8192, 16384) if torch_device.type == "cuda" else (1024, 2048, 4096))
+    for n in sizes:
         a, b = (torch.randn(n, n, device=torch_device, dtype=torch_dtype) for _ in range(2))
         a @ b  # warm-up
         for _ in range(3):
@@ -367,11 +499,13 @@ def best_of(runs: list[dict]) -> dict:
     return row
 
 
-def run_in_subprocess(case: dict) -> dict:
+def run_in_subprocess(case: dict, timeout: float | None = None) -> dict:
+    """One case in a fresh process (so its peak memory is its own); ``timeout`` in seconds."""
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.engine", "--case", json.dumps(case)],
         capture_output=True,
         text=True,
+        timeout=timeout,
     )
     if done.returncode:
         raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
@@ -407,6 +541,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument(
+        "--timed-steps", type=int, help="time the first N steps and scale to --steps (see first_steps)"
+    )
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--edits", type=int, default=4, help="edits per image in stage 2 (targets x etas)")
     parser.add_argument("--device", default="auto")
@@ -437,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         steps=args.steps,
         inner_steps=args.inner_steps,
+        timed_steps=args.timed_steps,
         lr=args.lr,
         edits=args.edits,
         device=args.device,
@@ -445,7 +583,8 @@ def main(argv: list[str] | None = None) -> None:
         flops=args.flops,
     )
     if args.levers is not None:
-        levers = args.levers or [name for name in LEVERS if name != "compile" or torch.cuda.is_available()]
+        runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
+        levers = args.levers or runnable
         cases = [
             dict(base, batch=max(args.batches), lever=name)
             for name in ["baseline", *levers]
@@ -469,7 +608,8 @@ def main(argv: list[str] | None = None) -> None:
     first = rows[0]
     setting = (
         f"model `{args.model}` at {first['resolution']}x{first['resolution']}, "
-        f"T={args.steps}, K={args.inner_steps}, "
+        f"T={args.steps}{f' (first {args.timed_steps} steps timed, scaled)' if args.timed_steps else ''}, "
+        f"K={args.inner_steps}, "
         f"best of {args.repeat} interleaved run(s) per case, "
         f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {args.edits} edits per image, "
         f"device {args.device}, dtype {args.dtype}; measured matmul peak {peak:.3g} TFLOP/s"

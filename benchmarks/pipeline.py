@@ -90,78 +90,111 @@ def engine_alone(config, manifest: str) -> dict:
     return {"load_s": loaded - started, "seconds": seconds, "s_per_row": seconds / len(rows)}
 
 
-def overhead(args) -> str:
+def measure_overhead(
+    model: str,
+    sizes: tuple[int, ...],
+    steps: int,
+    inner_steps: int,
+    tune_batch_size: int,
+    edit_batch_size: int,
+    gpus_per_actor: float = 0.0,
+) -> dict:
+    """``jobs.run`` (``run_all``, one tuning and one editing actor on ``gpus_per_actor`` GPUs each)
+    on a manifest of each of ``sizes`` rows, and the engine alone on the largest. Two sizes give
+    the job's cost per row at scale (their difference) and its fixed cost per job; one gives the
+    end-to-end rate only. Returns the table's rows and its setting."""
     from pipeline.batch.cluster import init_ray
-    from pipeline.batch.jobs import run_all
     from pipeline.batch.config import RunConfig
+    from pipeline.batch.jobs import run_all
 
     work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
-    model = model_folder(args.model)
-    manifests = {n: write_manifest(work / "inputs", n, TARGETS) for n in (args.rows, 2 * args.rows)}
+    folder = model_folder(model)
+    manifests = {n: write_manifest(work / "inputs", n, TARGETS) for n in sizes}
+    largest = max(sizes)
 
     def config(rows: int, output: str) -> RunConfig:
         return RunConfig(
             manifest=manifests[rows],
             output=output,
-            gpus_per_actor=0,
+            gpus_per_actor=gpus_per_actor,
             tune_actors=1,
             edit_actors=1,
-            tune_batch_size=args.tune_batch_size,
-            edit_batch_size=args.edit_batch_size,
-            pti=dict(model=model, steps=args.steps, inner_steps=args.inner_steps, etas=[0.8], progress=False),
+            tune_batch_size=tune_batch_size,
+            edit_batch_size=edit_batch_size,
+            pti=dict(model=folder, steps=steps, inner_steps=inner_steps, etas=[0.8], progress=False),
         )
 
-    alone = engine_alone(config(2 * args.rows, ""), manifests[2 * args.rows])
+    alone = engine_alone(config(largest, ""), manifests[largest])
     print(json.dumps({"engine_alone": alone}), flush=True)
     started = time.perf_counter()
-    init_ray(config(args.rows, ""))
+    init_ray(config(largest, ""))
     ray_start = time.perf_counter() - started
     job = {}
-    for rows in (args.rows, 2 * args.rows):
+    for rows in sizes:
         started = time.perf_counter()
         summary = run_all(config(rows, str(work / f"out-{rows}")))
         job[rows] = time.perf_counter() - started
         assert summary["rows_done"] == rows and summary["edits"] == rows * len(TARGETS), summary
         print(json.dumps({"rows": rows, "seconds": job[rows]}), flush=True)
-    per_row = (job[2 * args.rows] - job[args.rows]) / args.rows
-    fixed = job[args.rows] - args.rows * per_row
-    result = [
+    table = [
         {
             "what": "engine alone",
             "s_per_row": alone["s_per_row"],
             "rows_per_s": 1 / alone["s_per_row"],
             "fixed": alone["load_s"],
             "overhead": None,
-        },
-        {
-            "what": "jobs.run, per row at scale",
-            "s_per_row": per_row,
-            "rows_per_s": 1 / per_row,
-            "fixed": fixed,
-            "overhead": f"{per_row / alone['s_per_row'] - 1:+.1%}",
-        },
-        {
-            "what": f"jobs.run end to end, {2 * args.rows} rows",
-            "s_per_row": job[2 * args.rows] / (2 * args.rows),
-            "rows_per_s": 2 * args.rows / job[2 * args.rows],
-            "fixed": None,
-            "overhead": f"{job[2 * args.rows] / (alone['seconds'] + alone['load_s']) - 1:+.1%}",
-        },
+        }
     ]
+    if len(sizes) == 2:
+        small = min(sizes)
+        per_row = (job[largest] - job[small]) / (largest - small)
+        table.append(
+            {
+                "what": "jobs.run, per row at scale",
+                "s_per_row": per_row,
+                "rows_per_s": 1 / per_row,
+                "fixed": job[small] - small * per_row,
+                "overhead": f"{per_row / alone['s_per_row'] - 1:+.1%}",
+            }
+        )
+    table.append(
+        {
+            "what": f"jobs.run end to end, {largest} rows",
+            "s_per_row": job[largest] / largest,
+            "rows_per_s": largest / job[largest],
+            "fixed": None,
+            "overhead": f"{job[largest] / (alone['seconds'] + alone['load_s']) - 1:+.1%}",
+        }
+    )
+    where = f"on {gpus_per_actor:g} GPU each" if gpus_per_actor else "on CPUs"
     setting = (
-        f"model `{args.model}`, T={args.steps}, K={args.inner_steps}, {len(TARGETS)} edits per row, "
-        f"tune_batch_size {args.tune_batch_size}, edit_batch_size {args.edit_batch_size}, one tuning and one "
-        f"editing actor on CPUs; {args.rows} and {2 * args.rows} rows; "
+        f"model `{model}`, T={steps}, K={inner_steps}, {len(TARGETS)} edits per row, "
+        f"tune_batch_size {tune_batch_size}, edit_batch_size {edit_batch_size}, one tuning and one "
+        f"editing actor {where}; {' and '.join(map(str, sizes))} rows; "
         f"Ray's own start {ray_start:.1f} s (not counted)"
     )
-    columns = {
-        "what": "",
-        "s_per_row": "s/row",
-        "rows_per_s": "rows/s",
-        "fixed": "fixed s (load, start-up)",
-        "overhead": "against the engine alone",
-    }
-    return f"{setting}.\n\n{markdown_table(result, columns)}"
+    return {"table": table, "setting": setting, "engine_alone": alone, "jobs": job, "ray_start_s": ray_start}
+
+
+OVERHEAD_COLUMNS = {
+    "what": "",
+    "s_per_row": "s/row",
+    "rows_per_s": "rows/s",
+    "fixed": "fixed s (load, start-up)",
+    "overhead": "against the engine alone",
+}
+
+
+def overhead(args) -> str:
+    measured = measure_overhead(
+        args.model,
+        (args.rows, 2 * args.rows),
+        args.steps,
+        args.inner_steps,
+        args.tune_batch_size,
+        args.edit_batch_size,
+    )
+    return f"{measured['setting']}.\n\n{markdown_table(measured['table'], OVERHEAD_COLUMNS)}"
 
 
 def driver_memory_case(rows: int, model: str) -> dict:
