@@ -50,6 +50,23 @@ def edit_command(
     seed: int = typer.Option(PTIConfig.seed),
     device: str = typer.Option(PTIConfig.device, help="auto, cpu or cuda[:N]."),
     dtype: str = typer.Option(PTIConfig.dtype, help="auto, float32, float16 or bfloat16 (CUDA)."),
+    control: str = typer.Option(
+        PTIConfig.control,
+        help="Attention control of the edits (Prompt-to-Prompt): none, replace, refine, reweight or auto.",
+    ),
+    cross_replace_steps: float = typer.Option(
+        PTIConfig.cross_replace_steps, help="Fraction of the steps whose cross-attention is the source's."
+    ),
+    self_replace_steps: float = typer.Option(
+        PTIConfig.self_replace_steps, help="Fraction of the steps whose low-resolution self-attention is."
+    ),
+    local_blend: bool = typer.Option(
+        PTIConfig.local_blend, help="Keep the image outside the words that change (needs --source)."
+    ),
+    blend_threshold: float = typer.Option(PTIConfig.blend_threshold, help="Local blend's mask threshold."),
+    reweight: list[str] = typer.Option(
+        [], "--reweight", help="WORD=FACTOR: scale a target word's attention; repeat for more."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Invert and tune one image, then write one edit per (target, eta), a contact sheet and a summary."""
@@ -68,18 +85,39 @@ def edit_command(
             seed=seed,
             device=device,
             dtype=dtype,
+            control=control,
+            cross_replace_steps=cross_replace_steps,
+            self_replace_steps=self_replace_steps,
+            local_blend=local_blend,
+            blend_threshold=blend_threshold,
+            reweight=_factors(reweight),
             progress=not quiet,
         )
         summary = edit_one_image(config, image, target, source, out)
     except PTIError as error:
         _fail(error)
     recon = summary["reconstruction"]
+    typer.echo(f"ran on {summary['device']} in {summary['dtype']}")
     typer.echo(
         f"reconstruction PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}; "
         f"{len(summary['edits'])} edits in {summary['seconds']['total']:.1f} s"
     )
     typer.echo(f"outputs:       {out}/")
     typer.echo(f"contact sheet: {out / 'contact_sheet.png'}")
+
+
+def _factors(items: list[str]) -> dict[str, float] | None:
+    """``WORD=FACTOR`` options as a dict."""
+    factors = {}
+    for item in items:
+        word, sep, factor = item.partition("=")
+        try:
+            factors[word] = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not word:
+            raise PTIError(f"--reweight {item!r} is not WORD=FACTOR (e.g. --reweight hat=2)")
+    return factors or None
 
 
 @app.command("build-tiny-model")

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Callable
 
-from pipeline.errors import PTIError
+from pipeline.errors import PTIError, TooManyFailures
 from pipeline.batch.config import RunConfig
 
 FLAGS = {  # flag -> config key, for the settings people change most
@@ -76,6 +76,8 @@ def main(
             return None
         summary = run(config)
     except PTIError as error:
+        if isinstance(error, TooManyFailures):  # the job ran to the end: show what it did
+            print_summary(error.summary)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print_summary(summary)

@@ -1,4 +1,5 @@
-"""``make demo``: the main job (``jobs.run``) on embedded defaults.
+"""``make demo``: the main job (``jobs.run``) on embedded defaults, then its tunings edited again
+under attention control (``jobs.edit``), side by side.
 
 The shipped model of the rendered world (``models/shapes-sd``, trained here on the CPU), a bundled
 manifest of held-out scenes with a colour edit and a shape edit each, local Ray and local files;
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,13 +18,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.common import print_summary
-from pipeline.world import scenes as world
-from pipeline.batch.jobs import run_all
-from pipeline.io.images import contact_sheet
+from pipeline.batch.config import RunConfig
+from pipeline.batch.jobs import run_all, run_edit
 from pipeline.batch.output import Output
 from pipeline.batch.report import edit_rows
+from pipeline.io.images import contact_sheet
 from pipeline.io.storage import Location
-from pipeline.batch.config import RunConfig
+from pipeline.world import scenes as world
 
 SCENES = 4
 
@@ -44,10 +46,17 @@ def write_manifest(folder: Path) -> Path:
     return folder / "manifest.parquet"
 
 
-def write_contact_sheet(output: Path, manifest: Path) -> Path:
-    """One row per image: the input, then its edits in results order."""
+def write_contact_sheet(output: Path, controlled: Path, manifest: Path) -> Path:
+    """One row per image: the input, its plain edits in results order, then its controlled ones."""
+    rows: dict[str, list] = {}
+    for folder in (output, controlled):
+        edits = Output.at(str(folder))
+        done = edits.results.read_columns(["id"])
+        ids = sorted(set(done["id"].to_pylist())) if done is not None else []
+        for row_id, row in zip(ids, edit_rows(edits, Location(str(manifest)))):  # both in id order
+            rows[row_id] = rows[row_id] + row[1:] if row_id in rows else row
     path = output / "contact_sheet.png"
-    contact_sheet(edit_rows(Output.at(str(output)), Location(str(manifest)))).save(path)
+    contact_sheet(list(rows.values())).save(path)
     return path
 
 
@@ -62,17 +71,30 @@ def main(argv: list[str] | None = None) -> None:
         # on the same output would resume it and do nothing).
         shutil.rmtree(output)
     manifest = write_manifest(output / "inputs")
+    pti = dict(model=args.model, progress=False)
     config = RunConfig(
         manifest=str(manifest),
         output=str(output),
         gpus_per_actor=0,
         tune_actors=1,
         edit_actors=1,
-        pti=dict(model=args.model, progress=False),
+        pti=pti,
     )
-    summary = run_all(config)
-    print_summary(summary)
-    print(f"contact sheet: {write_contact_sheet(output, manifest)}")
+    print_summary(run_all(config))
+    # The same tunings edited again under attention control (Prompt-to-Prompt), beside the plain
+    # edits: a stage-2 choice, so jobs.edit reuses the stored embeddings.
+    controlled = output / "controlled"
+    control = dict(control="auto", local_blend=True)
+    edit = replace(
+        config, output=str(controlled), embeddings=str(output / "embeddings"), pti={**pti, **control}
+    )
+    print_summary(run_edit(edit))
+    print(
+        "scene-3 has no source prompt: PTI tunes it without one, but word alignment needs one, so its "
+        "controlled edits are an error row (controlled/errors/)"
+    )
+    sheet = write_contact_sheet(output, controlled, manifest)
+    print(f"contact sheet (a row per scene: input, plain edits, controlled edits): {sheet}")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ def edit_one_image(
     photo = decode_rgb(read_bytes(image, image), image)  # a bad image fails before the model loads
     engine = engine or Engine.load(config)
     loaded = time.perf_counter()
+    # Attention control is planned before stage 1, so a target it cannot align fails at once.
+    plans = [engine.attention_plan(source, t, name=f"target {n} ({t!r})") for n, t in enumerate(targets)]
     pixels = to_tensor(center_square(photo, engine.resolution)).unsqueeze(0)
     inversion = engine.invert_and_tune(pixels, [source])
-    edits = engine.edit_grid(inversion, targets, config.etas)
+    edits = engine.edit_grid(inversion, targets, config.etas, plans)
     finished = time.perf_counter()
 
     out = Path(out)
@@ -72,6 +74,8 @@ def edit_one_image(
         "targets": list(targets),
         "config": config.to_dict(),
         "model_fingerprint": engine.sd.fingerprint,
+        "device": str(engine.sd.device),
+        "dtype": str(engine.sd.dtype).removeprefix("torch."),
         "config_fingerprint": engine.fingerprint,
         "reconstruction": {
             "file": "reconstruction.png",

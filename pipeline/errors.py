@@ -21,3 +21,12 @@ class ImageError(InputError):
     def __init__(self, message: str, kind: str = "bad_image"):
         super().__init__(message)
         self.kind = kind
+
+
+class TooManyFailures(PTIError):
+    """A job whose failed rows are more than ``max_failed_fraction`` of its rows. Raised after
+    everything is written; ``summary`` is the job's summary, as written beside its outputs."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary

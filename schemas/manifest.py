@@ -23,6 +23,9 @@ TARGET_PROMPT = "target_prompt"  # accepted on input, turned into TARGET_PROMPTS
 ETA = "eta"
 GUIDANCE = "guidance"
 SEED = "seed"
+# Attention control (ALGORITHM.md, stage 2b), when the config turns it on: per-row words.
+BLEND_WORDS = "blend_words"  # local blend on these words (default: the words the prompts do not share)
+REWEIGHT = "reweight"  # word -> factor on its cross-attention in the edits
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -33,12 +36,18 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(ETA, pa.list_(pa.float64())),
         pa.field(GUIDANCE, pa.float64()),
         pa.field(SEED, pa.int64()),
+        pa.field(BLEND_WORDS, pa.list_(pa.string())),
+        pa.field(REWEIGHT, pa.map_(pa.string(), pa.float64())),
     ]
 )
 
 
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t)
 
 
 def _is_list_of(t: pa.DataType, check) -> bool:
@@ -72,6 +81,14 @@ def schema_problems(schema: pa.Schema) -> list[str]:
             lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
         ),
         SEED: ("an integer", lambda t: pa.types.is_integer(t) or pa.types.is_null(t)),
+        BLEND_WORDS: ("a list of strings", lambda t: _is_list_of(t, _is_string) or pa.types.is_null(t)),
+        REWEIGHT: (
+            "a map of word to number",
+            lambda t: (
+                pa.types.is_null(t)
+                or (pa.types.is_map(t) and _is_string(t.key_type) and _is_number(t.item_type))
+            ),
+        ),
     }
     for field in schema:
         if field.name in expect and not expect[field.name][1](field.type):
@@ -100,10 +117,37 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
     for eta in row.get(ETA) or []:
         if eta is None or not (0.0 <= eta <= 1.0) or math.isnan(eta):
             problems.append(("bad_eta", f"eta must be in [0, 1], got {eta}"))
+    for name, same in same_etas(row.get(ETA) or []).items():
+        listed = ", ".join(repr(e) for e in same)
+        problems.append(
+            (
+                "duplicate_eta",
+                f"etas {listed} are one eta at the precision of image names ({name}): list it once",
+            )
+        )
     guidance = row.get(GUIDANCE)
     if guidance is not None and not math.isfinite(guidance):
         problems.append(("bad_guidance", f"guidance must be a finite number, got {guidance}"))
+    factors = dict(row.get(REWEIGHT) or [])  # Arrow maps read back as (key, value) pairs
+    bad = {w: f for w, f in factors.items() if f is None or not (math.isfinite(f) and f >= 0)}
+    if bad:
+        problems.append(("bad_reweight", f"reweight factors must be finite numbers >= 0, got {bad}"))
     return problems
+
+
+def eta_name(eta: float) -> str:
+    """An eta as output file names write it (``images/{id}/{target_index}-{eta}.png``)."""
+    return f"{eta:g}"
+
+
+def same_etas(etas) -> dict[str, list[float]]:
+    """The etas of one row that share a file name (``0.3`` and ``0.3000001`` both write ``0.3``),
+    by that name: each pair would make one image twice, the second over the first."""
+    by_name: dict[str, list[float]] = {}
+    for eta in etas:
+        if eta is not None and not math.isnan(eta):
+            by_name.setdefault(eta_name(eta), []).append(eta)
+    return {name: same for name, same in by_name.items() if len(same) > 1}
 
 
 def duplicated_ids(ids) -> set:
@@ -117,8 +161,10 @@ def validate_rows(
     """Split manifest rows into usable ones (``target_prompts`` filled in) and error rows.
 
     Every bad row is reported, each with all of its problems; every copy of a duplicated id is an
-    error, since none of them can be told apart in the outputs. ``duplicates`` comes from the
-    whole manifest (``duplicated_ids``); by default, from these rows.
+    error, since none of them can be told apart in the outputs. A row whose etas repeat at the
+    precision of their file names (``[0.5, 0.5]``, ``[0.3, 0.3000001]``) is refused too
+    (``duplicate_eta``, naming the etas), not merged: which one it meant is the user's to say.
+    ``duplicates`` comes from the whole manifest (``duplicated_ids``); by default, from these rows.
     """
     if duplicates is None:
         duplicates = duplicated_ids(r.get(ID) for r in rows)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,7 @@ def ray_cluster(failpoints):
     os.environ[FAILPOINTS_ENV] = str(failpoints)  # armed by tests: see pipeline.batch.faults
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster: no token to hand around
     port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="pti-ray-")  # short: Ray's socket paths must fit in 107 bytes
     ray_bin = str(Path(sys.executable).with_name("ray"))
     subprocess.run(
         [
@@ -112,6 +114,7 @@ def ray_cluster(failpoints):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
         ],
         check=True,
         capture_output=True,
@@ -119,5 +122,29 @@ def ray_cluster(failpoints):
     ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
     yield f"http://127.0.0.1:{dashboard}"
     ray.shutdown()
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
-    time.sleep(1)
+    stop_head_node(temp_dir)
+
+
+def stop_head_node(temp_dir: str) -> None:
+    """End the processes of the head node started with ``temp_dir``, and their children (``ray
+    stop`` would end every Ray on the machine, other people's too)."""
+    import psutil
+
+    def started_here(process: psutil.Process) -> bool:
+        try:
+            return any(temp_dir in part for part in process.cmdline())
+        except psutil.Error:
+            return False
+
+    family = {}
+    for head in (p for p in psutil.process_iter() if started_here(p)):
+        try:
+            family |= {p.pid: p for p in [head, *head.children(recursive=True)]}
+        except psutil.Error:
+            continue  # ended already
+    for process in family.values():
+        process.terminate()
+    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    for process in alive:
+        process.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -44,6 +44,7 @@ def night(tmp_path, model: str, run_id: str, **nightly) -> RunConfig:
         gpus_per_actor=1,
         tune_batch_size=2,
         edit_batch_size=2,
+        max_failed_fraction=0.5,  # the first night's manifest has one bad row of two: still done
         pti=dict(model=model, **PTI),
         nightly=dict(manifests=str(tmp_path / "manifests"), run_id=run_id, **nightly),
     )

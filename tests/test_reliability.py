@@ -58,6 +58,7 @@ def config(manifest, model, output, **overrides) -> RunConfig:
         edit_batch_size=1,
         max_edits_per_call=2,
         results_rows_per_file=2,
+        max_failed_fraction=0.2,  # the one broken row of seven
         pti=dict(model=model, **PTI),
         **overrides,
     )
@@ -96,6 +97,8 @@ def undisturbed(ray_cluster, manifest, tiny_model_dir, tmp_path_factory) -> dict
 
 
 def arm(failpoints, name: str):
+    for earlier in failpoints.glob(f"{name}.fired-*"):  # another test's firing: not this one's
+        earlier.unlink()
     (failpoints / name).touch()
     return lambda: sorted(p.name for p in failpoints.glob(f"{name}.fired-*"))
 

@@ -3,8 +3,12 @@ cluster can hold the job's actor pools."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import re
+import time
 
 from pipeline.batch.config import RunConfig
 from pipeline.errors import InputError
@@ -13,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(config: RunConfig) -> None:
-    """Join the cluster a job was submitted to, or start a local one sized so that reads always
-    have a CPU beside the actor pools (a pool that takes every CPU starves the reads: a hang)."""
+    """Join the cluster a job was submitted to (``RAY_ADDRESS``), or start a local one sized so
+    that reads always have a CPU beside the actor pools (a pool that takes every CPU starves the
+    reads: a hang). Without ``RAY_ADDRESS`` a local Ray is always a new one: a cluster that
+    ``ray start`` left on the machine is not joined by accident (nor sized for this job)."""
     import ray
 
     if ray.is_initialized():
@@ -23,7 +29,72 @@ def init_ray(config: RunConfig) -> None:
         ray.init(log_to_driver=True)
         return
     actors = config.tune_actors + config.edit_actors
-    ray.init(num_cpus=int(actors * config.cpus_per_actor) + 2, include_dashboard=False)
+    ray.init(address="local", num_cpus=int(actors * config.cpus_per_actor) + 2, include_dashboard=False)
+
+
+def starved_reads(actors: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
+    """What is wrong when a job's actors would leave its reads no whole CPU (each read and write
+    task asks for one), with the fix; None when a CPU is left."""
+    left = cluster_cpus - actors * cpus_per_actor
+    if left >= 1 - 1e-9:  # shares like 0.1 do not add up exactly
+        return None
+    fits = math.floor((cluster_cpus - 1) / actors * 100) / 100  # the largest share that leaves a CPU
+    fix = "add CPUs to the cluster"
+    if fits > 0:
+        fix = f"set cpus_per_actor={fits:g} (--set cpus_per_actor={fits:g}), run fewer actors or {fix}"
+    return (
+        f"the job's {actors} actor(s) x cpus_per_actor={cpus_per_actor:g} take {actors * cpus_per_actor:g} "
+        f"of the Ray cluster's {cluster_cpus:g} CPUs, leaving {max(left, 0):g}: reading images needs a "
+        f"whole CPU, so the job would wait forever; {fix}"
+    )
+
+
+READ_ONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]+")  # how Ray reports each node of a `ray start` cluster
+
+
+def autoscaler_can_add_nodes(status: dict) -> bool:
+    """From Ray's autoscaler status (``ray status``'s source): whether an autoscaler with node
+    types of its own runs. A cluster made with ``ray start`` reports each node as a read-only type
+    named after it, and never grows."""
+    report = status.get("autoscaler_report") or {}
+    types = {*(report.get("active_nodes") or {}), *(report.get("idle_nodes") or {})}
+    types |= {*(report.get("pending_launches") or {}), *(report.get("node_type_mapping") or {}).values()}
+    return any(not READ_ONLY_NODE_TYPE.fullmatch(t) for t in types)
+
+
+def cluster_can_grow(wait_s: float = 15.0) -> bool:
+    """Whether the cluster Ray is connected to has an autoscaler that can add nodes. Its first
+    report can take a few seconds after the cluster starts; with none by ``wait_s``, the cluster
+    is taken to stay as it is."""
+    import ray
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if is_autoscaler_v2(fetch_from_server=True):  # v2 keeps no such report; it runs only to scale
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        status = json.loads(raw) if raw else {}
+        if "autoscaler_report" in status or time.monotonic() >= deadline or not ray.is_initialized():
+            return autoscaler_can_add_nodes(status)
+        time.sleep(0.5)
+
+
+def check_cpus(config: RunConfig, actors: int) -> None:
+    """Refuse a job whose actors would take every CPU of a cluster that cannot grow: its reads
+    would never start, and Ray Data would wait for them forever. An autoscaling cluster may add
+    the CPUs: a warning then."""
+    import ray
+
+    problem = starved_reads(actors, config.cpus_per_actor, ray.cluster_resources().get("CPU", 0))
+    if problem is None:
+        return
+    if cluster_can_grow():
+        log.warning("%s (unless the autoscaler adds CPUs)", problem)
+        return
+    raise InputError(problem)
 
 
 def check_gpus(config: RunConfig) -> None:

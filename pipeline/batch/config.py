@@ -17,7 +17,7 @@ import yaml
 from pipeline.batch.output import Output
 from pipeline.engine.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
-from pipeline.io.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from pipeline.io.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, READ_ATTEMPTS, READ_TIMEOUT_S
 from pipeline.io.storage import Location
 
 
@@ -76,6 +76,13 @@ class RunConfig:
     max_image_pixels: int = (
         MAX_IMAGE_PIXELS  # larger images are refused from their header (decompression bombs)
     )
+    # Every try of one image read together (a stalled store or server becomes read_failed), and
+    # how many tries: botocore's own for S3 (its standard retry mode), the reader's for the rest.
+    image_read_timeout_s: float = READ_TIMEOUT_S
+    image_read_attempts: int = READ_ATTEMPTS
+    # A job whose failed rows are more than this fraction of its rows fails (after writing
+    # everything): its exit status and the nightly ledger say so. 1.0: never.
+    max_failed_fraction: float = 0.1
     # When the cluster holds all of a job's actors at once, pools wait for all their actors before
     # taking work (so every actor gets some), and fail when they cannot start in this time.
     actor_start_timeout_s: float = 1800.0
@@ -94,9 +101,14 @@ class RunConfig:
                 "tune_batch_size",
                 "edit_batch_size",
                 "max_edits_per_call",
+                "image_read_attempts",
             )
             if getattr(self, name) < 1
         ]
+        if not 0 <= self.max_failed_fraction <= 1:
+            problems.append(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if not self.image_read_timeout_s > 0:
+            problems.append(f"image_read_timeout_s must be > 0, got {self.image_read_timeout_s}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
             problems.append("gpus_per_actor must be >= 0 and cpus_per_actor > 0")
         if problems:

@@ -12,11 +12,12 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.batch.cluster import check_gpus, init_ray, pools_fit
+from pipeline.batch.cluster import check_cpus, check_gpus, init_ray, pools_fit
 from pipeline.batch.config import RunConfig
 from pipeline.batch.faults import failpoint
 from pipeline.batch.resume import check_same_settings
 from pipeline.batch.rows import good_rows
+from pipeline.errors import TooManyFailures
 from pipeline.io.storage import Location
 from schemas import errors as err
 from schemas import results as res
@@ -68,26 +69,25 @@ class RollingParquet:
 
 
 def start(config: RunConfig, job: str) -> tuple[float, str]:
-    """Join or start Ray, check its GPUs and that the output holds nothing made with other
-    settings, drop an earlier attempt's errors (every row not done is tried again) and write the
-    resolved config beside the outputs. Returns the start time and this attempt's name."""
+    """Join or start Ray, check its GPUs and CPUs and that the output holds nothing made with
+    other settings, and write the resolved config beside the outputs. Returns the start time and
+    this attempt's name, which begins with the job's (``run-...``)."""
     from ray.data import DataContext
 
     started = time.perf_counter()
     output = config.output_location
-    init_ray(config)
-    check_gpus(config)
-    check_same_settings(config, job)
     actors = {
         "run": config.tune_actors + config.edit_actors,
         "tune": config.tune_actors,
         "edit": config.edit_actors,
     }
+    init_ray(config)
+    check_gpus(config)
+    check_cpus(config, actors[job])
+    check_same_settings(config, job)
     # The context is per process: set it both ways, a driver may run several jobs.
     fit = pools_fit(config, actors[job])
     DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if fit else -1
-    earlier = [p for p in output.errors.parquet_files() if posixpath.basename(p).startswith(f"{job}-")]
-    output.errors.delete(earlier)
     output.config_file(job).write_bytes(config.to_yaml().encode())
     return started, f"{job}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
@@ -96,16 +96,17 @@ def drain(
     ds, config: RunConfig, attempt: str, results_schema: pa.Schema | None, errors_before: list[dict] = ()
 ) -> dict:
     """Stream the final rows to the driver (small rows: no tensors, no images) and write the
-    results and errors tables; count everything for the summary."""
+    results and errors tables; count everything for the summary.
+
+    Every row not done is tried again, so this attempt's errors replace the job's earlier ones,
+    but only once they are all written: a run that ends early leaves the earlier table. Results
+    are written as they come (a re-run skips them); errors, which a re-run makes again, at the
+    end (or every ``results_rows_per_file`` rows)."""
     output = config.output_location
-
-    def table(folder: Location, schema: pa.Schema) -> RollingParquet:
-        return RollingParquet(
-            folder, schema, config.results_rows_per_file, attempt, config.results_flush_seconds
-        )
-
-    errors = table(output.errors, err.ERRORS_SCHEMA)
-    results = results_schema and table(output.results, results_schema)
+    results = results_schema and RollingParquet(
+        output.results, results_schema, config.results_rows_per_file, attempt, config.results_flush_seconds
+    )
+    errors = RollingParquet(output.errors, err.ERRORS_SCHEMA, config.results_rows_per_file, attempt)
     errors.add(pa.Table.from_pylist(list(errors_before), schema=err.ERRORS_SCHEMA))
     ok_ids, early_ids, edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
     early_errors, resumed_ids = len(errors_before), set()
@@ -131,6 +132,7 @@ def drain(
     errors.close()
     if results is not None:
         results.close()
+    drop_earlier_errors(output.errors, attempt)
     return {
         "ok_ids": ok_ids,
         "early_error_rows": early_errors,
@@ -139,6 +141,17 @@ def drain(
         "result_rows": results.rows if results else 0,
         "resumed": len(resumed_ids),
     }
+
+
+def drop_earlier_errors(folder: Location, attempt: str) -> None:
+    """Delete the errors files of the job's earlier attempts (``{job}-...``), not this one's."""
+    job = attempt.partition("-")[0]
+    earlier = [
+        p
+        for p in folder.parquet_files()
+        if posixpath.basename(p).startswith(f"{job}-") and not posixpath.basename(p).startswith(f"{attempt}-")
+    ]
+    folder.delete(earlier)
 
 
 def account(rows_in: int, counts: dict, already_done: int) -> dict:
@@ -158,7 +171,8 @@ def account(rows_in: int, counts: dict, already_done: int) -> dict:
 
 
 def finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
-    """The job's summary, written beside its outputs."""
+    """The job's summary, written beside its outputs. Raises TooManyFailures, after writing it,
+    when more than ``max_failed_fraction`` of the rows failed."""
     summary = {
         "job": job,
         "output": config.output,
@@ -168,4 +182,18 @@ def finish(config: RunConfig, job: str, started: float, counts: dict) -> dict:
     new_rows = counts["rows_done"] - counts["already_done"]
     summary["rows_per_second"] = round(new_rows / max(summary["seconds"], 1e-9), 4)
     config.output_location.summary_file(job).write_bytes(json.dumps(summary, indent=2).encode())
+    check_failures(config, summary)
     return summary
+
+
+def check_failures(config: RunConfig, summary: dict) -> None:
+    """Refuse to call a job a success when more than ``max_failed_fraction`` of its rows failed."""
+    failed, rows = summary["rows_failed"], summary["rows_in"]
+    if failed > config.max_failed_fraction * rows:
+        raise TooManyFailures(
+            f"{failed} of {rows} rows failed ({failed / rows:.0%}), more than max_failed_fraction="
+            f"{config.max_failed_fraction:g}: the errors table {config.output_location.errors} says why "
+            "each failed; fix those inputs and run the job again on the same output (it retries only "
+            "the failed rows), or raise max_failed_fraction",
+            summary,
+        )

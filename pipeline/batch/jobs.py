@@ -22,6 +22,7 @@ from pipeline.io.storage import Location, default_image_prefixes
 from schemas import errors as err
 from schemas import manifest as man
 from schemas import results as res
+from schemas.stages import CARRIED
 
 MANIFEST_COLUMNS = (
     man.ID,
@@ -32,6 +33,8 @@ MANIFEST_COLUMNS = (
     man.ETA,
     man.GUIDANCE,
     man.SEED,
+    man.BLEND_WORDS,
+    man.REWEIGHT,
 )
 
 
@@ -98,6 +101,8 @@ def tune(ds, config: RunConfig, rows: int, duplicates: set, committed: Committed
         allowed=tuple(config.allowed_image_prefixes or default_image_prefixes(config.manifest)),
         max_bytes=config.max_image_bytes,
         max_pixels=config.max_image_pixels,
+        read_timeout_s=config.image_read_timeout_s,
+        read_attempts=config.image_read_attempts,
         skip=frozenset(committed.tuned) - duplicates,
     )
     ds = _spread(ds, rows, config).map_batches(prepare_rows, batch_format="pyarrow", fn_kwargs=read)
@@ -163,7 +168,7 @@ def run_all(config: RunConfig) -> dict:
     output = config.output_location
     committed = read_committed(output, results=True)
     targets = manifest_targets(config, set(committed.tuned) - duplicates)
-    missing = {i: committed.missing_edits(i, t, eta or config.pti.etas) for i, (t, eta) in targets.items()}
+    missing = {i: committed.missing_edits(i, *_edits(config, row)) for i, row in targets.items()}
     unfinished = {i: targets[i] for i in targets if missing[i]}
     already = sum(1 for i in ids if i in targets and not missing[i])
     ds = tune(ds, config, len(ids), duplicates, committed)
@@ -187,8 +192,9 @@ def run_all(config: RunConfig) -> dict:
     )
 
 
-def targets_by_id(config: RunConfig) -> dict:
-    """id -> (target_prompts, eta) from the targets table, or from the manifest."""
+def targets_by_id(config: RunConfig) -> dict[str, dict]:
+    """id -> its ``schemas.stages.CARRIED`` values (target prompts, etas, attention words) from
+    the targets table, or from the manifest."""
     source = config.targets or config.manifest
     if not source:
         raise InputError("jobs.edit needs targets: set targets (a table of id, target_prompts) or manifest")
@@ -198,7 +204,12 @@ def targets_by_id(config: RunConfig) -> dict:
     if errors:
         listed = "; ".join(f"row {e[err.ROW]} ({e[err.ID]}): {e[err.MESSAGE]}" for e in errors[:20])
         raise InputError(f"targets {source}: {listed}")
-    return {r[man.ID]: (r[man.TARGET_PROMPTS], r.get(man.ETA)) for r in rows}
+    return {r[man.ID]: {f.name: r.get(f.name) for f in CARRIED} for r in rows}
+
+
+def _edits(config: RunConfig, row: dict) -> tuple[list[str], list[float]]:
+    """A row's target prompts and etas (the config's when the row has none)."""
+    return row[man.TARGET_PROMPTS], row[man.ETA] or list(config.pti.etas)
 
 
 def run_edit(config: RunConfig) -> dict:
@@ -209,9 +220,9 @@ def run_edit(config: RunConfig) -> dict:
     targets = targets_by_id(config)
     committed = read_committed(output, results=True)
     todo = {
-        i: v
-        for i, v in targets.items()
-        if i in committed.tuned and committed.missing_edits(i, v[0], v[1] or config.pti.etas)
+        i: row
+        for i, row in targets.items()
+        if i in committed.tuned and committed.missing_edits(i, *_edits(config, row))
     }
     already = sum(1 for i in targets if i in committed.tuned and i not in todo)
     no_embeddings = [

@@ -8,9 +8,10 @@ Under ``output``::
     {run_id}/report.json, report.md, contact_sheet.png
     _ledger/                         one row per processed manifest (schemas/ledger.py), unless nightly.ledger
 
-A manifest gets its ledger row only once its run succeeded (rows that fail are in its errors
-table; that is a success). One whose run failed gets none: the next run takes it again, and a
-re-run with the same run id resumes its output where the failed one stopped.
+A manifest gets its ledger row only once its run succeeded: it ran to the end and at most
+``max_failed_fraction`` of its rows failed (those are in its errors table). One whose run failed
+gets none, and the night fails after its report: the next run takes it again, and a re-run with
+the same run id resumes its output where the failed one stopped, trying its failed rows again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.batch.jobs import run_all
 from pipeline.batch.output import Output
-from pipeline.errors import InputError, PTIError
+from pipeline.errors import InputError, PTIError, TooManyFailures
 from pipeline.batch.report import count_edits, edit_rows, night_report, write_night_report
 from pipeline.batch.config import RunConfig
 from pipeline.io.storage import Location, is_allowed, key_for_id, normalize_uri
@@ -54,7 +55,7 @@ def resolve(config: RunConfig) -> RunConfig:
             f"jobs.nightly takes every manifest under nightly.manifests; unset manifest ({config.manifest})"
         )
     for name, uri in (("output", config.output), ("nightly.ledger", ledger(config).uri)):
-        if is_allowed(uri, [night.manifests]):
+        if is_allowed(normalize_uri(uri), [night.manifests]):  # in normal form: "a/./b" is under "a/"
             raise InputError(
                 f"{name} {uri} lies under nightly.manifests {night.manifests}: "
                 "its files would be taken for manifests"
@@ -110,10 +111,15 @@ def gpus_held(config: RunConfig) -> float:
 
 
 def run_manifest(config: RunConfig, manifest: str, relative: str) -> dict:
-    """One manifest through jobs.run: its ledger row if it succeeded, else what failed."""
+    """One manifest through jobs.run: its ledger row if it succeeded; else what failed (with the
+    counts, when it ran to the end but too many of its rows failed)."""
     output, began = manifest_output(config, relative), time.perf_counter()
     try:
         summary = run_all(dataclasses.replace(config, manifest=manifest, output=output))
+    except TooManyFailures as exc:  # it ran to the end: its counts go in the report, not the ledger
+        log.error("manifest %s failed: %s", manifest, exc)
+        failed = ledger_row(config, manifest, output, exc.summary, began)
+        return {**failed, "error": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:  # noqa: BLE001 -- the night goes on; the report and exit status say it failed
         log.exception("manifest %s failed", manifest)
         return {
@@ -123,6 +129,11 @@ def run_manifest(config: RunConfig, manifest: str, relative: str) -> dict:
             led.GPUS: gpus_held(config),
             "error": f"{type(exc).__name__}: {exc}",
         }
+    return ledger_row(config, manifest, output, summary, began)
+
+
+def ledger_row(config: RunConfig, manifest: str, output: str, summary: dict, began: float) -> dict:
+    """A manifest's row of the ledger (``schemas.ledger``) from its jobs.run summary."""
     return {
         led.MANIFEST: manifest,
         led.RUN_ID: config.nightly.run_id,

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.io.storage import Location, key_for_id
+from schemas.manifest import eta_name
 
 
 def image_key(row_id: str, target_index: int, eta: float) -> str:
-    """``images/{id}/{target_index}-{eta}.png`` with the id safely encoded."""
-    return f"images/{key_for_id(row_id)}/{target_index}-{eta:g}.png"
+    """``images/{id}/{target_index}-{eta}.png`` with the id safely encoded: one folder name of at
+    most 255 bytes (a long id is cut and ends with a hash of it), so the whole key stays far
+    under S3's 1,024 bytes beside any reasonable output prefix."""
+    return f"images/{key_for_id(row_id)}/{target_index}-{eta_name(eta)}.png"
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def night_report(
     endpoint_url: str | None = None,
 ) -> dict:
     """The report of a night: ``entries`` are its manifests, ledger rows (``schemas.ledger``) of
-    those done, and ``manifest``/``output``/``seconds``/``gpus``/``error`` of those that failed.
+    those done, and ``manifest``/``output``/``seconds``/``gpus``/``error`` of those that failed
+    (with the counts too, for one that ran to the end with too many failed rows).
     GPU hours are job seconds x the GPUs the job's actors held; the cost is those at the price."""
     manifests = [_manifest_report(e, endpoint_url) for e in entries]
     done = [m for m in manifests if m["status"] == "done"]
@@ -96,10 +97,10 @@ def night_report(
         "manifests_done": len(done),
         "manifests_failed": len(manifests) - len(done),
         "manifests_skipped": skipped,
-        **{key: sum(m[key] for m in done) for key in COUNTS},
+        **{key: sum(m[key] for m in manifests if m[key] is not None) for key in COUNTS},
         "error_kinds": dict(kinds.most_common()),
         "seconds": round(seconds, 3),
-        "rows_per_second": round(sum(m["rows_per_second"] * m["seconds"] for m in done) / seconds, 4)
+        "rows_per_second": round(sum(m["rows_per_second"] * m["seconds"] for m in manifests) / seconds, 4)
         if seconds
         else 0.0,
         "gpu_hours": round(gpu_hours, 4),
@@ -111,7 +112,7 @@ def night_report(
 
 def _manifest_report(entry: dict, endpoint_url: str | None) -> dict:
     failed = "error" in entry
-    counts = {key: None if failed else entry[key] for key in COUNTS}
+    counts = {key: entry.get(key) for key in COUNTS}  # None: the run stopped before it counted
     return {
         "manifest": entry[led.MANIFEST],
         "output": entry[led.OUTPUT],
@@ -120,7 +121,7 @@ def _manifest_report(entry: dict, endpoint_url: str | None) -> dict:
         **counts,
         "error_kinds": error_kinds(Output.at(entry[led.OUTPUT], endpoint_url)),
         "seconds": round(entry[led.SECONDS], 3),
-        "rows_per_second": 0.0 if failed else entry[led.ROWS_PER_SECOND],
+        "rows_per_second": entry.get(led.ROWS_PER_SECOND, 0.0),
         "gpu_hours": round(entry[led.SECONDS] * entry[led.GPUS] / 3600, 4),
     }
 

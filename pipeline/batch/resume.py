@@ -33,6 +33,7 @@ from pipeline.engine.config import EDIT_FIELDS, STORED_FIELDS
 from schemas import embeddings as emb
 from schemas import manifest as man
 from schemas import results as res
+from schemas.stages import CARRIED
 
 JOBS = ("run", "tune", "edit")
 
@@ -101,18 +102,17 @@ def read_committed(output: Output, results: bool) -> Committed:
     return committed
 
 
-def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, tuple[list[str], list[float]]]:
-    """id -> (target prompts, etas) of the manifest rows with these ids (few: only those that
-    were tuned before), read without their images."""
+def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
+    """id -> what stage 2 needs of the manifest rows with these ids (few: only those that were
+    tuned before), read without their images: the ``schemas.stages.CARRIED`` columns."""
     import pyarrow.dataset as pads
 
     if not ids:
         return {}
     fs, path = config.manifest_location.filesystem()
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    columns = [
-        c for c in (man.ID, man.TARGET_PROMPTS, man.TARGET_PROMPT, man.ETA) if c in dataset.schema.names
-    ]
+    wanted = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))
+    columns = [c for c in wanted if c in dataset.schema.names]
     table = dataset.to_table(
         columns=columns, filter=pc.field(man.ID).isin(pa.array(sorted(ids), pa.string()))
     )
@@ -121,5 +121,8 @@ def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, tuple[list[s
         targets = row.get(man.TARGET_PROMPTS)
         if targets is None:
             targets = [row[man.TARGET_PROMPT]] if row.get(man.TARGET_PROMPT) is not None else []
-        out[row[man.ID]] = (targets, row.get(man.ETA) or list(config.pti.etas))
+        out[row[man.ID]] = {f.name: row.get(f.name) for f in CARRIED} | {
+            man.TARGET_PROMPTS: targets,
+            man.ETA: row.get(man.ETA) or list(config.pti.etas),
+        }
     return out

@@ -23,8 +23,9 @@ from pipeline.batch.output import Output
 from pipeline.batch.resume import edit_key
 from pipeline.batch.rows import conform, good_rows, table_of, worker_id
 from pipeline.engine.config import PTIConfig
-from pipeline.errors import ModelError, PTIError
-from pipeline.io.images import encode_png, load_image, to_uint8
+from pipeline.engine.attention import AttentionPlan
+from pipeline.errors import InputError, ModelError, PTIError
+from pipeline.io.images import READ_ATTEMPTS, READ_TIMEOUT_S, encode_png, load_image, to_uint8
 from pipeline.io.storage import Location, is_allowed
 from schemas import embeddings as emb
 from schemas import errors as err
@@ -48,6 +49,8 @@ def prepare_rows(
     max_bytes: int,
     max_pixels: int,
     skip=frozenset(),
+    read_timeout_s: float = READ_TIMEOUT_S,
+    read_attempts: int = READ_ATTEMPTS,
 ) -> pa.Table:
     """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
     An image URI outside the ``allowed`` prefixes is refused unread. Rows whose ids are in
@@ -75,6 +78,8 @@ def prepare_rows(
                 storage_options=options,
                 max_bytes=max_bytes,
                 max_pixels=max_pixels,
+                timeout_s=read_timeout_s,
+                attempts=read_attempts,
             )
         except PTIError as exc:
             out.append(err.error_row(row_id, "read", getattr(exc, "kind", "bad_image"), str(exc)))
@@ -245,9 +250,8 @@ def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
         list(emb.EMBEDDINGS_COLUMNS)
     )
     ids = table.column(emb.ID).to_pylist()
-    target_prompts, etas = CARRIED
-    table = table.append_column(target_prompts, pa.array([targets[i][0] for i in ids], target_prompts.type))
-    table = table.append_column(etas, pa.array([targets[i][1] for i in ids], etas.type))
+    for f in CARRIED:
+        table = table.append_column(f, pa.array([targets[i][f.name] for i in ids], f.type))
     table = table.append_column(pa.field(res.TUNE_WORKER, pa.string()), pa.nulls(len(table), pa.string()))
     for f in err.ERROR_FIELDS:
         table = table.append_column(f, pa.nulls(len(table), pa.string()))
@@ -264,6 +268,7 @@ class Edit(NamedTuple):
     target_index: int
     target: str
     eta: float
+    plan: AttentionPlan | None = None  # attention control, when the config asks for it
 
 
 class EditStage:
@@ -282,15 +287,30 @@ class EditStage:
         self.engine = _load_engine(config, model, expect_model, cpus)
         self.max_edits, self.done = max_edits_per_call, done
 
-    def _fan_out(self, meta: list[dict]) -> list[Edit]:
-        """Every edit of the batch's images still to make."""
-        return [
-            Edit(b, t, target, float(eta))
-            for b, row in enumerate(meta)
-            for t, target in enumerate(row[man.TARGET_PROMPTS])
-            for eta in (row[man.ETA] or self.engine.config.etas)
-            if edit_key(row[emb.ID], t, target, eta) not in self.done
-        ]
+    def _fan_out(self, meta: list[dict]) -> tuple[list[Edit], list[dict]]:
+        """Every edit of the batch's images still to make, with its attention plan; and an error
+        for each target whose control cannot be planned (e.g. word alignment without a source
+        prompt): that edit fails, the row's others go on."""
+        edits, errors = [], []
+        for b, row in enumerate(meta):
+            for t, target in enumerate(row[man.TARGET_PROMPTS]):
+                etas = row[man.ETA] or self.engine.config.etas
+                todo = [e for e in etas if edit_key(row[emb.ID], t, target, e) not in self.done]
+                if not todo:
+                    continue
+                try:
+                    plan = self.engine.attention_plan(
+                        row[emb.SOURCE_PROMPT],
+                        target,
+                        row.get(man.BLEND_WORDS),
+                        dict(row.get(man.REWEIGHT) or []),
+                        name=f"row {row[emb.ID]!r}, target {t}",
+                    )
+                except InputError as exc:
+                    errors.append(err.error_row(row[emb.ID], "edit", "bad_control", str(exc)))
+                    continue
+                edits += [Edit(b, t, target, float(eta), plan) for eta in todo]
+        return edits, errors
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.engine.stored import inversion_from_arrow
@@ -310,13 +330,14 @@ class EditStage:
             return table_of(out, EDITED_SCHEMA)
         inversion = inversion_from_arrow(good)
         meta = good.drop_columns([emb.Z_T, emb.PROMPT_EMBEDDINGS, emb.UNCOND_EMBEDDINGS]).to_pylist()
-        fan = self._fan_out(meta)
+        fan, refused = self._fan_out(meta)
+        out += [{**e, res.EDIT_WORKER: worker} for e in refused]
 
         def edit(chunk: list[Edit]):
             images = [e.image for e in chunk]
             guidance = [meta[b][emb.GUIDANCE] for b in images]
-            targets, etas = [e.target for e in chunk], [e.eta for e in chunk]
-            return self.engine.edit(inversion, images, targets, etas, guidance=guidance)
+            targets, etas, plans = [e.target for e in chunk], [e.eta for e in chunk], [e.plan for e in chunk]
+            return self.engine.edit(inversion, images, targets, etas, guidance=guidance, plans=plans)
 
         chunks = (fan[start : start + self.max_edits] for start in range(0, len(fan), self.max_edits))
         began = time.perf_counter()

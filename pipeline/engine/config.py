@@ -32,8 +32,20 @@ STAGE_ONE_FIELDS = (
 )
 # ... with the precision stage 1's embeddings are stored in: what shapes what is stored.
 STORED_FIELDS = (*STAGE_ONE_FIELDS, "embedding_dtype")
+# Stage 2b: how attention control shapes the edits (ALGORITHM.md; Hertz et al. 2023).
+CONTROL_FIELDS = (
+    "control",
+    "cross_replace_steps",
+    "self_replace_steps",
+    "local_blend",
+    "blend_threshold",
+    "reweight",
+)
 # ... and what also shapes the edits. Device and progress bars shape nothing.
-EDIT_FIELDS = (*STORED_FIELDS, "etas")
+EDIT_FIELDS = (*STORED_FIELDS, "etas", *CONTROL_FIELDS)
+# none: the paper's plain interpolation; replace (word swap), refine (words added or removed),
+# reweight (named words' attention scaled); auto: replace for equal word counts, else refine.
+CONTROLS = ("none", "replace", "refine", "reweight", "auto")
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,12 @@ class PTIConfig:
     stop_eps: float = 1e-5
     stop_slack: float = 2e-5
     etas: tuple[float, ...] = (0.6, 0.8)  # weight on the target prompt; 0 is the reconstruction
+    control: str = "none"  # attention control of the edits: one of CONTROLS
+    cross_replace_steps: float = 0.8  # the first steps whose cross-attention is the source's
+    self_replace_steps: float = 0.4  # ... and whose low-resolution self-attention is
+    local_blend: bool = False  # keep the source outside the blend words (default: the words that differ)
+    blend_threshold: float = 0.3  # of the blend words' normalised attention
+    reweight: dict[str, float] | None = None  # word -> factor on its cross-attention in the edits
     resolution: int | None = None  # None: the model's own (512 for SD 1.x)
     seed: int = 0
     device: str = "auto"
@@ -125,8 +143,21 @@ class PTIConfig:
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             problems.append(f"resolution must be a positive multiple of 8, got {self.resolution}")
         problems += [p for p in (check_eta(e) for e in self.etas) if p]
+        problems += self._control_problems()
         if problems:
             raise InputError("invalid config: " + "; ".join(problems))
+
+    def _control_problems(self) -> list[str]:
+        problems = []
+        if self.control not in CONTROLS:
+            problems.append(f"control {self.control!r} is not one of {', '.join(CONTROLS)}")
+        for name in ("cross_replace_steps", "self_replace_steps", "blend_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        bad = {w: f for w, f in (self.reweight or {}).items() if not (isinstance(f, (int, float)) and f >= 0)}
+        if bad:
+            problems.append(f"reweight factors must be numbers >= 0, got {bad}")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,12 +13,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pipeline.engine import algorithm
+from pipeline.engine import algorithm, attention
+from pipeline.engine.attention import AttentionEdit, AttentionPlan
 from pipeline.engine.config import PTIConfig, check_eta
-from pipeline.errors import InputError
 from pipeline.engine.metrics import psnr, ssim
 from pipeline.engine.models import NoisePredictor, StableDiffusion, load_stable_diffusion
 from pipeline.engine.text import encode_prompts
+from pipeline.errors import InputError
 
 
 @dataclass
@@ -160,10 +161,13 @@ class Engine:
         targets: Sequence[str],
         etas: Sequence[float],
         guidance: Sequence[float] | float | None = None,
+        plans: Sequence[AttentionPlan | None] | None = None,
     ) -> Tensor:
         """Stage 2 for a batch of N edits: edit ``n`` samples image ``rows[n]`` of ``inversion``
         toward ``targets[n]`` with weight ``etas[n]``, all N in one UNet batch per step.
 
+        With ``plans`` (``attention_plan``'s, one per edit; None for a plain edit) the edits run
+        under attention control beside each image's source branch (ALGORITHM.md, stage 2b).
         Returns pixels ``[N, 3, H, W]`` in ``[0, 1]``.
         """
         if not (len(rows) == len(targets) == len(etas)):
@@ -193,14 +197,138 @@ class Engine:
         w = self.config.guidance if guidance is None else guidance
         if not isinstance(w, (int, float)):
             w = torch.tensor(list(w), dtype=torch.float32, device=device)
+        if plans is not None and any(p is not None for p in plans):
+            return self.decode_latents(self._sample_controlled(inversion, rows, cond, w, plans))
         z_T = picked.z_T.to(device)
         z = algorithm.sample(self.eps, z_T, cond, uncond, self.schedule, w, self.config.progress)
         return self.decode_latents(z)
 
-    def edit_grid(self, inversion: Inversion, targets: Sequence[str], etas: Sequence[float]) -> Tensor:
-        """Every (image, target, eta) of a batch, in that order: ``[B * len(targets) * len(etas), ...]``."""
+    def attention_plan(
+        self,
+        source: str | None,
+        target: str,
+        blend_words: Sequence[str] | None = None,
+        reweight: dict[str, float] | None = None,
+        name: str = "edit",
+    ) -> AttentionPlan | None:
+        """The config's attention control of one edit (ALGORITHM.md, stage 2b), or None for the
+        paper's plain interpolation; a row's ``blend_words`` and ``reweight`` factors override the
+        config's. An edit that needs word alignment but has no source prompt is an InputError
+        that starts with ``name``."""
+        edit = attention_edit(self.config, source, target, blend_words, reweight)
+        if edit is None:
+            return None
+        length = self.sd.text_encoder.config.max_position_embeddings
+        steps = self.schedule.num_steps
+        return attention.plan_attention_edit(self.sd.tokenizer, source, target, edit, steps, length, name)
+
+    def _sample_controlled(
+        self,
+        inversion: Inversion,
+        rows: Sequence[int],
+        cond: Tensor,
+        w,
+        plans: Sequence[AttentionPlan | None],
+    ) -> Tensor:
+        """The edits' latents under attention control: each image's source branch (its stored
+        reconstruction embeddings) in the same UNet call as its edits."""
+        device = self.sd.device
+        images = list(dict.fromkeys(int(r) for r in rows))  # each image once, in order of first use
+        source = inversion.select(images)
+        if source.uncond is None:
+            uncond = self.null.expand(len(images), -1, -1)
+        else:
+            uncond = source.uncond.to(device, torch.float32)
+        first_edit = [[int(r) for r in rows].index(b) for b in images]
+        source_w = w[first_edit] if isinstance(w, Tensor) else w  # the weight stage 1 tuned with
+        plain = attention.plan_attention_edit(
+            self.sd.tokenizer,
+            None,
+            "-",
+            AttentionEdit(self_replace_steps=0.0),
+            self.schedule.num_steps,
+            self.sd.text_encoder.config.max_position_embeddings,
+        )  # an uncontrolled edit in a controlled batch
+        positions = self._controlled_positions()
+        latents = attention.sample_with_attention_control(
+            self.eps,
+            self.sd.unet,
+            source.z_T.to(device),
+            source.cond.to(device, torch.float32),
+            uncond,
+            cond,
+            [images.index(int(r)) for r in rows],
+            [p or plain for p in plans],
+            self.schedule,
+            guidance=w,
+            source_guidance=source_w,
+            self_max_positions=positions,
+            blend_positions=positions,
+            progress=self.config.progress,
+        )
+        return latents.edits
+
+    def _controlled_positions(self) -> int:
+        """Query positions of the attention layers whose self-attention is injected (at most) and
+        whose cross-attention makes the local-blend mask: the paper's 16x16 at SD's 64x64 latents
+        (1/16 of the latent), or the finest layer coarser than that in a smaller UNet."""
+        side = self.resolution // self.sd.vae_scale_factor
+        blocks = self.sd.unet.config.down_block_types
+        levels = [n for n, kind in enumerate(blocks) if "CrossAttn" in kind] + [
+            len(blocks) - 1
+        ]  # + mid block
+        layers = {(side >> level) ** 2 for level in levels}
+        rule = side * side // attention.LATENT_POSITIONS_PER_CONTROLLED_POSITION
+        return min((p for p in layers if p >= rule), default=max(layers))
+
+    def edit_grid(
+        self,
+        inversion: Inversion,
+        targets: Sequence[str],
+        etas: Sequence[float],
+        plans: Sequence[AttentionPlan | None] | None = None,
+    ) -> Tensor:
+        """Every (image, target, eta) of a batch, in that order: ``[B * len(targets) * len(etas), ...]``;
+        ``plans`` holds each target's attention control (``attention_plan``), if any."""
         if not targets:
             raise InputError("no target prompts: give at least one")
-        grid = [(b, t, e) for b in range(len(inversion)) for t in targets for e in etas]
-        rows, ts, es = zip(*grid)
-        return self.edit(inversion, rows, ts, es)
+        plans = plans or [None] * len(targets)
+        grid = [(b, t, e, p) for b in range(len(inversion)) for t, p in zip(targets, plans) for e in etas]
+        rows, ts, es, ps = zip(*grid)
+        return self.edit(inversion, rows, ts, es, plans=ps)
+
+
+def attention_edit(
+    config: PTIConfig,
+    source: str | None,
+    target: str,
+    blend_words: Sequence[str] | None = None,
+    reweight: dict[str, float] | None = None,
+) -> AttentionEdit | None:
+    """What ``config.control`` asks of one edit: None for ``none``; ``auto`` is ``replace`` when
+    the prompts have as many words, else ``refine``. Local blend (``config.local_blend``, or a
+    row's ``blend_words``) uses the given words, or else the words the two prompts do not share;
+    reweighting applies to the words of ``reweight`` (the row's, then the config's) in the target."""
+    if config.control == "none":
+        return None
+    same_length = source is not None and len(source.split()) == len(target.split())
+    auto = "replace" if same_length else "refine"
+    mode = {"replace": "replace", "refine": "refine", "reweight": None, "auto": auto}[config.control]
+    factors = {**(config.reweight or {}), **(reweight or {})}
+    blend = None
+    if blend_words or config.local_blend:
+        source_words, target_words = (source or "").split(), target.split()
+        words = list(blend_words or ())
+        if not words:  # the words that change: the edit's own region
+            words = [w for w in source_words if w not in target_words]
+            words += [w for w in target_words if w not in source_words]
+        if words or source is None:  # nothing changes: nothing to blend
+            blend = ([w for w in words if w in source_words], [w for w in words if w in target_words])
+    return AttentionEdit(
+        mode=mode,
+        cross_replace_steps=config.cross_replace_steps,
+        self_replace_steps=config.self_replace_steps,
+        reweight={w: f for w, f in factors.items() if w in target.split()},  # each target its own words
+        blend_words=blend,
+        blend_threshold=config.blend_threshold,
+    )

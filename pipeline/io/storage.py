@@ -7,11 +7,12 @@ s3fs and pyarrow read themselves; this module never sees or stores a secret. ``e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -73,9 +74,25 @@ def normalize_uri(uri: str) -> str:
     return f"{'s3' if parsed.scheme == 's3a' else parsed.scheme}://{parsed.netloc.lower()}{path}"
 
 
+def resolves_in_place(uri: str) -> bool:
+    """Whether a request for ``uri`` asks for the object its normal form names. An object store
+    takes ``data/../other/a.png`` (or ``data//a.png``) as a key of its own, and servers differ on
+    resolving it, so a URI with ``.``, ``..`` or empty segments would be checked as one object and
+    read as another. Local paths resolve the same way for both: the operating system does it."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return True
+    path = unquote(parsed.path) if parsed.scheme in ("http", "https") else parsed.path  # servers decode
+    *inner, last = path.split("/")[1:] or [""]
+    return not any(s in ("", ".", "..") for s in inner) and last not in (".", "..")  # "a/" is fine
+
+
 def is_allowed(uri: str, prefixes) -> bool:
     """Whether ``uri`` lies under one of ``prefixes`` (whole path components: ``s3://data/``
-    does not allow ``s3://data-private/``)."""
+    does not allow ``s3://data-private/``), compared in normal form; a URI that would be read as
+    another object than its normal form names is refused outright (``resolves_in_place``)."""
+    if not resolves_in_place(uri):
+        return False
     target = normalize_uri(uri)
     for prefix in prefixes:
         base = normalize_uri(prefix).rstrip("/")
@@ -89,14 +106,32 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else os.path.join(uri, *parts)
 
 
+MAX_KEY_BYTES = 255  # a path component: most filesystems' NAME_MAX; S3 allows 1,024 bytes per whole key
+
+
 def key_for_id(row_id: str) -> str:
-    """A safe output key for an id: one path component that cannot escape the output prefix.
+    """A safe output key for an id: one path component of at most ``MAX_KEY_BYTES`` bytes that
+    cannot escape the output prefix.
 
     Percent-encoding keeps readable ids readable (``cat-001``) and turns ``/``, ``..`` and odd
-    characters into ``%XX``; distinct ids stay distinct.
+    characters into ``%XX``. An id whose encoding is longer is cut, and ends with ``!`` and a hash
+    of the whole id: distinct ids stay distinct (encodings never hold a bare ``!``, so a cut key
+    never equals a readable one), and the full id is in the results table.
     """
-    key = quote(row_id, safe="-_")  # '.' is never encoded by quote, so guard a leading dot
-    return "%2E" + key[1:] if key.startswith(".") else key
+    parts = [quote(c, safe="-_") for c in row_id]  # one per character: a cut never splits one
+    if parts[:1] == ["."]:  # '.' is never encoded by quote: guard a leading dot ('..' included)
+        parts[0] = "%2E"
+    key = "".join(parts)
+    if len(key) <= MAX_KEY_BYTES:  # ASCII: bytes and characters are one
+        return key
+    digest = hashlib.sha256(row_id.encode()).hexdigest()[:32]
+    budget, head = MAX_KEY_BYTES - len(digest) - 1, []
+    for part in parts:
+        budget -= len(part)
+        if budget < 0:
+            break
+        head.append(part)
+    return f"{''.join(head)}!{digest}"
 
 
 @dataclass(frozen=True)
