@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -146,5 +145,4 @@ def stop_head_node(temp_dir: str) -> None:
         process.terminate()
     _, alive = psutil.wait_procs(list(family.values()), timeout=15)
     for process in alive:
-        process.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        process.kill()  # its temp folder stays: Ray Data's log threads may still write there at exit
