@@ -68,7 +68,7 @@ def ledger(config: RunConfig) -> Location:
     """The table of processed manifests."""
     if config.nightly.ledger:
         return Location(config.nightly.ledger, config.endpoint_url)
-    return Location(config.output, config.endpoint_url) / "_ledger"  # '_': never a run id
+    return config.output_location.root / "_ledger"  # '_': never a run id
 
 
 def list_manifests(prefix: Location) -> dict[str, str]:
@@ -84,7 +84,7 @@ def list_manifests(prefix: Location) -> dict[str, str]:
 
 
 def night_root(config: RunConfig) -> Location:
-    return Location(config.output, config.endpoint_url) / config.nightly.run_id
+    return config.output_location.root / config.nightly.run_id
 
 
 def manifest_output(config: RunConfig, relative: str) -> str:

@@ -190,18 +190,22 @@ class Engine:
         target = encode_prompts(self.sd, targets)
         eta = torch.tensor(etas, dtype=torch.float32, device=device)
         cond = algorithm.interpolate_embeddings(picked.cond.to(device, torch.float32), target, eta)
-        if picked.uncond is None:
-            uncond = self.null.expand(len(rows), -1, -1)
-        else:
-            uncond = picked.uncond.to(device, torch.float32)
         w = self.config.guidance if guidance is None else guidance
         if not isinstance(w, (int, float)):
             w = torch.tensor(list(w), dtype=torch.float32, device=device)
         if plans is not None and any(p is not None for p in plans):
             return self.decode_latents(self._sample_controlled(inversion, rows, cond, w, plans))
-        z_T = picked.z_T.to(device)
-        z = algorithm.sample(self.eps, z_T, cond, uncond, self.schedule, w, self.config.progress)
+        uncond = self._unconditional(picked)
+        z = algorithm.sample(
+            self.eps, picked.z_T.to(device), cond, uncond, self.schedule, w, self.config.progress
+        )
         return self.decode_latents(z)
+
+    def _unconditional(self, inversion: Inversion) -> Tensor:
+        """The unconditional branch of stage 2: the stored per-step stack (nti, npi), else psi("")."""
+        if inversion.uncond is None:
+            return self.null.expand(len(inversion), -1, -1)
+        return inversion.uncond.to(self.sd.device, torch.float32)
 
     def attention_plan(
         self,
@@ -235,10 +239,7 @@ class Engine:
         device = self.sd.device
         images = list(dict.fromkeys(int(r) for r in rows))  # each image once, in order of first use
         source = inversion.select(images)
-        if source.uncond is None:
-            uncond = self.null.expand(len(images), -1, -1)
-        else:
-            uncond = source.uncond.to(device, torch.float32)
+        position = {b: k for k, b in enumerate(images)}
         first_edit = [[int(r) for r in rows].index(b) for b in images]
         source_w = w[first_edit] if isinstance(w, Tensor) else w  # the weight stage 1 tuned with
         plain = attention.plan_attention_edit(
@@ -255,9 +256,9 @@ class Engine:
             self.sd.unet,
             source.z_T.to(device),
             source.cond.to(device, torch.float32),
-            uncond,
+            self._unconditional(source),
             cond,
-            [images.index(int(r)) for r in rows],
+            [position[int(r)] for r in rows],
             [p or plain for p in plans],
             self.schedule,
             guidance=w,
