@@ -138,9 +138,14 @@ def _job(
 ) -> None:
     """A ``pti`` subcommand that is a job of ``jobs/``, with the same flags (``jobs.common``)."""
 
-    @app.command(name, help=help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command(
+        name,
+        help=help,
+        add_help_option=False,  # --help reaches the job's own parser, which lists its options
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
     def command(context: typer.Context) -> None:
-        common.main(run, help, context.args, flags)
+        common.main(run, help, context.args, flags, prog=f"pti {name}")
 
 
 _job("run", run_all, "Both stages on Ray: manifest -> embeddings -> edits (jobs.run).")
@@ -155,7 +160,7 @@ _job(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format=common.LOG_FORMAT, stream=sys.stderr)
     app()
 
 

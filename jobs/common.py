@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Callable
 
 from pipeline.errors import PTIError, TooManyFailures
-from pipeline.batch.config import RunConfig
+from pipeline.batch.config import SECTIONS, RunConfig
 
 FLAGS = {  # flag -> config key, for the settings people change most
     "--manifest": "manifest",
@@ -21,8 +22,31 @@ FLAGS = {  # flag -> config key, for the settings people change most
 NIGHTLY_FLAGS = {**FLAGS, "--manifests": "nightly.manifests", "--run-id": "nightly.run_id"}  # jobs.nightly
 
 
-def parser(description: str, flags: dict[str, str] = FLAGS) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every line timestamped
+
+
+def fields_help() -> str:
+    """Every config field with its type and default, for ``--help`` (the config object is the
+    one source of both)."""
+    lines = ["config fields (YAML keys, --set KEY=VALUE):"]
+    for prefix, kind in (("", RunConfig), *((f"{name}.", kind) for name, kind in SECTIONS.items())):
+        for f in dataclasses.fields(kind):
+            if f.name in SECTIONS:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name}: {f.type} = {default!r}")
+    return "\n".join(lines)
+
+
+def parser(
+    description: str, flags: dict[str, str] = FLAGS, prog: str | None = None
+) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML run config (see README); flags override it")
     for flag, key in flags.items():
         p.add_argument(flag, help=f"sets {key}")
@@ -42,12 +66,9 @@ def parser(description: str, flags: dict[str, str] = FLAGS) -> argparse.Argument
 
 
 def config_from_args(args: argparse.Namespace, flags: dict[str, str] = FLAGS) -> RunConfig:
-    overrides = list(args.set)
-    for flag, key in flags.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return RunConfig.load(args.config, overrides)
+    """The config file, then ``--set``, then the flags (paths and ids: taken as written)."""
+    texts = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in flags.items()}
+    return RunConfig.load(args.config, args.set, {k: v for k, v in texts.items() if v is not None})
 
 
 def print_summary(summary: dict) -> None:
@@ -66,9 +87,11 @@ def main(
     description: str,
     argv: list[str] | None = None,
     flags: dict[str, str] = FLAGS,
+    prog: str | None = None,  # the command's name in --help; default: the script's
 ) -> dict | None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parser(description, flags).parse_args(argv)
+    # force: a process's entry point owns the root logger (a caller's stale handlers go).
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    args = parser(description, flags, prog).parse_args(argv)
     try:
         config = config_from_args(args, flags)
         if args.print_config:  # check a config before submitting it: nothing starts

@@ -21,8 +21,7 @@ from jobs.common import print_summary
 from pipeline.batch.config import RunConfig
 from pipeline.batch.jobs import run_all, run_edit
 from pipeline.batch.output import Output
-from pipeline.batch.report import edit_rows
-from pipeline.io.images import contact_sheet
+from pipeline.batch.report import edit_rows, labelled_sheet
 from pipeline.io.storage import Location
 from pipeline.world import scenes as world
 
@@ -47,16 +46,18 @@ def write_manifest(folder: Path) -> Path:
 
 
 def write_contact_sheet(output: Path, controlled: Path, manifest: Path) -> Path:
-    """One row per image: the input, its plain edits in results order, then its controlled ones."""
+    """One row per image: the input, its plain edits in results order, then its controlled ones,
+    each captioned as plain or controlled with its eta and prompt."""
     rows: dict[str, list] = {}
-    for folder in (output, controlled):
+    for kind, folder in (("plain", output), ("controlled", controlled)):
         edits = Output.at(str(folder))
         done = edits.results.read_columns(["id"])
         ids = sorted(set(done["id"].to_pylist())) if done is not None else []
         for row_id, row in zip(ids, edit_rows(edits, Location(str(manifest)))):  # both in id order
-            rows[row_id] = rows[row_id] + row[1:] if row_id in rows else row
-    path = output / "contact_sheet.png"
-    contact_sheet(list(rows.values())).save(path)
+            captioned = [(pixels, f"{kind}, {caption}") for pixels, caption in row[1:]]
+            rows[row_id] = rows[row_id] + captioned if row_id in rows else [row[0], *captioned]
+    path = output / "demo_contact_sheet.png"  # beside jobs.run's own contact_sheet.png (plain edits)
+    labelled_sheet(list(rows.values())).save(path)
     return path
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         "controlled edits are an error row (controlled/errors/)"
     )
     sheet = write_contact_sheet(output, controlled, manifest)
-    print(f"contact sheet (a row per scene: input, plain edits, controlled edits): {sheet}")
+    print(f"contact sheet (a row per scene: input, plain edits, controlled edits, captioned): {sheet}")
 
 
 if __name__ == "__main__":

@@ -9,4 +9,4 @@ from jobs.common import NIGHTLY_FLAGS, main
 from pipeline.batch.nightly import run_nightly
 
 if __name__ == "__main__":
-    main(run_nightly, __doc__, flags=NIGHTLY_FLAGS)
+    main(run_nightly, __doc__, flags=NIGHTLY_FLAGS, prog="python -m jobs.nightly")

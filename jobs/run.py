@@ -9,4 +9,4 @@ from jobs.common import main
 from pipeline.batch.jobs import run_all
 
 if __name__ == "__main__":
-    main(run_all, __doc__)
+    main(run_all, __doc__, prog="python -m jobs.run")

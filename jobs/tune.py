@@ -8,4 +8,4 @@ from jobs.common import main
 from pipeline.batch.jobs import run_tune
 
 if __name__ == "__main__":
-    main(run_tune, __doc__)
+    main(run_tune, __doc__, prog="python -m jobs.tune")

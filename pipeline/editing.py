@@ -9,8 +9,17 @@ from typing import Sequence
 
 from pipeline.engine.config import PTIConfig, check_eta
 from pipeline.engine.engine import Engine
-from pipeline.errors import InputError
-from pipeline.io.images import center_square, contact_sheet, decode_rgb, read_bytes, save_png, to_tensor
+from pipeline.errors import InputError, NonFiniteError
+from pipeline.io.images import (
+    SHEET_TILE,
+    center_square,
+    contact_sheet,
+    decode_rgb,
+    edit_caption,
+    read_bytes,
+    save_png,
+    to_tensor,
+)
 from pipeline.engine.metrics import psnr, ssim
 
 
@@ -42,15 +51,20 @@ def edit_one_image(
     plans = [engine.attention_plan(source, t, name=f"target {n} ({t!r})") for n, t in enumerate(targets)]
     pixels = to_tensor(center_square(photo, engine.resolution)).unsqueeze(0)
     inversion = engine.invert_and_tune(pixels, [source])
+    if not bool(inversion.finite[0]):  # after the engine's float32 retry, if it ran in half precision
+        dtype = str(engine.sd.dtype).removeprefix("torch.")
+        again = " and again in float32" if bool(inversion.retried[0]) else ""
+        raise NonFiniteError(f"{image}: the model produced NaN or inf in stage 1 in {dtype}{again}")
     edits = engine.edit_grid(inversion, targets, config.etas, plans)
     finished = time.perf_counter()
 
     out = Path(out)
     save_png(pixels[0], out / "input.png")
     save_png(inversion.reconstruction[0], out / "reconstruction.png")
-    rows, records, k = [], [], 0
+    rows, labels, records, k = [], [], [], 0
     for t, target in enumerate(targets):
         row = [pixels[0], inversion.reconstruction[0]]
+        captions = ["input", "reconstruction"]
         for eta in config.etas:
             name = edit_file_name(t, eta)
             save_png(edits[k], out / name)
@@ -65,9 +79,11 @@ def edit_one_image(
                 }
             )
             row.append(edits[k])
+            captions.append(edit_caption(target, eta))
             k += 1
         rows.append(row)
-    contact_sheet(rows).save(out / "contact_sheet.png")
+        labels.append(captions)
+    contact_sheet(rows, labels=labels, tile=SHEET_TILE).save(out / "contact_sheet.png")
     summary = {
         "image": image,
         "source": source,
@@ -77,6 +93,7 @@ def edit_one_image(
         "device": str(engine.sd.device),
         "dtype": str(engine.sd.dtype).removeprefix("torch."),
         "config_fingerprint": engine.fingerprint,
+        "retried_in_float32": bool(inversion.retried[0]),
         "reconstruction": {
             "file": "reconstruction.png",
             "psnr": float(inversion.psnr[0]),

@@ -9,6 +9,16 @@ class ModelError(PTIError):
     """A checkpoint that cannot be found, reached or loaded."""
 
 
+class DeviceError(PTIError):
+    """A process that would run on another device than the one it was given: e.g. a Ray actor
+    given GPUs whose torch sees no CUDA device (it would run on the CPU, many times slower)."""
+
+
+class NonFiniteError(PTIError):
+    """A model that produced NaN or inf for an image (half precision overflows); the errors
+    table's ``non_finite``."""
+
+
 class InputError(PTIError, ValueError):
     """An input (image, prompt, parameter) that cannot be used as given."""
 

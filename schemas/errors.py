@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 ID = "id"  # null when the row had no usable id
-ROW = "row"  # position in its manifest block, for rows without an id
+ROW = "row"  # position in its manifest (0-based, files in name order); null for no manifest row
 STAGE = "stage"  # validate, read, tune, edit
 KIND = "kind"  # e.g. duplicate_id, bad_image, not_found, non_finite (README, "Bad input")
 MESSAGE = "message"
@@ -21,8 +21,14 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
-# In flight: every row between stages carries these, null while the row is good.
-ERROR_FIELDS = [pa.field(STAGE, pa.string()), pa.field(KIND, pa.string()), pa.field(MESSAGE, pa.string())]
+# In flight: every row between stages carries these: its manifest row, and its error (null while
+# the row is good), so the errors table can tell apart rows that share an id.
+ERROR_FIELDS = [
+    pa.field(ROW, pa.int64()),
+    pa.field(STAGE, pa.string()),
+    pa.field(KIND, pa.string()),
+    pa.field(MESSAGE, pa.string()),
+]
 
 
 def error_row(row_id, stage: str, kind: str, message: str, row: int | None = None) -> dict:

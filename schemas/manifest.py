@@ -13,7 +13,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from schemas.errors import error_row
+from schemas.errors import ROW, error_row
 
 ID = "id"
 IMAGE = "image"
@@ -42,8 +42,22 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+OPTIONAL = (SOURCE_PROMPT, ETA, GUIDANCE, SEED, BLEND_WORDS, REWEIGHT)  # all null is fine: not given
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    """A dictionary type (pandas writes a categorical column so) as the type of its values."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def _is_string(t: pa.DataType) -> bool:
+    t = _decoded(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    t = _decoded(t)
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _is_number(t: pa.DataType) -> bool:
@@ -54,8 +68,27 @@ def _is_list_of(t: pa.DataType, check) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and check(t.value_type)
 
 
+EXPECTED = {  # column -> (what it must be, check)
+    ID: ("a string", _is_string),
+    IMAGE: ("a string URI or binary", lambda t: _is_string(t) or _is_binary(t)),
+    SOURCE_PROMPT: ("a string", _is_string),
+    TARGET_PROMPTS: ("a list of strings", lambda t: _is_list_of(t, _is_string)),
+    TARGET_PROMPT: ("a string", _is_string),
+    ETA: ("a list of numbers", lambda t: _is_list_of(t, _is_number)),
+    GUIDANCE: ("a number", _is_number),
+    SEED: ("an integer", pa.types.is_integer),
+    BLEND_WORDS: ("a list of strings", lambda t: _is_list_of(t, _is_string)),
+    REWEIGHT: (
+        "a map of word to number",
+        lambda t: pa.types.is_map(t) and _is_string(t.key_type) and _is_number(t.item_type),
+    ),
+}
+
+
 def schema_problems(schema: pa.Schema) -> list[str]:
-    """Every problem with a manifest's columns, so a bad manifest is rejected up front at once."""
+    """Every problem with a manifest's columns, so a bad manifest is rejected up front at once.
+    Columns as pandas writes them pass: a categorical (dictionary) column as its values, an
+    optional column with no value at all (Arrow's ``null`` type) as not given."""
     problems = []
     names = set(schema.names)
     for required in (ID, IMAGE):
@@ -63,37 +96,34 @@ def schema_problems(schema: pa.Schema) -> list[str]:
             problems.append(f"missing column {required!r}")
     if TARGET_PROMPTS not in names and TARGET_PROMPT not in names:
         problems.append(f"missing column {TARGET_PROMPTS!r} (or a single {TARGET_PROMPT!r})")
-    expect = {
-        ID: ("a string", _is_string),
-        IMAGE: (
-            "a string URI or binary",
-            lambda t: _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t),
-        ),
-        SOURCE_PROMPT: ("a string", lambda t: _is_string(t) or pa.types.is_null(t)),
-        TARGET_PROMPTS: ("a list of strings", lambda t: _is_list_of(t, _is_string)),
-        TARGET_PROMPT: ("a string", _is_string),
-        ETA: (
-            "a list of numbers",
-            lambda t: _is_list_of(t, lambda v: pa.types.is_floating(v) or pa.types.is_integer(v)),
-        ),
-        GUIDANCE: (
-            "a number",
-            lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
-        ),
-        SEED: ("an integer", lambda t: pa.types.is_integer(t) or pa.types.is_null(t)),
-        BLEND_WORDS: ("a list of strings", lambda t: _is_list_of(t, _is_string) or pa.types.is_null(t)),
-        REWEIGHT: (
-            "a map of word to number",
-            lambda t: (
-                pa.types.is_null(t)
-                or (pa.types.is_map(t) and _is_string(t.key_type) and _is_number(t.item_type))
-            ),
-        ),
-    }
+    optional = (*OPTIONAL, TARGET_PROMPT) if TARGET_PROMPTS in names else OPTIONAL
     for field in schema:
-        if field.name in expect and not expect[field.name][1](field.type):
-            problems.append(f"column {field.name!r} must be {expect[field.name][0]}, got {field.type}")
+        if field.name not in EXPECTED or (field.name in optional and pa.types.is_null(field.type)):
+            continue
+        what, check = EXPECTED[field.name]
+        if not check(_decoded(field.type)):
+            problems.append(f"column {field.name!r} must be {what}, got {field.type}")
     return problems
+
+
+def read_schema(schema: pa.Schema) -> pa.Schema:
+    """The types the stages read a manifest's columns as (only those of ``EXPECTED``, all
+    nullable): ``MANIFEST_SCHEMA``'s, ``target_prompt`` a string, ``image`` a string or binary as
+    given. For a manifest with no ``schema_problems``."""
+    types = {f.name: f.type for f in MANIFEST_SCHEMA} | {TARGET_PROMPT: pa.string()}
+    if IMAGE in schema.names and _is_binary(schema.field(IMAGE).type):
+        types[IMAGE] = pa.binary()
+    return pa.schema([pa.field(f.name, types[f.name]) for f in schema if f.name in EXPECTED])
+
+
+def typed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Manifest rows as ``schema`` (from ``read_schema``): dictionary columns decoded, null-typed
+    ones typed, large types made plain, numbers widened; a column ``table`` lacks is null."""
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
@@ -165,6 +195,8 @@ def validate_rows(
     precision of their file names (``[0.5, 0.5]``, ``[0.3, 0.3000001]``) is refused too
     (``duplicate_eta``, naming the etas), not merged: which one it meant is the user's to say.
     ``duplicates`` comes from the whole manifest (``duplicated_ids``); by default, from these rows.
+    An error names the row's place in the manifest (``schemas.errors.ROW``, which rows read by the
+    batch job carry), or else its place in ``rows``.
     """
     if duplicates is None:
         duplicates = duplicated_ids(r.get(ID) for r in rows)
@@ -173,7 +205,8 @@ def validate_rows(
         problems = row_problems(row, duplicates)
         if problems:
             message = "; ".join(m for _, m in problems)
-            errors.append(error_row(row.get(ID), stage, problems[0][0], message, row=position))
+            place = row.get(ROW, position)
+            errors.append(error_row(row.get(ID), stage, problems[0][0], message, row=place))
             continue
         if row.get(TARGET_PROMPTS) is None:
             row = {**row, TARGET_PROMPTS: [row[TARGET_PROMPT]]}

@@ -18,6 +18,9 @@ CONFIG_FINGERPRINT = "config_fingerprint"
 TUNE_WORKER = "tune_worker"  # the Ray actor that tuned the image
 EDIT_WORKER = "edit_worker"  # the Ray actor that made the edit
 
+# What names one edit (its image is images/{id}/{target_index}-{eta}.png): one row per key.
+KEY = (ID, TARGET_INDEX, ETA)
+
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False),

@@ -1,6 +1,6 @@
 """The rows that flow between the batch stages (Ray blocks, never stored): what the read stage
 hands to tuning, and what editing hands to the image writer. Each carries the error columns of
-``schemas.errors``, null while the row is good."""
+``schemas.errors``: the row's place in its manifest, and its error (null while the row is good)."""
 
 from __future__ import annotations
 

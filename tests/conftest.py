@@ -76,6 +76,22 @@ SECRET = "pti-test-secret-Zq81vW3n"
 
 
 @pytest.fixture(scope="session")
+def s3_server() -> str:
+    """The session's S3-compatible HTTP server on loopback (moto's, as s3fs's own tests use),
+    with fake credentials in the environment; its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", SECRET)):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def failpoints(tmp_path_factory) -> Path:
     """The folder where tests arm failpoints (``pipeline.batch.faults``) for the session's cluster."""
     return tmp_path_factory.mktemp("failpoints")
@@ -114,6 +130,8 @@ def ray_cluster(failpoints):
             f"--dashboard-port={dashboard}",
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
+            f"--metrics-export-port={METRICS_PORT}",
+            '--system-config={"metrics_report_interval_ms": 1000}',  # metrics seen within seconds
         ],
         check=True,
         capture_output=True,
@@ -122,6 +140,15 @@ def ray_cluster(failpoints):
     yield f"http://127.0.0.1:{dashboard}"
     ray.shutdown()
     stop_head_node(temp_dir)
+
+
+METRICS_PORT = free_port()  # where the session cluster's metrics agent serves Prometheus text
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster) -> str:
+    """The session cluster's Prometheus endpoint (its metrics agent)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 def stop_head_node(temp_dir: str) -> None:

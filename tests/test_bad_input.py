@@ -19,7 +19,8 @@ from pipeline.batch.jobs import run_all
 from pipeline.batch.config import RunConfig
 from pipeline.io.storage import default_image_prefixes, is_allowed
 
-PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[1.0], progress=False)
+# device cpu: the test cluster's GPUs are fake (conftest), and a GPU actor refuses the CPU unasked
+PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[1.0], progress=False, device="cpu")
 
 
 def png(array: np.ndarray) -> bytes:
@@ -195,6 +196,7 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
     assert len(errors) == len(rows) - 4  # both copies of "dup"
     for e in errors:
         assert e["id"] is None or e["message"], e  # every error says what went wrong
+        assert rows[e["row"]]["id"] == e["id"], e  # and names its manifest row: copies of "dup" apart
     assert "3000x3000" in next(e["message"] for e in errors if e["id"] == "bomb")
     results = pq.read_table(out / "results").to_pylist()
     assert sorted(r["id"] for r in results) == sorted(i for i, k in expected.items() if k is None)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,11 @@ from PIL import Image
 
 from pipeline.batch.jobs import run_all, run_edit
 from pipeline.batch.output import image_key
+from pipeline.batch import lock
 from pipeline.batch.config import RunConfig
 
-PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
+# device cpu: the test cluster's GPUs are fake (conftest), and a GPU actor refuses the CPU unasked
+PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False, device="cpu")
 BAD_ROWS_ALLOWED = 0.5  # max_failed_fraction: 5 of the manifest's 11 rows are bad on purpose
 
 
@@ -167,7 +171,26 @@ def check_outputs(summary, read_table, read_bytes, config: RunConfig):
     return results
 
 
-def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_model_dir, photos, tmp_path):
+def scrape(url: str) -> dict[tuple, float]:
+    """The pti metrics the cluster exports: (name, job or stage) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        (sample.name, sample.labels.get("job") or sample.labels.get("stage")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("ray_pti_") and sample.name.endswith("_total")
+    }
+
+
+def test_run_on_local_files_with_two_gpu_actors_per_stage(
+    ray_cluster, tiny_model_dir, photos, tmp_path, caplog, metrics_url
+):
+    caplog.set_level(logging.INFO, logger="pipeline.batch.driver")
+    before = scrape(metrics_url)
     config = RunConfig(
         manifest=local_manifest(tmp_path, photos),
         output=str(tmp_path / "out"),
@@ -177,9 +200,26 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_mode
         tune_batch_size=1,
         edit_batch_size=1,
         max_failed_fraction=BAD_ROWS_ALLOWED,
+        progress_every_s=0,  # a progress line per batch
         pti=dict(model=tiny_model_dir, **PTI),
     )
     summary = run_all(config)
+    progress = [r.getMessage() for r in caplog.records if r.name == "pipeline.batch.driver"]
+    assert len(progress) >= 3 and progress[-1].startswith("run: 6/11 rows done, 5 failed, 9 edits, ")
+    assert progress[-1].endswith("ETA 0 s")
+
+    # The same counts reach the cluster's Prometheus endpoint, and the stages' GPU seconds.
+    want = {("ray_pti_rows_done_total", "run"): 6, ("ray_pti_rows_failed_total", "run"): 5}
+    want[("ray_pti_edits_total", "run")] = 9
+    gpu_seconds = [("ray_pti_gpu_seconds_total", stage) for stage in ("tune", "edit")]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # each process reports every second (conftest)
+        after = scrape(metrics_url)
+        grown = {key: after.get(key, 0) - before.get(key, 0) for key in [*want, *gpu_seconds]}
+        if all(grown[k] == v for k, v in want.items()) and all(grown[k] > 0 for k in gpu_seconds):
+            break
+        time.sleep(1)
+    assert {k: grown[k] for k in want} == want and all(grown[k] > 0 for k in gpu_seconds), grown
     read_table = lambda name: pq.read_table(str(tmp_path / "out" / name))  # noqa: E731
     results = check_outputs(summary, read_table, lambda uri: open(uri, "rb").read(), config)
     assert len(set(results["tune_worker"].to_pylist())) == 2, "each tuning actor gets work"
@@ -230,6 +270,13 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(ray_cluster, tiny_mode
         second, np.asarray(Image.open(tmp_path / "edit" / image_key("astronaut", 1, 1.0)))
     )
     assert pq.read_table(tmp_path / "edit" / "errors")["kind"].to_pylist() == ["no_embeddings"]
+
+    # jobs.run's contact sheet: the first min(4, 6 rows done) ids, each its input and edits (at most
+    # astronaut's 4), at 256 px over a 52 px caption band; the summary names it. jobs.edit makes none.
+    sheet = tmp_path / "out" / "contact_sheet.png"
+    assert summary["contact_sheet"] == written["contact_sheet"] == str(sheet)
+    assert Image.open(sheet).size == (5 * 258 + 2, min(4, summary["rows_done"]) * (256 + 52 + 2) + 2)
+    assert "contact_sheet" not in edit_summary and not (tmp_path / "edit" / "contact_sheet.png").exists()
 
 
 def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
@@ -336,6 +383,27 @@ def test_run_against_s3_reads_and_writes_the_bucket(
     assert logs and all(SECRET.encode() not in p.read_bytes() for p in logs)
 
 
+def wait_for_job_agent(timeout_s: float = 120.0) -> None:
+    """Wait until the head node's job agent has registered: the dashboard hands every submitted job
+    to it and answers "No available agent to submit job" when it has not within 10 s (the agent
+    starts after the dashboard, late on a loaded machine). The same look-up as the dashboard's."""
+    import time
+
+    from ray._private.ray_constants import KV_HEAD_NODE_ID_KEY, KV_NAMESPACE_DASHBOARD, KV_NAMESPACE_JOB
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        head = _internal_kv_get(KV_HEAD_NODE_ID_KEY, namespace=KV_NAMESPACE_JOB)
+        key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head.decode()}" if head else None
+        agent = key and _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD)
+        if agent and json.loads(agent)[1] > 0:  # (ip, http_port, grpc_port); -1: no HTTP server
+            return
+        assert time.monotonic() < deadline, f"the head node's job agent did not register in {timeout_s:g} s"
+        time.sleep(0.5)
+
+
 def test_ray_job_submit_runs_the_job_on_a_head_node(ray_cluster, tiny_model_dir, photos, tmp_path):
     import subprocess
     import sys
@@ -353,6 +421,7 @@ def test_ray_job_submit_runs_the_job_on_a_head_node(ray_cluster, tiny_model_dir,
     )
     repo = Path(__file__).resolve().parents[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    wait_for_job_agent()
     job = subprocess.run(
         [
             ray_bin,
@@ -397,6 +466,13 @@ def test_too_few_gpus_and_bad_manifests_fail_before_any_work(ray_cluster, tiny_m
     assert "missing column 'image'" in message and "column 'id' must be a string" in message
     assert "column 'target_prompts' must be a list of strings" in message
     assert not (tmp_path / "out" / "results").exists()
+
+    # A second job on an output that a live job writes is refused by name, before any work.
+    config = RunConfig(manifest=str(bad), gpus_per_actor=1, **dict(base, output=str(tmp_path / "busy")))
+    with lock.acquire(config.output_location.lock, "run-other", 60, "output"):
+        with pytest.raises(lock.Busy, match=f"^output {tmp_path / 'busy'} is held by run-other "):
+            run_all(config)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["_lock"]
 
 
 def test_pti_tune_writes_embeddings_and_errors_only(ray_cluster, tiny_model_dir, photos, tmp_path):

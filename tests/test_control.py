@@ -112,7 +112,10 @@ def test_a_controlled_job_fails_only_the_row_that_cannot_be_aligned(
         ]
     )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "manifest.parquet")
-    pti = dict(model=tiny_model_dir, steps=2, inner_steps=1, etas=[0.8], progress=False, control="auto")
+    # device cpu: the test cluster's GPUs are fake (conftest), and a GPU actor refuses the CPU unasked
+    pti = dict(
+        model=tiny_model_dir, steps=2, inner_steps=1, etas=[0.8], progress=False, control="auto", device="cpu"
+    )
     config = RunConfig(
         manifest=str(tmp_path / "manifest.parquet"),
         output=str(tmp_path / "out"),

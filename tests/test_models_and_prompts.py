@@ -24,6 +24,7 @@ from pipeline.engine.models import (
     default_cache_dir,
     fetch_checkpoint,
     load_stable_diffusion,
+    model_resolution,
     resolve_device,
     resolve_dtype,
 )
@@ -99,6 +100,22 @@ def test_a_ref_that_is_no_folder_uri_or_hub_id_is_refused(monkeypatch, tmp_path,
 
 def test_a_file_uri_model_is_copied_into_the_cache_once(tiny_model_dir, tiny_sd, monkeypatch, tmp_path):
     source = Path(shutil.copytree(tiny_model_dir, tmp_path / "bucket" / "tiny"))
+    needed = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file() and p.name != "README.md")
+    # What a published checkpoint holds beside what a diffusers load needs: never copied.
+    extras = [
+        "v1-5-pruned.safetensors",
+        "v1-5-pruned.ckpt",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "safety_checker/config.json",
+        "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+        "README.md",
+    ]
+    for extra in extras:
+        (source / extra).parent.mkdir(exist_ok=True)
+        (source / extra).write_bytes(b"not needed")
     cache = tmp_path / "cache"
     monkeypatch.setenv("PTI_CACHE", str(cache))
     uri = f"file://{source}"
@@ -109,7 +126,7 @@ def test_a_file_uri_model_is_copied_into_the_cache_once(tiny_model_dir, tiny_sd,
     assert len(copies) == 1
     copy = copies[0]
     files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())  # noqa: E731
-    assert files(copy) == files(source)
+    assert files(copy) == needed  # exactly the files of the folder the loader needs
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in copy.rglob("*")}
 
     source.rename(tmp_path / "bucket" / "moved")  # a second load must not need the source again
@@ -136,6 +153,72 @@ def test_a_file_uri_to_nothing_is_refused(monkeypatch, tmp_path):
     uri = f"file://{tmp_path}/no-model"
     with pytest.raises(ModelError, match=f"^model '{uri}' is empty or does not exist$"):
         load_stable_diffusion(uri, device="cpu")
+
+
+# --- what the driver reads of a model: two config files, never weights ----------------------------
+
+
+def _configs_only(tiny_model_dir, folder: Path) -> Path:
+    """A copy of the tiny model's UNet and VAE configs, without any weight, tokenizer or scheduler."""
+    for name in ("unet/config.json", "vae/config.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(tiny_model_dir) / name, folder / name)
+    return folder
+
+
+def test_a_folders_resolution_is_read_from_its_two_configs(tiny_model_dir, tmp_path):
+    folder = _configs_only(tiny_model_dir, tmp_path / "model")
+    assert model_resolution(str(folder)) == 64 and model_resolution(f"file://{folder}") == 64
+    (folder / "vae" / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"^cannot read vae/config.json of model .*: FileNotFoundError"):
+        model_resolution(str(folder))
+
+
+def test_an_object_store_models_resolution_needs_only_its_two_configs(tiny_model_dir, s3_server, tmp_path):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket="config-only-models")
+    folder = _configs_only(tiny_model_dir, tmp_path / "model")
+    for name in ("unet/config.json", "vae/config.json"):  # no weights in the bucket at all
+        client.upload_file(str(folder / name), "config-only-models", f"tiny/{name}")
+    options = {"client_kwargs": {"endpoint_url": s3_server}}
+    assert model_resolution("s3://config-only-models/tiny", storage_options=options) == 64
+    with pytest.raises(
+        ModelError, match=r"^cannot read unet/config.json of model 's3://config-only-models/none'"
+    ):
+        model_resolution("s3://config-only-models/none", storage_options=options)
+
+
+def test_a_hub_models_resolution_downloads_its_two_configs_only(tiny_model_dir, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo_id, filename, **options):
+        asked.append((repo_id, filename, options))
+        return str(Path(tiny_model_dir) / filename)
+
+    def snapshot(*args, **options):
+        raise AssertionError("the whole checkpoint was asked for")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setenv("PTI_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_resolution("owner/tiny") == 64
+    options = {"cache_dir": tmp_path / "hub", "local_files_only": True}  # the loader's cache, offline
+    assert asked == [("owner/tiny", "unet/config.json", options), ("owner/tiny", "vae/config.json", options)]
+
+
+def test_an_unreachable_hub_models_resolution_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PTI_CACHE", str(tmp_path))
+    with pytest.raises(ModelError) as error:
+        model_resolution(HUB_MODEL)
+    message = str(error.value)
+    assert message.startswith(f"cannot read unet/config.json of model {HUB_MODEL!r} from the hub (")
+    assert message.endswith("This machine may be offline: pass a local folder or an s3:// URI with --model")
 
 
 # --- devices and dtypes ---------------------------------------------------------------------------
@@ -361,8 +444,9 @@ def test_pti_edit_writes_every_output_and_counts_unet_calls(tiny_model_dir, tiny
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     for name in names[:-2]:
         assert Image.open(out / name).size == (64, 64)
-    # one row per target: input, reconstruction and its two edits, 64 px tiles padded by 2
-    assert Image.open(out / "contact_sheet.png").size == (4 * 66 + 2, 2 * 66 + 2)
+    # one row per target: input, reconstruction and its two edits, 64 px shown at 256 px over a
+    # 52 px band of captions, padded by 2
+    assert Image.open(out / "contact_sheet.png").size == (4 * 258 + 2, 2 * (256 + 52 + 2) + 2)
     expected_input = np.asarray(load_image(str(image), 64).permute(1, 2, 0).numpy() * 255).round()
     assert np.array_equal(np.asarray(Image.open(out / "input.png")), expected_input.astype(np.uint8))
 

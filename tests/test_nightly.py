@@ -13,12 +13,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.batch import nightly
+from pipeline.batch import lock, nightly
 from pipeline.errors import InputError
 from pipeline.batch.nightly import NightFailed, run_nightly
 from pipeline.batch.config import RunConfig
 
-PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False)
+# device cpu: the test cluster's GPUs are fake (conftest), and a GPU actor refuses the CPU unasked
+PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False, device="cpu")
 
 
 def write_manifest(path, rows: list[dict]) -> None:
@@ -115,15 +116,25 @@ def test_a_second_night_processes_only_the_manifest_added_since(
     assert totals["gpu_hours"] == pytest.approx(entry["seconds"] * 2 / 3600, abs=1e-4)
     assert totals["cost_estimate"] == pytest.approx(totals["gpu_hours"] * 2.0, abs=0.01)
     assert 0 < totals["rows_per_second"] <= 1 / entry["seconds"] * 1.01
-    # The contact sheet: one row (the one image), its input and its two edits, 64 px tiles.
-    assert Image.open(tmp_path / "out" / "night-2" / "contact_sheet.png").size == (3 * 66 + 2, 66 + 2)
+    # The contact sheet: one row (the one image), its input and its two edits, 64 px shown at 256
+    # px, each over a 52 px band of captions (three 16 px lines and a margin).
+    assert Image.open(tmp_path / "out" / "night-2" / "contact_sheet.png").size == (
+        3 * 258 + 2,
+        256 + 52 + 4,
+    )
     markdown = (tmp_path / "out" / "night-2" / "report.md").read_text()
     assert (
         "# Nightly run night-2" in markdown and "1 done, 0 failed, 1 processed by earlier nights" in markdown
     )
 
-    third = run_nightly(night(tmp_path, tiny_model_dir, "night-3"))
+    # A manifest another night is running now (it holds its claim) is left to that night.
+    write_manifest(manifests / "c.parquet", [photo_row(tmp_path, photos, "coffee", "a cup of tea")])
+    c = str(manifests / "c.parquet")
+    with lock.acquire(nightly.claim_of(nightly.ledger(night(tmp_path, "-", "x")), c), "night-x", 60, c):
+        third = run_nightly(night(tmp_path, tiny_model_dir, "night-3"))
     assert (third["manifests"], third["manifests_skipped"], third["rows_in"]) == (0, 2, 0)
+    assert files(tmp_path / "out" / "night-3") == ["config-nightly.yaml", "report.json", "report.md"]
+    assert len(ledger(tmp_path)) == 2
     assert report(tmp_path, "night-3")["totals"]["cost_estimate"] is None  # no price set
 
 
@@ -143,7 +154,7 @@ def test_a_failed_manifest_gets_no_ledger_row_and_a_rerun_of_its_night_resumes_i
         run_nightly(night(tmp_path, tiny_model_dir, "night-1"))
     good = tmp_path / "out" / "night-1" / "good"
     made = {folder: files(good / folder) for folder in ("embeddings", "results")}
-    assert not (tmp_path / "out" / "_ledger").exists()
+    assert not list((tmp_path / "out" / "_ledger").glob("*.parquet"))  # no ledger row (claims aside)
     monkeypatch.undo()
 
     # Run again under the same run id: the good manifest resumes on its output and adds nothing;

@@ -1,5 +1,5 @@
 """Ray for a job: join the cluster it was submitted to or start a local one, and check that the
-cluster can hold the job's actor pools."""
+cluster can hold the job's actor pools (waiting for an autoscaler to add the GPUs they need)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 
 from pipeline.batch.config import RunConfig
 from pipeline.errors import InputError
@@ -97,16 +98,71 @@ def check_cpus(config: RunConfig, actors: int) -> None:
     raise InputError(problem)
 
 
-def check_gpus(config: RunConfig) -> None:
-    """Refuse a job whose actors ask for GPUs the cluster does not have at all."""
-    import ray
+GPU_WAIT_LOG_EVERY_S = 30.0  # a log line this often while a job waits for the autoscaler's GPUs
+GPU_POLL_S = 5.0
 
-    needed = config.gpus_per_actor * max(config.tune_actors, config.edit_actors)
-    have = ray.cluster_resources().get("GPU", 0)
-    if config.gpus_per_actor > 0 and have < config.gpus_per_actor:
+
+def check_gpus(
+    config: RunConfig,
+    actors: int | None = None,
+    *,
+    cluster_resources: Callable[[], dict] | None = None,
+    can_grow: Callable[[], bool] = cluster_can_grow,
+    request_gpus: Callable[[list[dict]], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Make sure the cluster has GPUs for the job's ``actors`` (default: the larger pool).
+
+    A cluster with fewer GPUs that an autoscaler can grow (a GPU group that scales from zero) is
+    asked for them, one bundle per actor, and waited for up to ``actor_start_timeout_s``; the
+    request is withdrawn when the wait ends, so that the GPU nodes go once the job is done. A job
+    then refuses to start only when not even one actor's GPUs are there; on a cluster that cannot
+    grow it refuses at once. With fewer GPUs than actors, some actors wait for others: a warning.
+    The callables are Ray's unless given (tests give fakes)."""
+    per_actor = config.gpus_per_actor
+    if per_actor <= 0:
+        return
+    if actors is None:
+        actors = max(config.tune_actors, config.edit_actors)
+    needed = per_actor * actors
+    if cluster_resources is None or request_gpus is None:
+        import ray
+        from ray.autoscaler.sdk import request_resources
+
+        cluster_resources = cluster_resources or ray.cluster_resources
+        request_gpus = request_gpus or (lambda bundles: request_resources(bundles=bundles))
+
+    def gpus() -> float:
+        return cluster_resources().get("GPU", 0)
+
+    have = gpus()
+    waited = None
+    if have < needed and can_grow():
+        timeout = config.actor_start_timeout_s
+        log.info(
+            "the cluster has %g of the %g GPUs the job's actors ask for: asking its autoscaler for "
+            "them and waiting up to %g s (actor_start_timeout_s)",
+            have,
+            needed,
+            timeout,
+        )
+        start = logged = clock()
+        request_gpus([{"GPU": per_actor}] * actors)
+        try:
+            while (have := gpus()) < needed and (waited := clock() - start) < timeout:
+                if clock() - logged >= GPU_WAIT_LOG_EVERY_S:
+                    log.info("waiting for GPUs: %g of %g after %.0f s of %g", have, needed, waited, timeout)
+                    logged = clock()
+                sleep(min(GPU_POLL_S, timeout - waited))
+        finally:
+            request_gpus([])  # a standing request would keep the GPU nodes after the job
+        waited = clock() - start
+    if have < per_actor:
+        after = "" if waited is None else f" after {waited:.0f} s of waiting for its autoscaler"
         raise InputError(
-            f"the GPU stages ask for {config.gpus_per_actor} GPU per actor but the Ray cluster has "
-            f"{have:g} GPUs; add GPU workers or set gpus_per_actor=0 to run on CPUs"
+            f"the GPU stages ask for {per_actor} GPU per actor but the Ray cluster has {have:g} GPUs"
+            f"{after}; add GPU workers or set gpus_per_actor=0 to run on CPUs"
         )
     if have < needed:
         log.warning("the cluster has %g GPUs for %g requested: some actors will wait", have, needed)

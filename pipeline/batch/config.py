@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
 from pipeline.batch.output import Output
@@ -28,6 +29,8 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one safe path component: a
 class NightlyConfig:
     """``jobs.nightly``: which manifests a night takes and what its report says."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # for RunConfig.from_dict's validator
+
     manifests: str | None = None  # a prefix: every Parquet file under it is one manifest, processed once
     run_id: str | None = None  # the night's name and folder under output; default: the UTC date, YYYY-MM-DD
     ledger: str | None = None  # the table of processed manifests; default {output}/_ledger
@@ -40,12 +43,12 @@ class NightlyConfig:
         problems = []
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
             problems.append(
-                f"nightly.run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (a folder name)"
+                f"run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (a folder name)"
             )
         if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
-            problems.append(f"nightly.gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
+            problems.append(f"gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
         if self.sample_images < 0:
-            problems.append(f"nightly.sample_images must be >= 0, got {self.sample_images}")
+            problems.append(f"sample_images must be >= 0, got {self.sample_images}")
         if problems:
             raise InputError("invalid run config: " + "; ".join(problems))
 
@@ -55,6 +58,8 @@ SECTIONS = {"pti": PTIConfig, "nightly": NightlyConfig}  # nested parts of a run
 
 @dataclass(frozen=True)
 class RunConfig:
+    __pydantic_config__ = {"extra": "forbid"}  # for RunConfig.from_dict's validator
+
     manifest: str | None = None  # Parquet file or folder of manifests (any fsspec URI)
     output: str = "outputs/run"  # prefix for embeddings/, images/, results/, errors/
     embeddings: str | None = None  # jobs.edit: stored stage-1 results; default {output}/embeddings
@@ -84,8 +89,14 @@ class RunConfig:
     # everything): its exit status and the nightly ledger say so. 1.0: never.
     max_failed_fraction: float = 0.1
     # When the cluster holds all of a job's actors at once, pools wait for all their actors before
-    # taking work (so every actor gets some), and fail when they cannot start in this time.
+    # taking work (so every actor gets some), and fail when they cannot start in this time. It also
+    # bounds the wait at start for GPUs that an autoscaler adds (a GPU group scaled to zero).
     actor_start_timeout_s: float = 1800.0
+    # A job holds its output's lease (nightly: each manifest's) and renews it every lock_ttl_s / 4;
+    # a dead job's lease expires after lock_ttl_s, and the next job takes the output over.
+    lock_ttl_s: float = 600.0
+    contact_sheet_images: int = 4  # jobs.run: inputs with their labelled edits in contact_sheet.png; 0: none
+    progress_every_s: float = 30.0  # a job log line with rows done, failed, rows/s and ETA
     pti: PTIConfig = field(default_factory=PTIConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)  # jobs.nightly only
 
@@ -107,6 +118,12 @@ class RunConfig:
         ]
         if not 0 <= self.max_failed_fraction <= 1:
             problems.append(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if self.contact_sheet_images < 0:
+            problems.append(f"contact_sheet_images must be >= 0, got {self.contact_sheet_images}")
+        if not self.lock_ttl_s > 0:
+            problems.append(f"lock_ttl_s must be > 0, got {self.lock_ttl_s}")
+        if not self.progress_every_s >= 0:
+            problems.append(f"progress_every_s must be >= 0, got {self.progress_every_s}")
         if not self.image_read_timeout_s > 0:
             problems.append(f"image_read_timeout_s must be > 0, got {self.image_read_timeout_s}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
@@ -133,25 +150,90 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        return from_known_fields(cls, values, "run config")
+        """Every value checked against its field's type (pydantic) and bounds (``__post_init__``):
+        a mistake is one ``InputError`` naming the field, the value and what is allowed."""
+        try:
+            return _VALIDATOR.validate_python(values)
+        except pydantic.ValidationError as error:
+            raise InputError("invalid run config: " + "; ".join(map(_problem, error.errors()))) from None
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "RunConfig":
-        """A YAML file (optional) with ``key=value`` overrides; ``pti.`` and ``nightly.`` keys
-        reach those sections."""
-        values: dict[str, Any] = {}
-        if path:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+    def load(
+        cls, path: str | Path | None = None, overrides: list[str] = (), texts: dict[str, str] | None = None
+    ) -> "RunConfig":
+        """A YAML file (optional), then ``key=value`` overrides, then ``texts`` (key: value taken
+        as written, as flags give them); ``pti.`` and ``nightly.`` keys reach those sections.
+        An override's value is its text too (the field's type converts it: ``steps=20``,
+        ``early_stop=false``, ``run_id=2026-11-25``), except YAML lists, maps, ``null`` and quoted
+        text: ``etas=[0.5, 0.8]``, ``reweight={hat: 2}``, ``resolution=null``, ``device="cpu"``."""
+        values: dict[str, Any] = read_yaml(path) if path else {}
         for name in SECTIONS:
             values[name] = dict(values.get(name) or {})
+        settings = []
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise InputError(f"override {item!r} is not KEY=VALUE")
-            value = yaml.safe_load(raw) if raw else None
+            settings.append((key, override_value(raw)))
+        for key, value in [*settings, *(texts or {}).items()]:
             section, dot, name = key.partition(".")
             if dot and section in SECTIONS:
                 values[section][name] = value
             else:
                 values[key] = value
         return cls.from_dict(values)
+
+
+class _TextDates(yaml.SafeLoader):
+    """YAML without timestamps: ``run_id: 2026-11-25`` stays the text it is, not a date."""
+
+
+_TextDates.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_TextDates)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict, or an ``InputError`` naming the file and what is wrong with it."""
+    try:
+        values = parse_yaml(Path(path).read_text())
+    except OSError as error:
+        raise InputError(f"config file {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if values is not None and not isinstance(values, dict):
+        raise InputError(f"config file {path} must be a mapping of field: value, got {type(values).__name__}")
+    return values or {}
+
+
+def override_value(raw: str) -> Any:
+    """An override's value: YAML for lists, maps, null and quoted text, else the text as given
+    (the field's type converts it)."""
+    if raw.strip()[:1] in ("[", "{", '"', "'") or raw.strip() in ("", "null", "~"):
+        try:
+            return parse_yaml(raw)
+        except yaml.YAMLError as error:
+            raise InputError(
+                f"override value {raw!r} is not valid YAML: {str(error).splitlines()[0]}"
+            ) from None
+    return raw
+
+
+def _problem(error: dict) -> str:
+    """One pydantic error as ``field = value: what is allowed``."""
+    field = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "value_error":  # our own bounds (__post_init__): they name field and value
+        message = str(error["ctx"]["error"]).removeprefix("invalid run config: ")
+        return f"{field}: {message.removeprefix('invalid config: ')}" if field else message
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"unknown field {field}"
+    return f"{field} = {error['input']!r}: {error['msg']}"
+
+
+# Types from the dataclasses' own annotations; unknown keys refused (a typo must not do nothing).
+_VALIDATOR = pydantic.TypeAdapter(RunConfig)

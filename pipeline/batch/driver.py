@@ -3,24 +3,31 @@ tables, count every input row, and write the summary."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
+import logging
 import posixpath
 import time
 import uuid
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.batch import lock, metrics
 from pipeline.batch.cluster import check_cpus, check_gpus, init_ray, pools_fit
 from pipeline.batch.config import RunConfig
 from pipeline.batch.faults import failpoint
 from pipeline.batch.resume import check_same_settings
 from pipeline.batch.rows import good_rows
-from pipeline.errors import TooManyFailures
+from pipeline.errors import InputError, TooManyFailures
 from pipeline.io.storage import Location
 from schemas import errors as err
 from schemas import results as res
+
+log = logging.getLogger(__name__)
 
 
 class RollingParquet:
@@ -68,10 +75,49 @@ class RollingParquet:
         failpoint(f"driver-after-{posixpath.basename(self.folder.uri.rstrip('/'))}")
 
 
-def start(config: RunConfig, job: str) -> tuple[float, str]:
-    """Join or start Ray, check its GPUs and CPUs and that the output holds nothing made with
-    other settings, and write the resolved config beside the outputs. Returns the start time and
-    this attempt's name, which begins with the job's (``run-...``)."""
+class Progress:
+    """Rows done and failed, rows per second and the time left, as a job log line at most every
+    ``every_s`` seconds and once at the end (Ray Data's own progress bar counts blocks, ``0/?``),
+    and as the job's metrics (``pipeline.batch.metrics``)."""
+
+    def __init__(self, job: str, todo: int, every_s: float):
+        self.job, self.todo, self.every_s = job, todo, every_s
+        self.started = self.logged = time.monotonic()
+        self.done = self.failed = self.edits = 0
+
+    def update(self, done: int, failed: int, edits: int) -> None:
+        """The counts so far: logged, and their growth added to the job's metrics."""
+        delta = dict(rows_done=done - self.done, rows_failed=failed - self.failed, edits=edits - self.edits)
+        metrics.count(self.job, **delta)
+        self.done, self.failed, self.edits = done, failed, edits
+        if time.monotonic() - self.logged >= self.every_s:
+            self.log()
+
+    def log(self) -> None:
+        self.logged = time.monotonic()
+        seconds = max(self.logged - self.started, 1e-9)
+        finished = self.done + self.failed
+        rate = finished / seconds
+        left = f"{(self.todo - finished) / rate:.0f} s" if rate > 0 else "?"
+        log.info(
+            "%s: %d/%d rows done, %d failed, %d edits, %.2f rows/s, %.0f s elapsed, ETA %s",
+            self.job,
+            self.done,
+            self.todo,
+            self.failed,
+            self.edits,
+            rate,
+            seconds,
+            left,
+        )
+
+
+@contextlib.contextmanager
+def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
+    """Join or start Ray, check its GPUs and CPUs, take the output's lease (one job writes an
+    output at a time), check that the output holds nothing made with other settings, and write
+    the resolved config beside the outputs. Yields the start time and this attempt's name, which
+    begins with the job's (``run-...``); the lease is given back when the job ends or fails."""
     from ray.data import DataContext
 
     started = time.perf_counter()
@@ -82,18 +128,47 @@ def start(config: RunConfig, job: str) -> tuple[float, str]:
         "edit": config.edit_actors,
     }
     init_ray(config)
-    check_gpus(config)
+    check_gpus(config, actors[job])
     check_cpus(config, actors[job])
-    check_same_settings(config, job)
-    # The context is per process: set it both ways, a driver may run several jobs.
-    fit = pools_fit(config, actors[job])
-    DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if fit else -1
-    output.config_file(job).write_bytes(config.to_yaml().encode())
-    return started, f"{job}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    attempt = f"{job}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    try:  # the job's first write: an output it cannot write is one clean error, not a traceback
+        lease = lock.acquire(output.lock, attempt, config.lock_ttl_s, f"output {config.output}")
+    except OSError as error:
+        raise InputError(
+            f"cannot write to output {config.output}: {error}; check that the job's credentials may "
+            "write under that prefix"
+        ) from None
+    with lease:
+        check_same_settings(config, job)
+        # The context is per process: set it both ways, a driver may run several jobs.
+        fit = pools_fit(config, actors[job])
+        DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if fit else -1
+        output.config_file(job).write_bytes(config.to_yaml().encode())
+        yield started, attempt
+
+
+def job(name: str) -> Callable:
+    """A job's body ``body(config, started, attempt)`` as ``run(config)``, run inside ``start``:
+    it holds its output's lease from start to end."""
+
+    def wrap(body: Callable[[RunConfig, float, str], dict]) -> Callable[[RunConfig], dict]:
+        @functools.wraps(body)
+        def run(config: RunConfig) -> dict:
+            with start(config, name) as (started, attempt):
+                return body(config, started, attempt)
+
+        return run
+
+    return wrap
 
 
 def drain(
-    ds, config: RunConfig, attempt: str, results_schema: pa.Schema | None, errors_before: list[dict] = ()
+    ds,
+    config: RunConfig,
+    attempt: str,
+    results_schema: pa.Schema | None,
+    todo: int,
+    errors_before: list[dict] = (),
 ) -> dict:
     """Stream the final rows to the driver (small rows: no tensors, no images) and write the
     results and errors tables; count everything for the summary.
@@ -110,12 +185,12 @@ def drain(
     errors.add(pa.Table.from_pylist(list(errors_before), schema=err.ERRORS_SCHEMA))
     ok_ids, early_ids, edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
     early_errors, resumed_ids = len(errors_before), set()
+    progress = Progress(attempt.partition("-")[0], todo, config.progress_every_s)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
         ok = good_rows(batch)
         bad = batch.filter(pa.array(~ok))
         if len(bad):
-            columns = {c: bad.column(c) for c in (err.ID, err.STAGE, err.KIND, err.MESSAGE)}
-            errors.add(pa.table({**columns, err.ROW: pa.nulls(len(bad), pa.int64())}))
+            errors.add(bad.select([err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]))
             for row_id, stage in zip(bad.column(err.ID).to_pylist(), bad.column(err.STAGE).to_pylist()):
                 if stage == "edit":
                     edit_error_ids.add(row_id)
@@ -129,6 +204,9 @@ def drain(
             resumed_ids.update(i for i, w in zip(ids, good.column(res.TUNE_WORKER).to_pylist()) if w is None)
         if results is not None:
             results.add(good)
+        failed = early_errors + len(edit_error_ids - ok_ids - early_ids)  # rows, as ``account`` counts
+        progress.update(len(ok_ids), failed, results.rows if results else 0)
+    progress.log()
     errors.close()
     if results is not None:
         results.close()

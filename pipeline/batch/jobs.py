@@ -4,10 +4,17 @@
 
 from __future__ import annotations
 
+import logging
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import driver
 from pipeline.batch.config import RunConfig
+from pipeline.batch.report import write_contact_sheet
 from pipeline.batch.resume import Committed, manifest_targets, read_committed
 from pipeline.batch.stages import (
     EditStage,
@@ -24,41 +31,130 @@ from schemas import manifest as man
 from schemas import results as res
 from schemas.stages import CARRIED
 
-MANIFEST_COLUMNS = (
-    man.ID,
-    man.IMAGE,
-    man.SOURCE_PROMPT,
-    man.TARGET_PROMPTS,
-    man.TARGET_PROMPT,
-    man.ETA,
-    man.GUIDANCE,
-    man.SEED,
-    man.BLEND_WORDS,
-    man.REWEIGHT,
-)
+log = logging.getLogger(__name__)
 
 
-def read_manifest(config: RunConfig):
-    """The manifest as a Ray dataset, after checking its columns; its ids and the duplicated ones."""
-    import ray
+class Manifest(NamedTuple):
+    """A manifest checked on the driver: the types its rows are read as, its row groups (each a
+    file's path, group and the manifest row it starts at) and its ids in manifest order."""
 
+    schema: pa.Schema
+    parts: list[dict]
+    ids: list
+
+    @property
+    def duplicates(self) -> set:
+        return man.duplicated_ids(self.ids)
+
+
+def parquet_input(location: Location, what: str) -> list[tuple[str, str, pq.FileMetaData]]:
+    """The Parquet files of an input file or folder: each one's path in its filesystem, its name
+    for people and its footer. Other files in a folder are skipped, with a log line; a missing
+    path, a folder without Parquet files or a file that is not Parquet is an ``InputError``."""
+    fs, base = location.filesystem()
+    try:
+        paths, skipped = location.parquet_input()
+    except FileNotFoundError:
+        raise InputError(f"{what} {location}: no such file or folder") from None
+    except OSError as exc:
+        raise InputError(f"{what} {location}: cannot be listed: {exc}") from None
+    names = [posixpath.relpath(p, base) for p in skipped]
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    if not paths:
+        only = f", only {listed}" if names else ""
+        raise InputError(f"{what} {location}: no *.parquet files in this folder{only}")
+    if names:
+        log.info("%s %s: skipping files not named *.parquet: %s", what, location, listed)
+
+    def opened(path: str) -> tuple[str, str, pq.FileMetaData]:
+        name = location.uri if path == base else (location / posixpath.relpath(path, base)).uri
+        try:
+            return path, name, pq.read_metadata(path, filesystem=fs)
+        except pa.ArrowInvalid as exc:
+            reason = str(exc).split(". ")[0]
+            raise InputError(f"{what} {name} is not a Parquet file ({reason})") from None
+        except OSError as exc:
+            raise InputError(f"{what} {name}: cannot be read: {exc}") from None
+
+    with ThreadPoolExecutor(8) as pool:  # a request per file: an object store answers them at once
+        return list(pool.map(opened, paths))
+
+
+def check_manifest(config: RunConfig) -> Manifest:
+    """Find, open and check the manifest on the driver, before any Ray Data work: every problem with
+    its files or columns is one ``InputError`` naming the file. Only ids are read."""
     if not config.manifest:
         raise InputError("no manifest given: set manifest in the config or pass --manifest")
-    fs, path = config.manifest_location.filesystem()
-    dataset = pq.ParquetDataset(path, filesystem=fs)
-    problems = man.schema_problems(dataset.schema)
+    location = config.manifest_location
+    fs, base = location.filesystem()
+    files = parquet_input(location, "manifest")
+    fields: dict[str, pa.Field] = {}
+    problems = []
+    for path, _, footer in files:
+        schema = footer.schema.to_arrow_schema()
+        found = man.schema_problems(schema)
+        for f in man.read_schema(schema) if not found else ():
+            if fields.setdefault(f.name, f).type != f.type:
+                found.append(f"column {f.name!r} is {f.type} here but {fields[f.name].type} in other files")
+        # In a folder, each problem names its file.
+        problems += found if path == base else [f"{posixpath.relpath(path, base)}: {p}" for p in found]
     if problems:
         raise InputError(f"manifest {config.manifest}: " + "; ".join(problems))
-    ids = dataset.read(columns=[man.ID]).column(man.ID).to_pylist()  # ids only: small
-    columns = [c for c in dataset.schema.names if c in MANIFEST_COLUMNS]
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
-    return ds, ids, man.duplicated_ids(ids)
+
+    def ids_of(path: str) -> list:
+        column = pq.read_table(path, columns=[man.ID], filesystem=fs).column(man.ID)
+        return column.cast(pa.string()).to_pylist()  # a categorical's values
+
+    with ThreadPoolExecutor(8) as pool:
+        per_file = list(pool.map(ids_of, [path for path, _, _ in files]))
+    parts, ids = [], []
+    for (path, _, footer), file_ids in zip(files, per_file):
+        first = len(ids)
+        for group in range(footer.num_row_groups):
+            parts.append({"path": path, "row_group": group, "first_row": first})
+            first += footer.row_group(group).num_rows
+        ids += file_ids
+    return Manifest(pa.schema(list(fields.values())), parts, ids)
+
+
+def read_manifest_part(parts: pa.Table, *, location: Location, schema: pa.Schema) -> pa.Table:
+    """Row groups of a manifest's files (a Ray task) as ``schema``, each row with its place in the
+    manifest (``schemas.errors.ROW``): files in name order, rows in file order, so the same
+    manifest numbers its rows the same in every run."""
+    fs, _ = location.filesystem()
+    tables = []
+    for path, group, first in zip(*(parts.column(c).to_pylist() for c in ("path", "row_group", "first_row"))):
+        with fs.open_input_file(path) as f:
+            source = pq.ParquetFile(f)
+            names = [n for n in schema.names if n in source.schema_arrow.names]
+            table = man.typed(source.read_row_group(group, columns=names), schema)
+        rows = pa.array(range(first, first + len(table)), pa.int64())
+        tables.append(table.append_column(pa.field(err.ROW, pa.int64()), rows))
+    return pa.concat_tables(tables)
+
+
+def read_manifest(config: RunConfig, manifest: Manifest):
+    """The checked manifest's rows as a Ray dataset."""
+    import ray
+
+    location = config.manifest_location
+    # A read task per row group (a block each); batch_size=None (the whole block) also keeps Ray
+    # from fusing this read with _spread's repartition, which would put every row back into one
+    # block for the actors (see _spread).
+    return ray.data.from_items(manifest.parts, override_num_blocks=max(1, len(manifest.parts))).map_batches(
+        read_manifest_part,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs=dict(location=location, schema=manifest.schema),
+    )
 
 
 def _spread(ds, rows: int, config: RunConfig):
-    """Enough blocks that every actor gets work: a small manifest is one block otherwise."""
+    """Enough blocks that every actor gets work: a small manifest is one block otherwise. Strict:
+    Ray fuses a non-strict repartition into the map before it, whose task then hands all its rows
+    on as one block (one actor gets a small manifest's every row)."""
     per_block = max(1, min(config.tune_batch_size, -(-rows // (2 * config.tune_actors))))
-    return ds.repartition(target_num_rows_per_block=per_block)
+    return ds.repartition(target_num_rows_per_block=per_block, strict=True)
 
 
 def _model(config: RunConfig) -> Location:
@@ -136,16 +232,18 @@ def edit(ds, config: RunConfig, committed: Committed, done=frozenset()):
     )
 
 
-def run_tune(config: RunConfig) -> dict:
+@driver.job("tune")
+def run_tune(config: RunConfig, started: float, attempt: str) -> dict:
     """``jobs.tune``: manifest -> embeddings (and errors). Ids already tuned are skipped."""
-    started, attempt = driver.start(config, "tune")
-    ds, ids, duplicates = read_manifest(config)
+    manifest = check_manifest(config)  # on the driver, before any Ray Data work
+    ids, duplicates = manifest.ids, manifest.duplicates
+    ds = read_manifest(config, manifest)
     committed = read_committed(config.output_location, results=False)
     already = sum(1 for i in ids if i in committed.tuned and i not in duplicates)
     ds = tune(ds, config, len(ids), duplicates, committed).select_columns(
-        [err.ID, err.STAGE, err.KIND, err.MESSAGE]
+        [err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]
     )
-    counts = driver.drain(ds, config, attempt, None)
+    counts = driver.drain(ds, config, attempt, None, len(ids) - already)
     output = config.output_location
     return driver.finish(
         config,
@@ -159,12 +257,14 @@ def run_tune(config: RunConfig) -> dict:
     )
 
 
-def run_all(config: RunConfig) -> dict:
+@driver.job("run")
+def run_all(config: RunConfig, started: float, attempt: str) -> dict:
     """``jobs.run``: both stages in one streaming pipeline. On an output an earlier run wrote,
     rows already edited are skipped and rows already tuned are edited from their stored
     embeddings (only the edits still missing)."""
-    started, attempt = driver.start(config, "run")
-    ds, ids, duplicates = read_manifest(config)
+    manifest = check_manifest(config)  # on the driver, before any Ray Data work
+    ids, duplicates = manifest.ids, manifest.duplicates
+    ds = read_manifest(config, manifest)
     output = config.output_location
     committed = read_committed(output, results=True)
     targets = manifest_targets(config, set(committed.tuned) - duplicates)
@@ -175,19 +275,25 @@ def run_all(config: RunConfig) -> dict:
     if unfinished:
         ds = ds.union(stored(config, committed, unfinished))
     done = frozenset(k for k in committed.edits if k[0] in unfinished)
-    counts = driver.drain(edit(ds, config, committed, done), config, attempt, res.RESULTS_SCHEMA)
+    todo = len(ids) - already
+    counts = driver.drain(edit(ds, config, committed, done), config, attempt, res.RESULTS_SCHEMA, todo)
+    accounted = driver.account(len(ids), counts, already)
+    sheet = None
+    if accounted["rows_done"] and config.contact_sheet_images:
+        sheet = write_contact_sheet(output, config.manifest_location, config.contact_sheet_images)
     return driver.finish(
         config,
         "run",
         started,
         {
-            **driver.account(len(ids), counts, already),
+            **accounted,
             "resumed": counts["resumed"],
             "edits": counts["result_rows"],
             "embeddings": output.embeddings.uri,
             "images": output.images.uri,
             "results": output.results.uri,
             "errors": output.errors.uri,
+            "contact_sheet": sheet,
         },
     )
 
@@ -198,9 +304,14 @@ def targets_by_id(config: RunConfig) -> dict[str, dict]:
     source = config.targets or config.manifest
     if not source:
         raise InputError("jobs.edit needs targets: set targets (a table of id, target_prompts) or manifest")
-    fs, path = Location(source, config.endpoint_url).filesystem()
-    table = pq.ParquetDataset(path, filesystem=fs).read()
-    rows, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in table.to_pylist()])
+    location = Location(source, config.endpoint_url)
+    fs, _ = location.filesystem()
+    wanted = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))  # not the images
+    table_rows = []
+    for path, _, footer in parquet_input(location, "targets" if config.targets else "manifest"):
+        columns = [c for c in wanted if c in footer.schema.to_arrow_schema().names]
+        table_rows += pq.read_table(path, columns=columns, filesystem=fs).to_pylist()
+    rows, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in table_rows])
     if errors:
         listed = "; ".join(f"row {e[err.ROW]} ({e[err.ID]}): {e[err.MESSAGE]}" for e in errors[:20])
         raise InputError(f"targets {source}: {listed}")
@@ -212,12 +323,12 @@ def _edits(config: RunConfig, row: dict) -> tuple[list[str], list[float]]:
     return row[man.TARGET_PROMPTS], row[man.ETA] or list(config.pti.etas)
 
 
-def run_edit(config: RunConfig) -> dict:
+@driver.job("edit")
+def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
     """``jobs.edit``: stored embeddings + targets -> edits. New targets reuse old tunings; edits
     already in the output's results are not made again."""
-    started, attempt = driver.start(config, "edit")
+    targets = targets_by_id(config)  # on the driver, before any Ray Data work
     output = config.output_location
-    targets = targets_by_id(config)
     committed = read_committed(output, results=True)
     todo = {
         i: row
@@ -239,7 +350,7 @@ def run_edit(config: RunConfig) -> dict:
             committed,
             frozenset(k for k in committed.edits if k[0] in todo),
         )
-    counts = driver.drain(ds, config, attempt, res.RESULTS_SCHEMA, no_embeddings)
+    counts = driver.drain(ds, config, attempt, res.RESULTS_SCHEMA, len(targets) - already, no_embeddings)
     return driver.finish(
         config,
         "edit",

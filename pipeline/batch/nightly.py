@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.batch import lock
 from pipeline.batch.jobs import run_all
 from pipeline.batch.output import Output
 from pipeline.errors import InputError, PTIError, TooManyFailures
@@ -105,6 +106,23 @@ def record(uri: Location, row: dict) -> None:
     (uri / f"{name}.parquet").write_bytes(buffer.getvalue())
 
 
+def claim_of(processed: Location, manifest: str) -> Location:
+    """The lease a night holds on a manifest while it runs it: two nights never take the same one."""
+    return processed / "_claims" / hashlib.sha256(manifest.encode()).hexdigest()[:20]
+
+
+def outcome(entry: dict) -> str:
+    """A manifest's log line once its run ended."""
+    if "error" in entry and led.ROWS_IN not in entry:
+        return f"{entry[led.MANIFEST]} failed after {entry[led.SECONDS]:.0f} s: {entry['error']}"
+    status = "failed (too many failed rows)" if "error" in entry else "done"
+    return (
+        f"{entry[led.MANIFEST]} {status}: {entry[led.ROWS_DONE]} of {entry[led.ROWS_IN]} rows done, "
+        f"{entry[led.ROWS_FAILED]} failed, {entry[led.EDITS]} edits in {entry[led.SECONDS]:.0f} s "
+        f"-> {entry[led.OUTPUT]}"
+    )
+
+
 def gpus_held(config: RunConfig) -> float:
     """GPUs a jobs.run holds while it runs: both stages' actors live at once."""
     return config.gpus_per_actor * (config.tune_actors + config.edit_actors)
@@ -150,7 +168,8 @@ def ledger_row(config: RunConfig, manifest: str, output: str, summary: dict, beg
 
 
 def sample_rows(entries: list[dict], count: int, endpoint_url: str | None) -> list:
-    """Contact-sheet rows of about ``count`` images, spread over the manifests that were done."""
+    """Contact-sheet rows of about ``count`` images, spread over the manifests that were done:
+    each input with its edits, every image with its caption (``report.edit_rows``)."""
     done = [e for e in entries if "error" not in e]
     rows: list = []
     for entry in done:
@@ -181,11 +200,22 @@ def run_nightly(config: RunConfig) -> dict:
     log.info(
         "night %s: %d manifests under %s, %d new", night.run_id, len(manifests), night.manifests, len(new)
     )
-    for manifest in new:
-        entry = run_manifest(config, manifest, manifests[manifest])
-        if "error" not in entry:
-            record(processed, entry)
+    for number, manifest in enumerate(new, 1):
+        log.info("night %s: manifest %d of %d: %s", night.run_id, number, len(new), manifest)
+        try:
+            claim = lock.acquire(claim_of(processed, manifest), night.run_id, config.lock_ttl_s, manifest)
+        except lock.Busy as busy:  # another night (or an earlier attempt, still alive) runs it
+            log.warning("night %s: skipped %s: %s", night.run_id, manifest, busy)
+            continue
+        with claim:
+            if manifest in {r[led.MANIFEST] for r in read_ledger(processed)}:  # done while we waited
+                log.info("night %s: %s was done by another night meanwhile", night.run_id, manifest)
+                continue
+            entry = run_manifest(config, manifest, manifests[manifest])
+            if "error" not in entry:
+                record(processed, entry)
         entries.append(entry)
+        log.info("night %s: %s", night.run_id, outcome(entry))
     skipped = sum(1 for m in manifests if m in earlier_nights)
     report = night_report(night.run_id, night.manifests, entries, skipped, night.gpu_hour_price, endpoint)
     uri = write_night_report(root, report, sample_rows(entries, night.sample_images, endpoint))

@@ -18,8 +18,8 @@ def image_key(row_id: str, target_index: int, eta: float) -> str:
 @dataclass(frozen=True)
 class Output:
     """``root`` and its parts: ``embeddings/`` (or another location of stored stage-1 rows),
-    ``results/``, ``errors/``, ``images/``, and each job's ``config-{job}.yaml`` and
-    ``summary-{job}.json``."""
+    ``results/``, ``errors/``, ``images/``, ``contact_sheet.png``, and each job's
+    ``config-{job}.yaml`` and ``summary-{job}.json``."""
 
     root: Location
     embeddings: Location
@@ -40,6 +40,16 @@ class Output:
     @property
     def images(self) -> Location:
         return self.root / "images"
+
+    @property
+    def lock(self) -> Location:
+        """The lease of the job writing this output (``pipeline.batch.lock``)."""
+        return self.root / "_lock"
+
+    @property
+    def contact_sheet(self) -> Location:
+        """``jobs.run``'s picture of its first edits (``pipeline.batch.report``)."""
+        return self.root / "contact_sheet.png"
 
     def config_file(self, job: str) -> Location:
         return self.root / f"config-{job}.yaml"

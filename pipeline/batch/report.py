@@ -5,50 +5,102 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections import Counter
 
 import pyarrow.parquet as pq
+from PIL import Image
 from torch import Tensor
 
-from pipeline.io.images import contact_sheet, decode_rgb, load_image, read_bytes, to_tensor
+from pipeline.io.images import (
+    SHEET_TILE,
+    contact_sheet,
+    decode_rgb,
+    edit_caption,
+    load_image,
+    read_bytes,
+    to_tensor,
+)
 from pipeline.batch.output import Output
+from pipeline.batch.resume import read_results
 from pipeline.io.storage import Location
 from schemas import errors as err
 from schemas import ledger as led
 from schemas import manifest as man
 from schemas import results as res
 
+log = logging.getLogger(__name__)
+
 COUNTS = (led.ROWS_IN, led.ROWS_DONE, led.ROWS_FAILED, led.EDITS)  # per manifest and in total
 
 
-def edit_rows(output: Output, manifest: Location, limit: int | None = None) -> list[list[Tensor]]:
+SheetRow = list[tuple[Tensor, str]]  # a contact sheet's row: each image with its caption
+
+
+def edit_rows(output: Output, manifest: Location, limit: int | None = None) -> list[SheetRow]:
     """A contact sheet's rows for a ``jobs.run`` output: one per edited image (the first ``limit``
-    ids in order), its input then its edits in (target, eta) order, at the edits' size."""
-    results = output.results.read_columns([res.ID, res.TARGET_INDEX, res.ETA, res.IMAGE_URI])
+    ids in order), its input (captioned with its id) then its edits in (target, eta) order
+    (captioned with eta and target prompt), at the edits' size."""
+    results = read_results(output, [res.ID, res.TARGET_INDEX, res.ETA, res.TARGET_PROMPT, res.IMAGE_URI])
     if results is None:
         return []
     order = [(res.ID, "ascending"), (res.TARGET_INDEX, "ascending"), (res.ETA, "ascending")]
     results = results.sort_by(order)
-    edits: dict[str, list[str]] = {}
-    for row_id, uri in zip(results[res.ID].to_pylist(), results[res.IMAGE_URI].to_pylist()):
-        edits.setdefault(row_id, []).append(uri)
+    edits: dict[str, list[tuple[str, str]]] = {}
+    for row in results.select([res.ID, res.ETA, res.TARGET_PROMPT, res.IMAGE_URI]).to_pylist():
+        caption = edit_caption(row[res.TARGET_PROMPT], row[res.ETA])
+        edits.setdefault(row[res.ID], []).append((row[res.IMAGE_URI], caption))
     ids = sorted(edits)[:limit]
     inputs = _manifest_images(manifest, ids)
     rows = []
     for row_id in ids:
-        images = [_edit_image(Location(uri, output.root.endpoint_url)) for uri in edits[row_id]]
+        images = [(_edit_image(Location(uri, output.root.endpoint_url)), c) for uri, c in edits[row_id]]
         source = inputs[row_id]
         options = Location(source, manifest.endpoint_url).storage_options() if isinstance(source, str) else {}
-        rows.append([load_image(source, images[0].shape[-1], name=row_id, storage_options=options), *images])
+        size = images[0][0].shape[-1]
+        pixels = load_image(source, size, name=row_id, storage_options=options)
+        rows.append([(pixels, short_id(row_id)), *images])
     return rows
+
+
+def short_id(row_id: str, limit: int = 40) -> str:
+    """An id to print under its image: a long one keeps its start and end, where ids differ."""
+    return row_id if len(row_id) <= limit else f"{row_id[: limit - 16]}\u2026{row_id[-15:]}"
+
+
+def labelled_sheet(rows: list[SheetRow]) -> Image.Image:
+    """The contact sheet of ``rows``: each image at ``SHEET_TILE`` px with its caption under it."""
+    return contact_sheet(
+        [[pixels for pixels, _ in row] for row in rows],
+        labels=[[caption for _, caption in row] for row in rows],
+        tile=SHEET_TILE,
+    )
+
+
+def write_contact_sheet(output: Output, manifest: Location, images: int) -> str | None:
+    """``contact_sheet.png`` of a ``jobs.run`` output: its first ``images`` edited inputs, each
+    with its edits; returns its URI. A sheet that cannot be made (an input deleted since it was
+    read) is a warning, not a failed job: None."""
+    try:
+        rows = edit_rows(output, manifest, limit=images)
+        if not rows:
+            return None
+        buffer = io.BytesIO()
+        labelled_sheet(rows).save(buffer, format="PNG")
+        output.contact_sheet.write_bytes(buffer.getvalue())
+    except Exception as exc:  # the edits are written: a picture of them must not fail the job
+        log.warning("no contact sheet for %s: %s: %s", output.root, type(exc).__name__, exc)
+        return None
+    return output.contact_sheet.uri
 
 
 def _manifest_images(manifest: Location, ids: list[str]) -> dict:
     """id -> the manifest's image (URI or bytes) for ``ids``; only their rows are read."""
     if not ids:
         return {}
-    fs, path = manifest.filesystem()
-    table = pq.ParquetDataset(path, filesystem=fs, filters=[(man.ID, "in", ids)]).read(
+    fs, _ = manifest.filesystem()
+    files, _ = manifest.parquet_input()  # only its *.parquet files: a folder may hold others
+    table = pq.ParquetDataset(files, filesystem=fs, filters=[(man.ID, "in", ids)]).read(
         columns=[man.ID, man.IMAGE]
     )
     return dict(zip(table[man.ID].to_pylist(), table[man.IMAGE].to_pylist()))
@@ -65,8 +117,8 @@ def error_kinds(output: Output) -> dict[str, int]:
 
 
 def count_edits(output: Output) -> int:
-    """Rows of an output's results table: every edit made, by any attempt."""
-    results = output.results.read_columns([res.ID])
+    """Rows of an output's results table: every edit made, by any attempt, once."""
+    results = read_results(output, [res.ID])
     return results.num_rows if results is not None else 0
 
 
@@ -126,12 +178,12 @@ def _manifest_report(entry: dict, endpoint_url: str | None) -> dict:
     }
 
 
-def write_night_report(root: Location, report: dict, sheet_rows: list[list[Tensor]]) -> str:
+def write_night_report(root: Location, report: dict, sheet_rows: list[SheetRow]) -> str:
     """``report.json``, ``report.md`` and (with sample edits) ``contact_sheet.png`` under
     ``root``; returns the report's URI."""
     if sheet_rows:
         buffer = io.BytesIO()
-        contact_sheet(sheet_rows).save(buffer, format="PNG")
+        labelled_sheet(sheet_rows).save(buffer, format="PNG")
         (root / "contact_sheet.png").write_bytes(buffer.getvalue())
     report = {**report, "contact_sheet": (root / "contact_sheet.png").uri if sheet_rows else None}
     (root / "report.md").write_bytes(report_markdown(report).encode())
@@ -173,7 +225,7 @@ def report_markdown(report: dict) -> str:
     if report["contact_sheet"]:
         lines += [
             "",
-            "Sample edits (a row per image: its input, then its edits):",
+            "Sample edits (a row per image: its input and id, then its edits with their eta and prompt):",
             "",
             "![sample edits](contact_sheet.png)",
         ]

@@ -19,15 +19,16 @@ config fingerprint".
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
+import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.batch.config import RunConfig
+from pipeline.batch.config import RunConfig, parse_yaml
 from pipeline.batch.output import Output
 from pipeline.engine.config import EDIT_FIELDS, STORED_FIELDS
 from schemas import embeddings as emb
@@ -51,9 +52,7 @@ def check_same_settings(config: RunConfig, job: str) -> None:
     """Refuse to add to an output that jobs with other settings wrote (their configs lie there)."""
     for other in JOBS:
         try:
-            before = RunConfig.from_dict(
-                yaml.safe_load(config.output_location.config_file(other).read_bytes())
-            )
+            before = RunConfig.from_dict(parse_yaml(config.output_location.config_file(other).read_bytes()))
         except FileNotFoundError:
             continue
         names = EDIT_FIELDS if "tune" not in (job, other) else STORED_FIELDS  # tuning makes no edits
@@ -94,12 +93,32 @@ def read_committed(output: Output, results: bool) -> Committed:
         table = scan.to_table(columns=[emb.ID, emb.MODEL_FINGERPRINT, "__filename"])
         committed.tuned = dict(zip(table.column(emb.ID).to_pylist(), table.column("__filename").to_pylist()))
         committed.model_fingerprints = set(pc.unique(table.column(emb.MODEL_FINGERPRINT)).to_pylist())
-    table = results and output.results.read_columns([res.ID, res.TARGET_INDEX, res.TARGET_PROMPT, res.ETA])
+    table = results and read_results(output, [res.ID, res.TARGET_INDEX, res.TARGET_PROMPT, res.ETA])
     if table:
         committed.edits = {
             edit_key(*row) for row in zip(*(table.column(c).to_pylist() for c in table.column_names))
         }
     return committed
+
+
+def written_order(path: str) -> str:
+    """A results file's place in time: the driver names them ``{job}-{UTC time}-{attempt}-{n}``."""
+    return posixpath.basename(path).partition("-")[2]
+
+
+def read_results(output: Output, columns: list[str]) -> pa.Table | None:
+    """Columns of an output's results table, one row per edit (``schemas.results.KEY``), or None
+    if it has none. A results table an older version wrote may hold an edit twice: the row the
+    latest attempt wrote is kept, as its image is the one on disk."""
+    files = sorted(output.results.parquet_files(), key=written_order)
+    if not files:
+        return None
+    fs, _ = output.results.filesystem()
+    key = list(res.KEY)
+    table = pq.ParquetDataset(files, filesystem=fs).read(columns=list(dict.fromkeys([*key, *columns])))
+    order = table.select(key).append_column("order", pa.array(np.arange(len(table))))
+    last = order.group_by(key, use_threads=False).aggregate([("order", "max")])
+    return table.take(np.sort(last.column("order_max").to_numpy())).select(columns)
 
 
 def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
@@ -109,8 +128,9 @@ def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
 
     if not ids:
         return {}
-    fs, path = config.manifest_location.filesystem()
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    fs, _ = config.manifest_location.filesystem()
+    files, _ = config.manifest_location.parquet_input()  # checked by the job before
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
     wanted = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))
     columns = [c for c in wanted if c in dataset.schema.names]
     table = dataset.to_table(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import time
 from typing import NamedTuple
 
@@ -18,13 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.batch import metrics
 from pipeline.batch.faults import failpoint
 from pipeline.batch.output import Output
 from pipeline.batch.resume import edit_key
 from pipeline.batch.rows import conform, good_rows, table_of, worker_id
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.attention import AttentionPlan
-from pipeline.errors import InputError, ModelError, PTIError
+from pipeline.errors import DeviceError, InputError, ModelError, PTIError
 from pipeline.io.images import READ_ATTEMPTS, READ_TIMEOUT_S, encode_png, load_image, to_uint8
 from pipeline.io.storage import Location, is_allowed
 from schemas import embeddings as emb
@@ -67,7 +69,7 @@ def prepare_rows(
                 f"image {name!r}: outside the allowed prefixes ({', '.join(allowed)}); "
                 "list its prefix in allowed_image_prefixes to read it"
             )
-            out.append(err.error_row(row_id, "read", "not_allowed", message))
+            out.append(err.error_row(row_id, "read", "not_allowed", message, row=row.get(err.ROW)))
             continue
         options = Location(image, endpoint_url).storage_options() if isinstance(image, str) else {}
         try:
@@ -82,7 +84,8 @@ def prepare_rows(
                 attempts=read_attempts,
             )
         except PTIError as exc:
-            out.append(err.error_row(row_id, "read", getattr(exc, "kind", "bad_image"), str(exc)))
+            kind = getattr(exc, "kind", "bad_image")
+            out.append(err.error_row(row_id, "read", kind, str(exc), row=row.get(err.ROW)))
             continue
         array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         out.append({**{k: row.get(k) for k in PREPARED_SCHEMA.names if k in row}, PIXELS: array.tobytes()})
@@ -122,13 +125,47 @@ def split_on_oom(run, items: list):
     yield items, result
 
 
+def _ray_gpu_ids() -> list:
+    """The GPUs Ray gave this process (an actor's ``num_gpus``); none outside a Ray worker."""
+    import ray
+
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+
+
+def check_device(config: PTIConfig, gpu_ids: list) -> None:
+    """Refuse a stage that Ray gave GPUs (``gpu_ids``) but whose engine would run on the CPU: torch
+    sees no CUDA device, or ``pti.device`` is not one. No silent fallback: the job would run many
+    times slower while holding the GPUs. ``pti.device: cpu`` is the operator's own choice (e.g. a
+    cluster that declares GPUs it has not): it runs, with a warning."""
+    import torch
+
+    if not gpu_ids:
+        return
+    asked = f"Ray gave this actor GPU {', '.join(map(str, gpu_ids))} (gpus_per_actor > 0)"
+    if config.device.split(":")[0] == "cpu":
+        log.warning("%s, but runs on the CPU as pti.device=%r asks", asked, config.device)
+        return
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise DeviceError(
+        f"{asked} and pti.device={config.device!r}, but torch {torch.__version__} ({build} build) "
+        f"sees no CUDA device (CUDA_VISIBLE_DEVICES={visible!r}), so the model would run on the CPU. "
+        "Install a CUDA build of torch on the GPU workers and check their NVIDIA driver (nvidia-smi), "
+        "or run the actors on CPUs with gpus_per_actor=0 (or pti.device=cpu to keep the GPUs anyway)"
+    )
+
+
 def _load_engine(config: PTIConfig, model: Location, expect_model: frozenset, cpus: float):
-    """The stage's model; refused if the output's stored embeddings came from another one. A CPU
-    engine gets ``cpus`` threads, sharing the node's cores with other actors."""
+    """The stage's model, on the device it was given (``check_device``); refused if the output's
+    stored embeddings came from another one. A CPU engine gets ``cpus`` threads, sharing the
+    node's cores with other actors."""
     import torch
 
     from pipeline.engine.engine import Engine
 
+    check_device(config, _ray_gpu_ids())
     engine = Engine.load(config.replace(progress=False), model.storage_options())
     if expect_model and engine.sd.fingerprint not in expect_model:
         raise ModelError(
@@ -146,6 +183,13 @@ def _pixels(raw: list[bytes], side: int):
 
     arrays = [np.frombuffer(r, np.uint8).reshape(side, side, 3) for r in raw]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255
+
+
+def _non_finite(engine, inversion, n: int) -> str:
+    """What the errors table says of image ``n`` of a stage-1 batch that stayed non-finite."""
+    dtype = str(engine.sd.dtype).removeprefix("torch.")
+    again = " and again when retried in float32" if bool(inversion.retried[n]) else ""
+    return f"the model produced NaN or inf in stage 1 in {dtype}{again}"
 
 
 class TuneStage:
@@ -177,9 +221,8 @@ class TuneStage:
         extra = [*CARRIED, pa.field(res.TUNE_WORKER, pa.string())]
         return pa.schema([*(f.with_nullable(True) for f in base), *extra, *err.ERROR_FIELDS])
 
+    @metrics.timed_batches("tune")
     def __call__(self, table: pa.Table) -> pa.Table:
-        import torch
-
         from pipeline.engine.stored import inversion_to_arrow
 
         failpoint("tune")
@@ -196,6 +239,7 @@ class TuneStage:
         for (guidance, seed), members in groups.items():
             engine = self._engine_for(guidance, seed)
             ids = [rows[i][man.ID] for i in members]
+            places = [rows[i].get(err.ROW) for i in members]  # manifest rows, for the errors table
             sources = [rows[i][man.SOURCE_PROMPT] for i in members]
             pixels = _pixels([rows[i][PIXELS] for i in members], self.engine.resolution)
 
@@ -207,25 +251,33 @@ class TuneStage:
                     message = str(inversion)
                     kind = type(inversion).__name__
                     out += [
-                        {**err.error_row(ids[k], "tune", kind, message), res.TUNE_WORKER: worker} for k in ks
+                        {
+                            **err.error_row(ids[k], "tune", kind, message, row=places[k]),
+                            res.TUNE_WORKER: worker,
+                        }
+                        for k in ks
                     ]
                     continue
-                finite = torch.isfinite(inversion.cond).flatten(1).all(1) & torch.isfinite(
-                    inversion.z_T
-                ).flatten(1).all(1)
-                finite = finite.tolist()
+                # Non-finite after the engine's float32 retry (Engine.invert_and_tune): these fail alone.
+                finite = inversion.finite.tolist()
                 out += [
                     {
-                        **err.error_row(ids[k], "tune", "non_finite", "the model produced NaN or inf"),
+                        **err.error_row(
+                            ids[k], "tune", "non_finite", _non_finite(engine, inversion, n), row=places[k]
+                        ),
                         res.TUNE_WORKER: worker,
                     }
-                    for k, ok_k in zip(ks, finite)
+                    for n, (k, ok_k) in enumerate(zip(ks, finite))
                     if not ok_k
                 ]
                 kept = [members[k] for k, ok_k in zip(ks, finite) if ok_k]
                 stored = inversion_to_arrow(engine, inversion, [ids[k] for k in ks], [sources[k] for k in ks])
                 carried = {f.name: [rows[i][f.name] for i in kept] for f in CARRIED}
-                extra = {**carried, res.TUNE_WORKER: [worker] * len(kept)}
+                extra = {
+                    **carried,
+                    err.ROW: [rows[i].get(err.ROW) for i in kept],
+                    res.TUNE_WORKER: [worker] * len(kept),
+                }
                 parts.append(conform(stored.filter(pa.array(finite, pa.bool_())), schema, extra))
         return pa.concat_tables([*parts, table_of(out, schema)])
 
@@ -254,7 +306,7 @@ def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
         table = table.append_column(f, pa.array([targets[i][f.name] for i in ids], f.type))
     table = table.append_column(pa.field(res.TUNE_WORKER, pa.string()), pa.nulls(len(table), pa.string()))
     for f in err.ERROR_FIELDS:
-        table = table.append_column(f, pa.nulls(len(table), pa.string()))
+        table = table.append_column(f, pa.nulls(len(table), f.type))
     return table
 
 
@@ -307,11 +359,14 @@ class EditStage:
                         name=f"row {row[emb.ID]!r}, target {t}",
                     )
                 except InputError as exc:
-                    errors.append(err.error_row(row[emb.ID], "edit", "bad_control", str(exc)))
+                    errors.append(
+                        err.error_row(row[emb.ID], "edit", "bad_control", str(exc), row=row.get(err.ROW))
+                    )
                     continue
                 edits += [Edit(b, t, target, float(eta), plan) for eta in todo]
         return edits, errors
 
+    @metrics.timed_batches("edit")
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.engine.stored import inversion_from_arrow
 
@@ -320,7 +375,7 @@ class EditStage:
         ok = good_rows(table)
         out = [
             {
-                **err.error_row(r[man.ID], r[err.STAGE], r[err.KIND], r[err.MESSAGE]),
+                **err.error_row(r[man.ID], r[err.STAGE], r[err.KIND], r[err.MESSAGE], row=r.get(err.ROW)),
                 res.TUNE_WORKER: r.get(res.TUNE_WORKER),
             }
             for r in table.filter(pa.array(~ok)).to_pylist()
@@ -343,9 +398,12 @@ class EditStage:
         began = time.perf_counter()
         for chunk, pixels in (part for c in chunks for part in split_on_oom(edit, c)):
             if isinstance(pixels, Exception):  # these edits fail; the batch's other edits go on
-                failed = dict.fromkeys(meta[e.image][emb.ID] for e in chunk)
+                failed = {meta[e.image][emb.ID]: meta[e.image].get(err.ROW) for e in chunk}
                 kind, message = type(pixels).__name__, str(pixels)
-                out += [{**err.error_row(i, "edit", kind, message), res.EDIT_WORKER: worker} for i in failed]
+                out += [
+                    {**err.error_row(i, "edit", kind, message, row=place), res.EDIT_WORKER: worker}
+                    for i, place in failed.items()
+                ]
                 began = time.perf_counter()
                 continue
             seconds = (time.perf_counter() - began) / len(chunk)
@@ -354,7 +412,10 @@ class EditStage:
                 if not bool(image.isfinite().all()):  # this edit fails, not its batch
                     message = f"target {e.target_index} at eta {e.eta:g}: the model produced NaN or inf"
                     out.append(
-                        {**err.error_row(row[emb.ID], "edit", "non_finite", message), res.EDIT_WORKER: worker}
+                        {
+                            **err.error_row(row[emb.ID], "edit", "non_finite", message, row=row.get(err.ROW)),
+                            res.EDIT_WORKER: worker,
+                        }
                     )
                     continue
                 out.append(

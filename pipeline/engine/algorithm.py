@@ -105,7 +105,9 @@ class Tuning:
 
     ``embeddings[b, j]`` is the tuned embedding at ``tau_{T-j}`` (first row: ``tau_T``);
     ``reconstruction`` is the latent the tuned embeddings reach at ``tau_0``; losses are the
-    reconstruction losses per timestep before and after tuning, ``steps`` the inner steps taken.
+    reconstruction losses per timestep before and after tuning, ``steps`` the inner steps taken;
+    ``finite[b]`` is false when any loss, latent or embedding of image ``b`` was NaN or inf (in
+    half precision, an overflow): such an image stopped tuning, failed, not converged.
     """
 
     embeddings: Tensor  # [B, T, L, D]
@@ -113,11 +115,17 @@ class Tuning:
     initial_loss: Tensor  # [B, T]
     final_loss: Tensor  # [B, T]
     steps: Tensor  # [B, T] int
+    finite: Tensor  # [B] bool
 
 
 def latent_mse(a: Tensor, b: Tensor) -> Tensor:
     """Mean squared error per batch row."""
     return (a - b).pow(2).flatten(1).mean(1)
+
+
+def finite_rows(*tensors: Tensor) -> Tensor:
+    """Per batch row, on the CPU: every value of every tensor (on any device) is finite."""
+    return torch.stack([t.detach().isfinite().flatten(1).all(1).cpu() for t in tensors]).all(0)
 
 
 @dataclass(frozen=True)
@@ -144,18 +152,20 @@ def _adam_steps_with_early_stop(
     lr: float,
     threshold: float,
     options: TuningOptions,
-) -> tuple[Tensor, Tensor | None, Tensor]:
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Null-text inversion's inner loop at one timestep, per image: at most ``inner_steps`` Adam
     steps on ``tuned`` (one embedding per image), an image stopping for good once its loss is under
-    ``threshold`` (with ``early_stop``).
+    ``threshold`` (with ``early_stop``), or once its loss is NaN or inf: that image failed, it has
+    not converged (a NaN compares false with any threshold, so it is tested on its own).
 
     ``loss_of(emb, rows)`` is the loss per image of the images ``rows`` (None: all of them).
-    Returns the embeddings, the losses before any step (None without steps) and the steps each
-    image took.
+    Returns the embeddings, the losses before any step (None without steps), the steps each
+    image took and which images failed.
     """
     tuned = tuned.detach().clone().requires_grad_(options.inner_steps > 0)  # a new leaf: Adam steps in place
     optimiser = torch.optim.Adam([tuned], lr=lr) if options.inner_steps else None
     active = torch.ones(len(tuned), dtype=torch.bool, device=tuned.device)
+    failed = torch.zeros(len(tuned), dtype=torch.bool)
     first = None  # the loss before any step; every image is active at the first inner step
     taken = torch.zeros(len(tuned), dtype=torch.long)
     for k in range(options.inner_steps):
@@ -163,11 +173,10 @@ def _adam_steps_with_early_stop(
         loss = loss_of(tuned, None if active.all() else rows)  # no gather while no image has stopped
         if k == 0:
             first = loss.detach()
-        if options.early_stop:
-            stepping = loss.detach() >= threshold
-        else:
-            stepping = torch.ones_like(loss, dtype=torch.bool)
-        active[rows[~stepping]] = False  # converged before this step: keep its embedding as is
+        finite = loss.detach().isfinite()
+        failed[rows[~finite].cpu()] = True
+        stepping = finite & (loss.detach() >= threshold) if options.early_stop else finite
+        active[rows[~stepping]] = False  # converged (or failed) before this step: keep its embedding
         if not stepping.any():
             break
         before = tuned.detach().clone()
@@ -177,7 +186,7 @@ def _adam_steps_with_early_stop(
         with torch.no_grad():
             tuned[~active] = before[~active]  # Adam's momentum must not move stopped images
         taken[active.cpu()] += 1
-    return tuned.detach(), first, taken
+    return tuned.detach(), first, taken, failed
 
 
 def _tune_along_trajectory(
@@ -202,6 +211,7 @@ def _tune_along_trajectory(
     z = trajectory[T]
     tuned = init.detach().clone().to(z.dtype)
     embeddings, initial_loss, final_loss, steps = [], [], [], []
+    finite = finite_rows(*trajectory)  # a latent of the inversion that is not finite fails the image
     for j, i in enumerate(tqdm(range(T, 0, -1), desc=desc, disable=not progress, leave=False)):
         t, a_t, a_s, target = taus[i], a[i], a[i - 1], trajectory[i - 1]
         with torch.no_grad():
@@ -217,10 +227,11 @@ def _tune_along_trajectory(
 
         lr = options.lr * (1 - j / (2 * T))  # null-text inversion's decay, to lr / 2 at the last step
         threshold = options.stop_eps + j * options.stop_slack  # ... and its looser stop at later steps
-        tuned, first, taken = _adam_steps_with_early_stop(loss_of, tuned, lr, threshold, options)
+        tuned, first, taken, failed = _adam_steps_with_early_stop(loss_of, tuned, lr, threshold, options)
         with torch.no_grad():
             z = ddim_move(z, guide(e_fixed, eps(z, t, tuned)), a_t, a_s)
             last = latent_mse(z, target)
+        finite &= ~failed & finite_rows(tuned, z, last.unsqueeze(1))
         embeddings.append(tuned)
         initial_loss.append(last if first is None else first)
         final_loss.append(last)
@@ -231,6 +242,7 @@ def _tune_along_trajectory(
         initial_loss=torch.stack(initial_loss, 1),
         final_loss=torch.stack(final_loss, 1),
         steps=torch.stack(steps, 1),
+        finite=finite,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,8 @@ if TYPE_CHECKING:  # the algorithm needs torch; a driver that reads configs must
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
-# The settings that determine stage 1's results, in the order stage_one_fingerprint hashes them.
+# The settings that determine stage 1's results, hashed by stage_one_fingerprint. Not the seed:
+# stage 1 draws no random numbers (DDIM inversion and Adam are deterministic, the VAE gives its mean).
 STAGE_ONE_FIELDS = (
     "method",
     "steps",
@@ -27,7 +29,6 @@ STAGE_ONE_FIELDS = (
     "stop_eps",
     "stop_slack",
     "resolution",
-    "seed",
     "dtype",
 )
 # ... with the precision stage 1's embeddings are stored in: what shapes what is stored.
@@ -103,6 +104,9 @@ class PTIConfig:
     (negative-prompt inversion, Miyake et al. 2023).
     """
 
+    # Unknown keys refused by the batch layer's typed loader (pydantic reads this; no import here).
+    __pydantic_config__ = {"extra": "forbid"}
+
     model: str = DEFAULT_MODEL
     method: str = "pti"
     steps: int = 50  # T, DDIM steps
@@ -121,7 +125,7 @@ class PTIConfig:
     blend_threshold: float = 0.3  # of the blend words' normalised attention
     reweight: dict[str, float] | None = None  # word -> factor on its cross-attention in the edits
     resolution: int | None = None  # None: the model's own (512 for SD 1.x)
-    seed: int = 0
+    seed: int = 0  # shapes nothing: both stages are deterministic (kept so configs that set it load)
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on the CPU, float16 on CUDA
     embedding_dtype: str = "float16"  # how tuned embeddings are stored
@@ -138,6 +142,10 @@ class PTIConfig:
             problems.append(f"inner_steps must be 0 or more, got {self.inner_steps}")
         if self.inversion_guidance not in (0, 1):
             problems.append(f"inversion_guidance must be 0 or 1, got {self.inversion_guidance}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            problems.append(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            problems.append(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.embedding_dtype not in ("float16", "float32"):
             problems.append(f"embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
@@ -191,6 +199,7 @@ class PTIConfig:
     def stage_one_fingerprint(self, model_fingerprint: str) -> str:
         """A hash of everything that determines stage-1 results (not the edit settings)."""
         payload = {k: getattr(self, k) for k in STAGE_ONE_FIELDS} | {"model": model_fingerprint}
+        payload["seed"] = 0  # hashed at its default, as before the seed left STAGE_ONE_FIELDS: same hashes
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ images and text, picks the method's embeddings, and decodes results. A Ray actor
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, fields
 from typing import Sequence
@@ -17,9 +18,16 @@ from pipeline.engine import algorithm, attention
 from pipeline.engine.attention import AttentionEdit, AttentionPlan
 from pipeline.engine.config import PTIConfig, check_eta
 from pipeline.engine.metrics import psnr, ssim
-from pipeline.engine.models import NoisePredictor, StableDiffusion, load_stable_diffusion
+from pipeline.engine.models import (
+    NoisePredictor,
+    StableDiffusion,
+    computing_in_float32,
+    load_stable_diffusion,
+)
 from pipeline.engine.text import encode_prompts
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +51,8 @@ class Inversion:
     inner_steps: Tensor | None = None  # [B, T]
     psnr: Tensor | None = None  # [B]
     ssim: Tensor | None = None  # [B]
+    finite: Tensor | None = None  # [B] bool: no NaN or inf in its latents, losses or embeddings
+    retried: Tensor | None = None  # [B] bool: run again in float32 after a non-finite half-precision run
     seconds: dict[str, float] = field(default_factory=dict)  # for the whole batch
 
     def __len__(self) -> int:
@@ -98,16 +108,50 @@ class Engine:
         """Stage 1 for a batch: DDIM inversion, then the method's tuning (ALGORITHM.md, 1a, 1b).
 
         ``pixels`` is ``[B, 3, H, W]`` in ``[0, 1]`` at the engine's resolution; a missing source
-        prompt means ``psi("")``.
+        prompt means ``psi("")``. Stage 1 draws no random numbers (the VAE's mean, modules in eval
+        mode, deterministic DDIM and Adam), so it neither needs nor touches torch's global RNG.
+
+        Half precision can overflow. An image with a NaN or inf in its latents, losses or
+        embeddings is never taken as converged (``algorithm.Tuning.finite``); with half-precision
+        weights, the batch's non-finite images are run once more, together, computing in float32
+        with the same weights (``models.computing_in_float32``: no second copy of the model is
+        kept). ``Inversion.retried`` says which were, ``Inversion.finite`` which are finite in the
+        end: the caller turns the others into errors (the batch stages: ``non_finite`` rows).
         """
-        cfg = self.config
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (self.resolution,) * 2:
             raise InputError(
                 f"stage 1 takes [B, 3, {self.resolution}, {self.resolution}] pixels, got {list(pixels.shape)}"
             )
         if len(source_prompts) != len(pixels):
             raise InputError(f"{len(pixels)} images but {len(source_prompts)} source prompts")
-        torch.manual_seed(cfg.seed)
+        inversion = self._invert_and_tune(pixels, source_prompts)
+        inversion.retried = torch.zeros(len(pixels), dtype=torch.bool)
+        bad = (~inversion.finite).nonzero().squeeze(1)
+        if not len(bad) or self.sd.dtype == torch.float32:
+            return inversion
+        log.warning(
+            "stage 1 gave NaN or inf in %s for %d of %d images: running them again in float32",
+            str(self.sd.dtype).removeprefix("torch."),
+            len(bad),
+            len(pixels),
+        )
+        started = time.perf_counter()
+        with computing_in_float32(self.sd) as sd:
+            exact = Engine(sd, self.config)
+            again = exact._invert_and_tune(pixels[bad], [source_prompts[b] for b in bad])
+        self.eps.calls += exact.eps.calls
+        self.eps.evaluations += exact.eps.evaluations
+        for f in fields(Inversion):  # the retried images' rows replace theirs
+            value = getattr(inversion, f.name)
+            if isinstance(value, Tensor) and f.name != "retried":
+                value[bad.to(value.device)] = getattr(again, f.name).to(value)
+        inversion.retried[bad] = True
+        inversion.seconds["float32_retry"] = time.perf_counter() - started
+        return inversion
+
+    def _invert_and_tune(self, pixels: Tensor, source_prompts: Sequence[str | None]) -> Inversion:
+        """Stage 1 for a batch, in the model's precision, with each image's ``finite`` flag."""
+        cfg = self.config
         started = time.perf_counter()
         z0 = self.encode_images(pixels)
         batch = len(z0)
@@ -145,6 +189,7 @@ class Engine:
             inner_steps=tuned.steps,
             psnr=psnr(reconstruction, pixels),
             ssim=ssim(reconstruction, pixels),
+            finite=tuned.finite & algorithm.finite_rows(src, reconstruction),
             seconds={
                 "invert": inverted - started,
                 "tune": tuned_at - inverted,

@@ -7,13 +7,16 @@ never loaded. It can be a local folder, an fsspec URI (copied once into a local 
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -72,6 +75,20 @@ def check_checkpoint(folder: Path, ref: str) -> None:
         )
 
 
+# The files a diffusers load of a Stable Diffusion checkpoint needs, for the hub and object stores
+# alike: no pickled or single-file checkpoints, fp16 or non-EMA variants, nor the safety checker.
+CHECKPOINT_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*"]
+NOT_CHECKPOINT_FILES = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*non_ema*", "*.fp16.*", "safety_checker/*"]
+
+
+def needed_file(relative: str) -> bool:
+    """Whether a diffusers load needs the file at ``relative`` (a path inside the checkpoint),
+    by the same patterns ``huggingface_hub.snapshot_download`` is given for the hub."""
+    return any(fnmatch.fnmatch(relative, p) for p in CHECKPOINT_FILES) and not any(
+        fnmatch.fnmatch(relative, p) for p in NOT_CHECKPOINT_FILES
+    )
+
+
 def fetch_checkpoint(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> Path:
     """A local folder for ``ref``: a folder path, an fsspec URI or a hub id."""
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -93,7 +110,7 @@ def _copy_from_uri(uri: str, dest: Path, storage_options: dict) -> Path:
 
     try:
         fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-        files = [f for f in fs.find(root) if not f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
+        files = [f for f in fs.find(root) if needed_file(os.path.relpath(f, root.rstrip("/")))]
     except Exception as exc:
         raise ModelError(f"cannot reach model {uri!r}: {type(exc).__name__}: {exc}") from exc
     if not files:
@@ -120,22 +137,14 @@ def _copy_from_uri(uri: str, dest: Path, storage_options: dict) -> Path:
 def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
 
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it here so a later setting counts.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return Path(
             snapshot_download(
                 repo_id,
-                local_files_only=offline,
+                local_files_only=_hub_offline(),
                 cache_dir=cache_dir / "hub",
-                allow_patterns=[
-                    "model_index.json",
-                    "*/config.json",
-                    "*/*.safetensors",
-                    "tokenizer/*",
-                    "scheduler/*",
-                ],
-                ignore_patterns=["*.bin", "*.ckpt", "*non_ema*", "*.fp16.*", "safety_checker/*"],
+                allow_patterns=CHECKPOINT_FILES,
+                ignore_patterns=NOT_CHECKPOINT_FILES,
             )
         )
     except Exception as exc:
@@ -145,23 +154,80 @@ def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
         ) from exc
 
 
+def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:
+    """float32 for a VAE whose config says ``force_upcast`` (diffusers' default when the key is
+    absent, as in SD 1.x's configs; SDXL's VAE overflows in float16), else the model's dtype."""
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    return torch.float32 if config.get("force_upcast", True) else dtype
+
+
+@contextmanager
+def computing_in_float32(sd: "StableDiffusion"):
+    """``sd`` computing in float32 inside the block: its modules get float32 copies of their
+    weights, and their own tensors back after, untouched (the same storage, so a CUDA graph or a
+    compiled module that captured them stays valid). Half-precision weights are float32 values
+    exactly; what overflows in half precision is the activations, which then stay in float32."""
+    tensors = [
+        t
+        for module in (sd.unet, sd.vae, sd.text_encoder)
+        for t in chain(module.parameters(), module.buffers())
+        if t.is_floating_point()
+    ]
+    originals = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data.float()
+        yield replace(sd, dtype=torch.float32)
+    finally:
+        for t, original in zip(tensors, originals):
+            t.data = original
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE``, read now: huggingface_hub reads it once, at import, so a later setting
+    would not count."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def model_resolution(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> int:
-    """The image size a checkpoint was trained at, from its configs alone (no weights read)."""
-    import fsspec
-
-    if "://" in ref or Path(ref).expanduser().is_dir():
-
-        def read(name: str) -> dict:
-            try:
-                with fsspec.open(f"{ref.rstrip('/')}/{name}", "r", **(storage_options or {})) as f:
-                    return json.load(f)
-            except Exception as exc:
-                raise ModelError(f"cannot read {name} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
-    else:
-        folder = fetch_checkpoint(ref, cache_dir, storage_options)
-        read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
-    unet, vae = read("unet/config.json"), read("vae/config.json")
+    """The image size a checkpoint was trained at, from two config files alone: no weights are
+    read or downloaded (the driver calls this; only the actors load models)."""
+    unet, vae = (read_model_config(ref, name, cache_dir, storage_options) for name in ("unet", "vae"))
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def read_model_config(
+    ref: str, component: str, cache_dir: Path | None = None, storage_options: dict | None = None
+) -> dict:
+    """``{component}/config.json`` of a checkpoint: read from a folder or an fsspec URI, or for a
+    hub id that one file downloaded (into the same cache as the model)."""
+    name = f"{component}/config.json"
+    if "://" in ref or Path(ref).expanduser().is_dir():
+        import fsspec
+
+        uri = ref if "://" in ref else str(Path(ref).expanduser())
+        try:
+            with fsspec.open(f"{uri.rstrip('/')}/{name}", "r", **(storage_options or {})) as f:
+                return json.load(f)
+        except Exception as exc:
+            raise ModelError(f"cannot read {name} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ModelError(f"model {ref!r} is neither an existing folder, a URI nor a hub id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(
+            ref,
+            name,
+            cache_dir=Path(cache_dir or default_cache_dir()) / "hub",
+            local_files_only=_hub_offline(),
+        )
+        return json.loads(Path(path).read_text())
+    except Exception as exc:
+        raise ModelError(
+            f"cannot read {name} of model {ref!r} from the hub ({type(exc).__name__}: {exc}). "
+            "This machine may be offline: pass a local folder or an s3:// URI with --model"
+        ) from exc
 
 
 def fingerprint_files(folder: Path) -> str:
@@ -179,7 +245,9 @@ def fingerprint_files(folder: Path) -> str:
 
 @dataclass
 class StableDiffusion:
-    """The separate components of one checkpoint, on one device, in inference mode."""
+    """The separate components of one checkpoint, on one device, in inference mode. ``dtype`` is
+    the UNet's and the text encoder's; the VAE's is ``vae.dtype`` (float32 where its config says
+    ``force_upcast``: see ``vae_dtype``)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -219,7 +287,9 @@ def load_stable_diffusion(
     try:
         kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", **{**kwargs, "torch_dtype": vae_dtype(folder, torch_dtype)}
+        )
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")

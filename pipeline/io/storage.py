@@ -23,12 +23,21 @@ def endpoint_from_env(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+# Tries of one request to an object store before it counts as failed: throttling (503 SlowDown)
+# and dropped connections are what S3 does at scale. Retried by the clients themselves, with
+# backoff: botocore's standard mode (s3fs) and the AWS SDK's standard strategy (pyarrow).
+STORE_ATTEMPTS = 12
+
+
 def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
-    """fsspec options for ``uri``: the endpoint for S3, nothing else."""
+    """fsspec options for ``uri``: for S3, the endpoint and botocore's standard retries."""
+    if urlparse(uri).scheme not in ("s3", "s3a"):
+        return {}
+    options: dict = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": STORE_ATTEMPTS}}}
     endpoint = endpoint_from_env(endpoint_url)
-    if urlparse(uri).scheme in ("s3", "s3a") and endpoint:
-        return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
 
 
 def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -45,7 +54,8 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fi
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             options["region"] = region
-        return pafs.S3FileSystem(**options), parsed.netloc + parsed.path
+        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=STORE_ATTEMPTS)
+        return pafs.S3FileSystem(retry_strategy=retries, **options), parsed.netloc + parsed.path
     if parsed.scheme in ("", "file"):
         return pafs.LocalFileSystem(), os.path.abspath(parsed.path if parsed.scheme else uri)
     import fsspec
@@ -134,6 +144,18 @@ def key_for_id(row_id: str) -> str:
     return f"{''.join(head)}!{digest}"
 
 
+def _finished_parquet(infos: list[pafs.FileInfo]) -> list[str]:
+    """The finished Parquet files among a listing, in name order: ``*.parquet``, not hidden or
+    ``_`` ones (staging files, metadata)."""
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and not i.base_name.startswith((".", "_"))
+    )
+
+
 @dataclass(frozen=True)
 class Location:
     """A file or folder anywhere: a local path or any fsspec/pyarrow URI, with the S3-compatible
@@ -187,14 +209,23 @@ class Location:
         fs, path = self.filesystem()
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return []
+        return _finished_parquet(fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+
+    def parquet_input(self) -> tuple[list[str], list[str]]:
+        """What a reader takes of a Parquet file or folder given as input, as paths inside its
+        filesystem: the file itself, or the folder's finished ``*.parquet`` files in name order;
+        and the folder's other files, which it skips (``_SUCCESS``, ``.crc`` files, a
+        ``README.txt``). FileNotFoundError if nothing is there."""
+        fs, path = self.filesystem()
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.File:
+            return [path], []
+        if kind != pafs.FileType.Directory:
+            raise FileNotFoundError(self.uri)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File
-            and i.path.endswith(".parquet")
-            and not i.base_name.startswith((".", "_"))
-        )
+        files = _finished_parquet(infos)
+        taken = set(files)
+        return files, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path not in taken)
 
     def read_columns(self, columns: list[str]) -> pa.Table | None:
         """Some columns of the Parquet files under a folder as one table, or None if there are none."""
