@@ -59,10 +59,23 @@ def resident_mb() -> float:
 
 
 def peak_resident_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    """This process's peak resident memory so far (or since ``reset_peak_resident``), in MiB (Linux
+    reports KiB)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def reset_peak_resident() -> bool:
+    """Start this process's peak resident memory afresh from what it holds now (Linux 4.0+: ``5``
+    to ``/proc/self/clear_refs``), as ``torch.cuda.reset_peak_memory_stats`` does on CUDA; False
+    where the system does not allow it (the peak then stays the process's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:

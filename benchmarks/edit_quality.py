@@ -1,14 +1,21 @@
 """Edit quality on the rendered world, where the truth of every edit is known.
 
 ``python -m benchmarks.edit_quality`` (the shipped model, held-out scenes) inverts each scene with
-every method, edits its object's colour and its shape over a sweep of eta and guidance, and
-scores each edit against the rendered truth:
+every method, edits its object's colour and its shape over a sweep of eta and guidance, plainly
+and under attention control (Prompt-to-Prompt, Hertz et al. 2023, with and without local blend),
+and scores each edit against the rendered truth:
 
 - editability: the share of edits whose object now has the target colour (mean colour inside the
   object's region) or shape (its region overlaps the rendered target shape more than the source);
 - fidelity: IoU of the object's region before and after (colour edits keep the shape), PSNR of the
-  background away from the objects, PSNR/SSIM of the eta = 0 reconstruction;
-- cost: UNet calls and seconds per image.
+  background away from the objects, PSNR/SSIM and object IoU of the eta = 0 reconstruction;
+- local blend: the share of the latent each edit keeps as its own (the rest is the source's) and
+  the share of the object's latent cells inside it;
+- cost: UNet evaluations and seconds per edit, UNet calls and seconds per image of stage 1.
+
+Stage 1 runs once per (method, guidance); every control of stage 2 edits from that inversion, all
+edits of one scene in one call, so that controlled edits share their scene's source branch
+(``2T (n + 1)`` evaluations for ``n`` edits, against ``2T n`` plain).
 
 Writes ``quality.md`` (tables), ``quality.png`` (editability against fidelity) and
 ``quality-examples.png`` (a contact sheet) to ``--out``, and ``quality.json`` with every number.
@@ -21,132 +28,437 @@ import json
 import platform
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.world import scenes as world
+from pipeline.engine import attention
 from pipeline.engine.config import PTIConfig
-from pipeline.engine.engine import Engine
-from pipeline.io.images import contact_sheet, to_pil, to_tensor
+from pipeline.engine.engine import Engine, Inversion
 from pipeline.engine.models import load_stable_diffusion
+from pipeline.io.images import contact_sheet, to_pil, to_tensor
+from pipeline.world import scenes as world
 
 SHIPPED_MODEL = "models/shapes-sd"
 NOTES_MARKER = "<!-- findings: kept across runs -->"
+KINDS = ("colour", "shape")
+EXAMPLE_SCENES = 4
+# The quality bar, for colour edits: share reaching the target colour, object IoU, background PSNR.
+BAR = {"editability": 0.9, "object_iou": 0.85, "background_psnr": 30.0}
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return np.asarray(to_pil(pixels))
 
 
-def run(
-    model: str,
-    images: int,
-    methods: list[str],
-    etas: list[float],
-    guidances: list[float],
-    steps: int,
-    inner_steps: int,
-    lr: float,
-) -> dict:
-    sd = load_stable_diffusion(model, device="cpu")
-    scenes = world.held_out_scenes(images, sd.resolution)
-    pixels = torch.stack([to_tensor(Image.fromarray(s.render())) for s in scenes])
-    sources = [s.caption() for s in scenes]
-    targets = [world.edit_targets(s, n) for n, s in enumerate(scenes)]
-    rows, examples = [], {}
-    for guidance in guidances:
-        for method in methods:
+# --- what is measured ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Control:
+    """Stage 2's attention control of an edit: ``none`` is the paper's plain interpolation, any
+    other is ``PTIConfig.control`` with its local blend and step fractions."""
+
+    control: str = "none"
+    local_blend: bool = False
+    cross_replace_steps: float | None = None
+    self_replace_steps: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.control == "none"
+
+    def label(self) -> str:
+        return self.control + (" + blend" if self.local_blend else "")
+
+    def config(self, base: PTIConfig) -> PTIConfig:
+        if self.plain:
+            return base.replace(control="none")
+        return base.replace(
+            control=self.control,
+            local_blend=self.local_blend,
+            cross_replace_steps=self.cross_replace_steps,
+            self_replace_steps=self.self_replace_steps,
+        )
+
+    def columns(self) -> dict:
+        return {
+            "control": self.control,
+            "local_blend": None if self.plain else self.local_blend,
+            "cross_replace_steps": self.cross_replace_steps,
+            "self_replace_steps": self.self_replace_steps,
+        }
+
+
+def controls_of(controls: list[str], blends: list[str], crosses: list[float], selfs: list[float]) -> list:
+    """Every control to measure: ``none`` once, each other control at every blend and step fraction."""
+    out = []
+    for control in dict.fromkeys(controls):
+        if control == "none":
+            out.append(Control())
+        else:
+            out += [Control(control, b == "on", x, s) for b in blends for x in crosses for s in selfs]
+    return out
+
+
+@dataclass
+class World:
+    """The held-out scenes: pixels, captions (the source prompts) and the truth of each edit."""
+
+    scenes: list
+    pixels: torch.Tensor
+    sources: list[str]
+    truths: list[dict]
+
+    @classmethod
+    def held_out(cls, count: int, resolution: int) -> "World":
+        scenes = world.held_out_scenes(count, resolution)
+        pixels = torch.stack([to_tensor(Image.fromarray(s.render())) for s in scenes])
+        truths = [world.edit_targets(s, n) for n, s in enumerate(scenes)]
+        return cls(scenes, pixels, [s.caption() for s in scenes], truths)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+
+# --- stage 1 ---------------------------------------------------------------------------------
+
+
+def stage_one(engine: Engine, scenes: World) -> tuple[Inversion, dict]:
+    """Invert and tune every scene; the columns every row of this (method, guidance) shares."""
+    started = time.perf_counter()
+    inversion = engine.invert_and_tune(scenes.pixels, scenes.sources)
+    seconds = time.perf_counter() - started
+    reconstruction_iou = [
+        world.iou(world.object_region(to_uint8(r), s.background), s.masks()[0])
+        for r, s in zip(inversion.reconstruction, scenes.scenes)
+    ]
+    # Every batched UNet call evaluates each image once: calls per batch are evaluations per image.
+    return inversion, {
+        "method": engine.config.method,
+        "guidance": engine.config.guidance,
+        "reconstruction_psnr": float(inversion.psnr.mean()),
+        "reconstruction_ssim": float(inversion.ssim.mean()),
+        "reconstruction_object_iou": float(np.mean(reconstruction_iou)),
+        "stage1_seconds_per_image": seconds / len(scenes),
+        "stage1_unet_calls_per_image": engine.eps.calls,
+    }
+
+
+# --- stage 2 ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def recorded_blend_masks() -> Iterator[list]:
+    """The local-blend masks of the controlled sampling runs inside (``[N, 1, h, w]``, or None for
+    a run without blend), in order: ``Engine.edit`` returns only the pixels."""
+    masks, sample = [], attention.sample_with_attention_control
+
+    def recording(*args, **kwargs):
+        latents = sample(*args, **kwargs)
+        masks.append(latents.blend_masks)
+        return latents
+
+    attention.sample_with_attention_control = recording
+    try:
+        yield masks
+    finally:
+        attention.sample_with_attention_control = sample
+
+
+def blend_coverage(mask: torch.Tensor, scene, truth) -> dict:
+    """One edit's blend mask ``[1, h, w]`` (True: the edit's own latent): its share of the latent,
+    and the share of the latent cells that the source or target object touches inside it."""
+    h, w = mask.shape[-2:]
+    objects = np.concatenate([scene.masks(), truth.masks()[:1]]).any(0)
+    side = objects.shape[0] // h
+    cells = torch.from_numpy(objects.reshape(h, side, w, side).any(axis=(1, 3)))
+    own = mask[0].cpu()
+    return {
+        "blend_mask_fraction": float(own.float().mean()),
+        "blend_object_cover": float(own[cells].float().mean()),
+        "object_latent_fraction": float(cells.float().mean()),
+    }
+
+
+def edit_scenes(
+    engine: Engine, inversion: Inversion, scenes: World, images: list[int], grid: list[tuple], planners: dict
+) -> tuple[torch.Tensor, torch.Tensor | None, float, int]:
+    """Every edit of ``grid`` ((kind, eta, control) triples) for each of ``images``, in one call:
+    pixels in (image, grid) order, blend masks (or None), seconds and UNet evaluations."""
+    edits = [(b, kind, eta, c) for b in images for kind, eta, c in grid]
+    targets = [scenes.truths[b][kind].caption() for b, kind, _, _ in edits]
+    plans = [
+        planners[c].attention_plan(scenes.sources[b], t) if c in planners else None
+        for (b, _, _, c), t in zip(edits, targets)
+    ]
+    evaluations, started = engine.eps.evaluations, time.perf_counter()
+    with recorded_blend_masks() as masks:
+        pixels = engine.edit(inversion, [e[0] for e in edits], targets, [e[2] for e in edits], plans=plans)
+    seconds = time.perf_counter() - started
+    return pixels, (masks[0] if masks else None), seconds, engine.eps.evaluations - evaluations
+
+
+def stage_two(
+    engine: Engine, inversion: Inversion, scenes: World, controls: list, etas: list[float], max_rows: int
+) -> tuple[list[dict], dict]:
+    """Every (kind, eta, control) edit of every scene, scored: one row per (kind, eta, control), and
+    the first scenes' edits for the contact sheet. ``controls`` are all plain or all controlled.
+    All edits of a scene run in one call (so controlled ones share one source branch), as many
+    scenes per call as fit ``max_rows``."""
+    grid = [(kind, eta, c) for c in controls for kind in KINDS for eta in etas]
+    controlled = not controls[0].plain
+    planners = {c: Engine(engine.sd, c.config(engine.config)) for c in controls if not c.plain}
+    per_call = max(1, max_rows // (len(grid) + controlled))
+    pixels, masks, seconds, evaluations = [], [], 0.0, 0
+    for first in range(0, len(scenes), per_call):
+        images = list(range(first, min(first + per_call, len(scenes))))
+        p, m, s, e = edit_scenes(engine, inversion, scenes, images, grid, planners)
+        pixels.append(p.view(len(images), len(grid), *p.shape[1:]))
+        masks.append(None if m is None else m.view(len(images), len(grid), *m.shape[1:]))
+        seconds, evaluations = seconds + s, evaluations + e
+    pixels = torch.cat(pixels)
+    masks = None if masks[0] is None else torch.cat(masks)
+    cost = {
+        "edits_per_image": len(grid),
+        "edit_unet_evaluations_per_edit": evaluations / pixels.shape[0] / len(grid),
+        "edit_seconds_per_edit": seconds / pixels.shape[0] / len(grid),
+    }
+    rows = [
+        score_grid_point(pixels[:, g], None if masks is None else masks[:, g], scenes, kind, c)
+        | {"kind": kind, "eta": eta, **c.columns(), **cost}
+        for g, (kind, eta, c) in enumerate(grid)
+    ]
+    examples = {(kind, eta, c): pixels[:EXAMPLE_SCENES, g] for g, (kind, eta, c) in enumerate(grid)}
+    return rows, examples
+
+
+def score_grid_point(pixels: torch.Tensor, masks, scenes: World, kind: str, control: Control) -> dict:
+    """The scores of one (kind, eta, control) over every scene, averaged."""
+    scored = [
+        world.score_edit(to_uint8(p), s, t[kind], kind)
+        for p, s, t in zip(pixels, scenes.scenes, scenes.truths)
+    ]
+    row = {
+        "editability": float(np.mean([s["success"] for s in scored])),
+        "object_iou": float(np.mean([s["object_iou"] for s in scored])),
+        "background_psnr": float(np.mean([s["background_psnr"] for s in scored])),
+        "colour_kept": float(np.mean([s["colour_kept"] for s in scored])) if kind == "shape" else None,
+    }
+    if control.local_blend and masks is not None:
+        cover = [blend_coverage(m, s, t[kind]) for m, s, t in zip(masks, scenes.scenes, scenes.truths)]
+        row |= {k: float(np.mean([c[k] for c in cover])) for k in cover[0]}
+    return row
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    """Stage 1 per (guidance, method), then every control of stage 2 from that inversion (and the
+    step-fraction sweep on PTI at the first guidance, with ``--sweep-steps``)."""
+    sd = load_stable_diffusion(args.model, device="cpu")
+    scenes = World.held_out(args.images, sd.resolution)
+    controls = controls_of(args.controls, args.blend, args.cross_replace_steps, args.self_replace_steps)
+    # Without local blend: its mask keeps the whole latent of this model (quality.md), so on = off.
+    sweep = controls_of(["auto"], ["off"], args.sweep_cross, args.sweep_self) if args.sweep_steps else []
+    rows, sweep_rows, examples, reconstructions = [], [], {}, {}
+    for guidance in args.guidance:
+        for method in args.methods:
             config = PTIConfig(
-                model=model,
+                model=args.model,
                 method=method,
-                steps=steps,
+                steps=args.steps,
                 guidance=guidance,
-                inner_steps=inner_steps,
-                lr=lr,
+                inner_steps=args.inner_steps,
+                lr=args.lr,
                 progress=False,
             )
             engine = Engine(sd, config)
-            started = time.perf_counter()
-            inversion = engine.invert_and_tune(pixels, sources)
-            # Every batched UNet call evaluates each image once: calls per batch are evaluations per image.
-            stage_one = {"seconds": (time.perf_counter() - started) / images, "unet_calls": engine.eps.calls}
-            base = {
-                "method": method,
-                "guidance": guidance,
-                "reconstruction_psnr": float(inversion.psnr.mean()),
-                "reconstruction_ssim": float(inversion.ssim.mean()),
-                "stage1_seconds_per_image": stage_one["seconds"],
-                "stage1_unet_calls_per_image": stage_one["unet_calls"],
-            }
-            for kind in ("colour", "shape"):
-                prompts = [t[kind].caption() for t in targets]
-                for eta in etas:
-                    calls, started = engine.eps.calls, time.perf_counter()
-                    edited = engine.edit(inversion, list(range(images)), prompts, [eta] * images)
-                    seconds = (time.perf_counter() - started) / images
-                    edits = [to_uint8(e) for e in edited]
-                    scored = [
-                        world.score_edit(e, s, t[kind], kind) for e, s, t in zip(edits, scenes, targets)
-                    ]
-                    rows.append(
-                        {
-                            **base,
-                            "kind": kind,
-                            "eta": eta,
-                            "editability": float(np.mean([s["success"] for s in scored])),
-                            "object_iou": float(np.mean([s["object_iou"] for s in scored])),
-                            "background_psnr": float(np.mean([s["background_psnr"] for s in scored])),
-                            "colour_kept": float(np.mean([s["colour_kept"] for s in scored]))
-                            if kind == "shape"
-                            else None,
-                            "edit_seconds_per_image": seconds,
-                            "edit_unet_calls": engine.eps.calls - calls,
-                        }
-                    )
-                    examples[(guidance, method, kind, eta)] = edited[:4]
-    return {"rows": rows, "examples": examples, "pixels": pixels[:4]}
+            inversion, base = stage_one(engine, scenes)
+            reconstructions[(guidance, method)] = inversion.reconstruction[:EXAMPLE_SCENES]
+            for group in ([c for c in controls if c.plain], [c for c in controls if not c.plain]):
+                if group:
+                    found, shown = stage_two(engine, inversion, scenes, group, args.etas, args.max_rows)
+                    rows += [base | r for r in found]
+                    examples |= {(guidance, method, *key): v for key, v in shown.items()}
+            if sweep and method == "pti" and guidance == args.guidance[0]:
+                found, _ = stage_two(engine, inversion, scenes, sweep, [args.example_eta], args.max_rows)
+                sweep_rows += [base | r for r in found]
+            print(f"w={guidance:g} {method}: done", file=sys.stderr, flush=True)
+    return {
+        "rows": rows,
+        "sweep": sweep_rows,
+        "examples": examples,
+        "reconstructions": reconstructions,
+        "pixels": scenes.pixels[:EXAMPLE_SCENES],
+        "controls": controls,
+    }
+
+
+# --- what is written -------------------------------------------------------------------------
+
+
+def variant(row: dict) -> str:
+    """A row's control as a label: ``none``, ``auto``, ``auto + blend``."""
+    if row["control"] == "none":
+        return "none"
+    return row["control"] + (" + blend" if row["local_blend"] else "")
+
+
+def curve_of(row: dict) -> tuple:
+    """A row's curve on the plot: method, control and step fractions."""
+    return row["method"], variant(row), row["cross_replace_steps"], row["self_replace_steps"]
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
+    """Editability against object IoU, a panel per (w, kind), a curve over eta per ``curve_of``:
+    colour by method, line and marker by control."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, ("colour", "shape")):
-        for method, guidance in dict.fromkeys((r["method"], r["guidance"]) for r in rows):
-            line = [
-                r for r in rows if r["method"] == method and r["guidance"] == guidance and r["kind"] == kind
-            ]
-            ax.plot(
-                [r["object_iou"] for r in line],
-                [r["editability"] for r in line],
-                marker="o",
-                label=f"{method} w={guidance:g}",
-            )
-            for r in line:
-                ax.annotate(f"{r['eta']:g}", (r["object_iou"], r["editability"]), fontsize=6)
-        ax.set_xlabel("object IoU with the truth (fidelity)")
-        ax.set_ylabel("editability")
-        ax.set_title(f"{kind} edits (labels: eta)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    guidances = list(dict.fromkeys(r["guidance"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    curves = list(dict.fromkeys(curve_of(r) for r in rows))
+    labels = list(dict.fromkeys(c[1] for c in curves))
+    many_steps = len({c[2:] for c in curves if c[2] is not None}) > 1
+    fig, axes = plt.subplots(len(guidances), 2, figsize=(11, 4.2 * len(guidances)), squeeze=False)
+    for axes_row, guidance in zip(axes, guidances):
+        for ax, kind in zip(axes_row, KINDS):
+            for curve in curves:
+                line = [
+                    r
+                    for r in rows
+                    if r["guidance"] == guidance and r["kind"] == kind and curve_of(r) == curve
+                ]
+                steps = f" ({curve[2]:g}/{curve[3]:g})" if many_steps and curve[2] is not None else ""
+                style = labels.index(curve[1])
+                ax.plot(
+                    [r["object_iou"] for r in line],
+                    [r["editability"] for r in line],
+                    marker="os^v"[style % 4],
+                    markersize=3,
+                    color=f"C{methods.index(curve[0])}",
+                    linestyle=["-", "--", ":", "-."][style % 4],
+                    label=f"{curve[0]} {curve[1]}{steps}",
+                )
+                for r in line:
+                    ax.annotate(f"{r['eta']:g}", (r["object_iou"], r["editability"]), fontsize=5)
+            ax.set_xlabel("object IoU with the truth (fidelity)")
+            ax.set_ylabel("editability")
+            ax.set_title(f"{kind} edits, w={guidance:g} (labels: eta)")
+            ax.grid(alpha=0.3)
+        axes_row[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def first_of_each_label(controls: list[Control]) -> list[Control]:
+    """One control per label (``none``, ``auto``, ``auto + blend``): the first step fractions."""
+    shown: dict[str, Control] = {}
+    for c in controls:
+        shown.setdefault(c.label(), c)
+    return list(shown.values())
+
+
 def write_examples(result: dict, guidance: float, eta: float, path: Path) -> None:
-    """A row per held-out scene and edit kind: input, then each method's edit."""
+    """A row per example scene and edit kind: the input, then for each method its reconstruction
+    (eta 0) and its edit under each control (the first step fractions measured)."""
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    shown = first_of_each_label(result["controls"])
     sheet = []
-    for kind in ("colour", "shape"):
+    for kind in KINDS:
         for i, source in enumerate(result["pixels"]):
-            sheet.append([source, *(result["examples"][(guidance, m, kind, eta)][i] for m in methods)])
+            row = [source]
+            for m in methods:
+                row.append(result["reconstructions"][(guidance, m)][i])
+                row += [result["examples"][(guidance, m, kind, eta, c)][i] for c in shown]
+            sheet.append(row)
     contact_sheet(sheet).save(path)
+
+
+def control_cells(r: dict) -> str:
+    """The control columns of a Markdown row."""
+    if r["control"] == "none":
+        return "none | | | "
+    blend = "on" if r["local_blend"] else "off"
+    return f"{r['control']} | {blend} | {r['cross_replace_steps']:g} | {r['self_replace_steps']:g}"
+
+
+def edit_table(rows: list[dict], with_method: bool = True) -> list[str]:
+    head = "| method | w | " if with_method else "| "
+    lines = [
+        head
+        + "control | blend | cross | self | edit | eta | editability | object IoU | background PSNR (dB) "
+        "| colour kept | blend mask share | object cells in mask | UNet evals per edit | s per edit |",
+        "|" + " --- |" * (14 + 2 * with_method),
+    ]
+    for r in rows:
+        kept = "" if r["colour_kept"] is None else f"{r['colour_kept']:.2f}"
+        blend = (
+            f"{r['blend_mask_fraction']:.2f} | {r['blend_object_cover']:.2f}"
+            if "blend_mask_fraction" in r
+            else " | "
+        )
+        lines.append(
+            (f"| {r['method']} | {r['guidance']:g} | " if with_method else "| ")
+            + f"{control_cells(r)} | {r['kind']} | {r['eta']:g} | {r['editability']:.2f} | "
+            f"{r['object_iou']:.3f} | {r['background_psnr']:.1f} | {kept} | {blend} | "
+            f"{r['edit_unet_evaluations_per_edit']:.0f} | {r['edit_seconds_per_edit']:.3f} |"
+        )
+    return lines
+
+
+def stage_one_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| method | w | reconstruction PSNR | reconstruction SSIM | reconstruction object IoU "
+        "| stage-1 UNet calls per image | stage-1 s/image |",
+        "|" + " --- |" * 7,
+    ]
+    for method, guidance in dict.fromkeys((r["method"], r["guidance"]) for r in rows):
+        r = next(r for r in rows if r["method"] == method and r["guidance"] == guidance)
+        lines.append(
+            f"| {method} | {guidance:g} | {r['reconstruction_psnr']:.2f} | {r['reconstruction_ssim']:.3f} | "
+            f"{r['reconstruction_object_iou']:.3f} | {r['stage1_unet_calls_per_image']:.0f} | "
+            f"{r['stage1_seconds_per_image']:.2f} |"
+        )
+    return lines
+
+
+def closest_to_bar(rows: list[dict]) -> list[dict]:
+    """Per (method, w, control): the colour edit setting that meets the editability of the bar with
+    the highest object IoU, else the most editable one."""
+    best = {}
+    for r in (r for r in rows if r["kind"] == "colour"):
+        key = (r["method"], r["guidance"], control_cells(r))
+        rank = (
+            r["editability"] >= BAR["editability"],
+            r["object_iou"] if r["editability"] >= BAR["editability"] else 0,
+        )
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, r)
+    return [r for _, r in best.values()]
+
+
+def bar_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        f"Closest to the quality bar (colour edits: target colour in >= {BAR['editability']:.0%}, object IoU "
+        f">= {BAR['object_iou']}, background PSNR >= {BAR['background_psnr']:g} dB): per method, w and "
+        "control, the eta that reaches the editability with the best object IoU (else the most editable).",
+        "",
+    ]
+    table = edit_table(closest_to_bar(rows))
+    met = ["yes" if all(r[k] >= v for k, v in BAR.items()) else "no" for r in closest_to_bar(rows)]
+    lines += [table[0] + " bar met |", table[1] + " --- |"]
+    lines += [line + f" {m} |" for line, m in zip(table[2:], met)]
+    return lines
 
 
 def write_markdown(result: dict, args, path: Path) -> None:
@@ -160,36 +472,39 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "",
         "Editability: share of edits whose object has the target colour / shape. Object IoU: the "
         "object's region after the edit against the truth (the source shape for colour edits). "
-        "Background PSNR: away from the objects, against the input.",
+        "Background PSNR: away from the objects, against the input. Control: none is the paper's "
+        "plain interpolation; auto is Prompt-to-Prompt (word swap for these prompts) with local blend "
+        "off or on, cross / self the fractions of steps whose cross- / self-attention is the source's. "
+        "Blend mask share: of the latent, the part the edit keeps as its own (the rest is the source "
+        "branch's); object cells in mask: the share of the latent cells the source or target object "
+        "touches that are inside it. UNet evaluations per edit: all edits of a scene run in one call, "
+        "plain 2T each, controlled 2T (n + 1) / n for n edits per scene.",
         "",
-        "| method | w | edit | eta | editability | object IoU | background PSNR (dB) | colour kept "
-        "| UNet calls per edit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *bar_lines(rows),
+        "",
+        "All settings:",
+        "",
+        *edit_table(rows),
+        "",
+        *stage_one_table(rows),
+        "",
     ]
-    for r in rows:
-        kept = "" if r["colour_kept"] is None else f"{r['colour_kept']:.2f}"
-        lines.append(
-            f"| {r['method']} | {r['guidance']:g} | {r['kind']} | {r['eta']:g} | {r['editability']:.2f} | "
-            f"{r['object_iou']:.3f} | {r['background_psnr']:.1f} | {kept} | {r['edit_unet_calls']} |"
-        )
+    if result["sweep"]:
+        sweep = result["sweep"]
+        lines += [
+            f"Step fractions ({sweep[0]['method']}, control auto without blend, w={sweep[0]['guidance']:g}, "
+            f"eta={sweep[0]['eta']:g}):",
+            "",
+            *edit_table(sweep, with_method=False),
+            "",
+        ]
     lines += [
-        "",
-        "| method | w | reconstruction PSNR | reconstruction SSIM | stage-1 UNet calls per image "
-        "| stage-1 s/image |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for method, guidance in dict.fromkeys((r["method"], r["guidance"]) for r in rows):
-        r = next(r for r in rows if r["method"] == method and r["guidance"] == guidance)
-        lines.append(
-            f"| {method} | {guidance:g} | {r['reconstruction_psnr']:.2f} | {r['reconstruction_ssim']:.3f} | "
-            f"{r['stage1_unet_calls_per_image']:.0f} | {r['stage1_seconds_per_image']:.2f} |"
-        )
-    lines += [
-        "",
         "![editability against fidelity](quality.png)",
         "",
         f"Examples (w={args.guidance[0]:g}, eta={args.example_eta:g}); rows: colour edits, then shape "
-        f"edits; columns: input, then {', '.join(dict.fromkeys(r['method'] for r in rows))}.",
+        "edits; columns: the input, then for each of "
+        f"{', '.join(dict.fromkeys(r['method'] for r in rows))}: its reconstruction (eta 0) and its edit "
+        f"with control {', '.join(c.label() for c in first_of_each_label(result['controls']))}.",
         "",
         "![examples](quality-examples.png)",
         "",
@@ -203,7 +518,16 @@ def write_markdown(result: dict, args, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n" + NOTES_MARKER + kept)
 
 
-def main(argv: list[str] | None = None) -> None:
+def write_results(result: dict, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    numbers = {"rows": result["rows"], "sweep": result["sweep"]}
+    (args.out / "quality.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    write_plot(result["rows"], args.out / "quality.png")
+    write_examples(result, args.guidance[0], args.example_eta, args.out / "quality-examples.png")
+    write_markdown(result, args, args.out / "quality.md")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -215,22 +539,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=PTIConfig.lr)
+    parser.add_argument("--controls", nargs="+", default=["none", "auto"], help="PTIConfig.control values")
+    parser.add_argument(
+        "--blend", nargs="+", choices=["off", "on"], default=["off", "on"], help="local blend"
+    )
+    parser.add_argument(
+        "--cross-replace-steps", nargs="+", type=float, default=[PTIConfig.cross_replace_steps]
+    )
+    parser.add_argument("--self-replace-steps", nargs="+", type=float, default=[PTIConfig.self_replace_steps])
+    parser.add_argument(
+        "--sweep-steps",
+        action="store_true",
+        help="also sweep the step fractions: pti, auto without blend, the first guidance, --example-eta",
+    )
+    parser.add_argument("--sweep-cross", nargs="+", type=float, default=[0.4, 0.6, 0.8, 1.0])
+    parser.add_argument("--sweep-self", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     parser.add_argument("--example-eta", type=float, default=0.8)
+    parser.add_argument("--max-rows", type=int, default=256, help="edits and source branches per UNet call")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     if args.example_eta not in args.etas:
         parser.error(f"--example-eta {args.example_eta:g} is not one of --etas")
+    if args.sweep_steps and "pti" not in args.methods:
+        parser.error("--sweep-steps sweeps pti: name pti in --methods")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.manual_seed(0)
-    result = run(
-        args.model, args.images, args.methods, args.etas, args.guidance, args.steps, args.inner_steps, args.lr
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(result["rows"], indent=2) + "\n")
-    write_plot(result["rows"], args.out / "quality.png")
-    write_examples(result, args.guidance[0], args.example_eta, args.out / "quality-examples.png")
-    write_markdown(result, args, args.out / "quality.md")
+    result = run(args)
+    write_results(result, args)
     print((args.out / "quality.md").read_text())
+    return result
 
 
 if __name__ == "__main__":

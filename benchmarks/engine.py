@@ -7,12 +7,17 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
                                                          # SD 1.5's architecture at 512x512 on the CPU
     python -m benchmarks.engine --model sd15 --dtype bfloat16 --batches 1 2 4 8    # on a GPU
     python -m benchmarks.engine --model sd15 --dtype bfloat16 --timed-steps 3      # 3 of 50 steps timed
+    python -m benchmarks.engine --control --batches 1   # stage 2 under attention control against plain,
+                                                        # at 1, 4 and 8 edits per image
 
 ``sd15`` is Stable Diffusion 1.5's architecture built from its public config with seeded random
 weights (nothing is downloaded; cost does not depend on the weights). Utilisation is the FLOPs
 that ``torch.utils.flop_counter`` counts in the tuning loop (forward and backward) over its
 seconds, against the matmul peak measured on the same device in the same run. Every case runs in a
-fresh process, so its peak memory is its own (CUDA: peak allocated; CPU: peak resident set).
+fresh process, so its peak memory is its own, and each stage's peak is counted from the stage's
+start (CUDA: peak allocated; CPU: peak resident set, reset through ``/proc/self/clear_refs``).
+Attention control (``--control``): each image's source branch runs beside its ``n`` edits, so an
+edit costs ``2T (n + 1) / n`` UNet evaluations against plain editing's ``2T``.
 Results print as a table and are appended to ``docs/benchmarks.md``.
 """
 
@@ -27,9 +32,21 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import append_record, markdown_table, model_folder, peak_resident_mb, resident_mb
+from benchmarks.common import (
+    append_record,
+    markdown_table,
+    model_folder,
+    peak_resident_mb,
+    reset_peak_resident,
+    resident_mb,
+)
 
 PROMPTS = ("a photo of a cat", "a watercolor painting", "a photo of a dog wearing a hat", "a pencil sketch")
+# The source prompt of the attention-control cases: PROMPTS are then a word swap (auto: replace) or
+# words added and removed (auto: refine).
+CONTROL_SOURCE = "a photo of a dog"
+# (control, local blend) of the attention-control cases; the first is plain editing.
+CONTROLS = (("none", False), ("auto", False), ("auto", True))
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -326,6 +343,20 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak_resident_mb()
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_resident()
+
+
+def attention_plans(engine, source: str | None, targets) -> list | None:
+    """Each edit's attention control under the engine's config, or None for plain editing."""
+    if engine.config.control == "none":
+        return None
+    return [engine.attention_plan(source, t) for t in targets]
+
+
 def first_steps(schedule, n: int):
     """The first ``n`` steps (``tau_0 .. tau_n``) of a DDIM schedule. Every step of inversion,
     tuning and sampling costs the same UNet work whatever its timestep, so timing the first ``n``
@@ -369,6 +400,7 @@ def run_case(case: dict, sd=None) -> dict:
     schedule are timed and the per-step parts (inversion, tuning, sampling: seconds, UNet
     evaluations, FLOPs) are scaled to all ``steps`` (``first_steps``); encoding and decoding are
     not. ``sd``: the case's model already loaded (its model, device and dtype), else it is loaded.
+    ``control`` and ``local_blend`` (optional) edit under attention control, from ``source``.
     """
     from pipeline.engine.config import PTIConfig
     from pipeline.engine.engine import Engine
@@ -380,6 +412,8 @@ def run_case(case: dict, sd=None) -> dict:
         inner_steps=case["inner_steps"],
         lr=case["lr"],
         early_stop=not case["no_early_stop"],
+        control=case.get("control", "none"),
+        local_blend=case.get("local_blend", False),
         progress=False,
     )
     steps, timed = config.steps, min(case.get("timed_steps") or config.steps, config.steps)
@@ -392,14 +426,15 @@ def run_case(case: dict, sd=None) -> dict:
     decodes = timing_decodes(engine)
     batch = case["batch"]
     pixels = photographs(batch, engine.resolution)
-    sources = [None] * batch  # PTI needs no source prompt
+    sources = [case.get("source")] * batch  # PTI needs no source prompt; attention control does
     fan = [(b, PROMPTS[k % len(PROMPTS)], 0.8) for b in range(batch) for k in range(case["edits"])]
     rows, targets, etas = zip(*fan)
+    plans = {e: attention_plans(e, sources[0], targets) for e in (warm, engine)}
     loaded_mb = resident_mb()
 
     for e in (warm, engine):
-        if e is engine and sd.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        if e is engine:
+            _reset_peak_memory(sd.device)
         _sync(sd.device)
         started = time.perf_counter()
         inversion = e.invert_and_tune(pixels, sources)
@@ -412,11 +447,11 @@ def run_case(case: dict, sd=None) -> dict:
         stage_one_peak = _peak_memory_mb(sd.device)
         if before_two:
             before_two(e)
-        if e is engine and sd.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        if e is engine:
+            _reset_peak_memory(sd.device)
         decodes.clear()
         started = time.perf_counter()
-        e.edit(inversion, rows, targets, etas)
+        e.edit(inversion, rows, targets, etas, plans=plans[e])
         _sync(sd.device)
         stage_two = time.perf_counter() - started
         if e is warm:
@@ -454,7 +489,7 @@ def run_case(case: dict, sd=None) -> dict:
             result[f"{part}_tflop_per_image"] = flops[part] * steps / timed / batch / 1e12
         result["tune_tflops"] = flops["tune"] / 1e12 / inversion.seconds["tune"]
         with FlopCounterMode(display=False) as editing:
-            engine.edit(inversion, rows, targets, etas)
+            engine.edit(inversion, rows, targets, etas, plans=plans[engine])
         with FlopCounterMode(display=False) as texts:
             encode_prompts(engine.sd, list(targets))
         # Per edit, what does not repeat per step: one image decoded, one target prompt encoded.
@@ -531,6 +566,38 @@ COLUMNS = {
     "stage1_peak_mb": "stage 1 peak MB",
     "stage2_peak_mb": "stage 2 peak MB",
 }
+CONTROL_COLUMNS = {
+    "edits": "edits per image",
+    "control_label": "control",
+    "stage2_evals_per_edit": "stage 2 UNet evals/edit",
+    "expected_evals_per_edit": "2T or 2T(n+1)/n",
+    "stage2_s_per_edit": "stage 2 s/edit",
+    "against_plain": "s/edit against plain",
+    "edit_tflop_per_edit": "stage 2 TFLOP/edit",
+    "loaded_mb": "model loaded MB",
+    "stage1_peak_mb": "stage 1 peak MB",
+    "stage2_peak_mb": "stage 2 peak MB",
+}
+
+
+def control_cases(base: dict, batch: int, edits: list[int]) -> list[dict]:
+    """Plain editing and each of ``CONTROLS`` at each count of edits per image, from one source."""
+    return [
+        dict(base, batch=batch, lever="baseline", edits=n, source=CONTROL_SOURCE, control=c, local_blend=b)
+        for n in edits
+        for c, b in CONTROLS
+    ]
+
+
+def control_table(rows: list[dict], steps: int) -> str:
+    """Stage 2's cost under attention control, each case against plain editing at its edits per image."""
+    for row in rows:
+        n, plain = row["edits"], row["control"] == "none"
+        row["control_label"] = row["control"] + (" + blend" if row["local_blend"] else "")
+        row["expected_evals_per_edit"] = 2 * steps if plain else 2 * steps * (n + 1) / n
+        baseline = next(r for r in rows if r["edits"] == n and r["control"] == "none")
+        row["against_plain"] = f"x{row['stage2_s_per_edit'] / baseline['stage2_s_per_edit']:.2f}"
+    return markdown_table(rows, CONTROL_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,6 +621,14 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         metavar="LEVER",
         help=f"compare levers at the largest batch (all if none named): {', '.join(LEVERS)}",
+    )
+    parser.add_argument(
+        "--control",
+        nargs="*",
+        type=int,
+        metavar="EDITS",
+        help="stage 2 under attention control (auto, without and with local blend) against plain, at "
+        "the largest batch and these edits per image (1 4 8 if none named)",
     )
     parser.add_argument(
         "--no-flops", dest="flops", action="store_false", help="skip the FLOP count (a second run)"
@@ -582,7 +657,11 @@ def main(argv: list[str] | None = None) -> None:
         no_early_stop=args.no_early_stop,
         flops=args.flops,
     )
-    if args.levers is not None:
+    if args.levers is not None and args.control is not None:
+        parser.error("--levers and --control are separate runs: name one")
+    if args.control is not None:
+        cases = control_cases(base, max(args.batches), args.control or [1, 4, 8])
+    elif args.levers is not None:
         runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
         levers = args.levers or runnable
         cases = [
@@ -606,16 +685,24 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         row["utilisation"] = f"{row['tune_tflops'] / peak:.1%}" if "tune_tflops" in row else None
     first = rows[0]
+    edits = "the table's" if args.control is not None else args.edits
     setting = (
         f"model `{args.model}` at {first['resolution']}x{first['resolution']}, "
         f"T={args.steps}{f' (first {args.timed_steps} steps timed, scaled)' if args.timed_steps else ''}, "
         f"K={args.inner_steps}, "
         f"best of {args.repeat} interleaved run(s) per case, "
-        f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {args.edits} edits per image, "
+        f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {edits} edits per image, "
         f"device {args.device}, dtype {args.dtype}; measured matmul peak {peak:.3g} TFLOP/s"
     )
     table = markdown_table(rows, COLUMNS)
-    if args.levers is not None:
+    title = "Engine levers" if args.levers is not None else "Engine cost by batch size"
+    if args.control is not None:
+        table = control_table(rows, args.steps)
+        title = "Engine cost under attention control"
+        setting += (
+            f"; source prompt {CONTROL_SOURCE!r}, targets cycling through {', '.join(map(repr, PROMPTS))}"
+        )
+    elif args.levers is not None:
         ratios = [
             f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): "
             f"stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "
@@ -629,11 +716,7 @@ def main(argv: list[str] | None = None) -> None:
         table += f"\n\nStage 1 images per second at batch {batch}: x{speedup:.2f} batch {first['batch']}'s."
     print(f"\n{setting}\n\n{table}")
     if args.record:
-        append_record(
-            "benchmarks.engine",
-            "Engine levers" if args.levers is not None else "Engine cost by batch size",
-            f"{setting}.\n\n{table}",
-        )
+        append_record("benchmarks.engine", title, f"{setting}.\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@ recorded in docs/benchmarks.md, never asserted)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from benchmarks.engine import run_case
+from benchmarks import edit_quality
+from benchmarks.engine import CONTROL_SOURCE, CONTROLS, run_case
 
 T, K = 3, 2
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 
 
 def case(model: str, lever: str) -> dict:
@@ -60,3 +64,73 @@ def test_cpu_attention_flops_are_counted_as_the_math_path_counts_them(tiny_model
     assert (
         math["tune_tflop_per_image"] < baseline["tune_tflop_per_image"] < 1.05 * math["tune_tflop_per_image"]
     )
+
+
+def test_engine_benchmark_counts_the_source_branch_of_controlled_edits(tiny_model_dir):
+    """Under attention control each image's source branch runs beside its n edits: 2T (n + 1) / n
+    evaluations per edit against plain editing's 2T."""
+    n = 2
+    counted = {
+        (control, blend): run_case(
+            dict(
+                model=tiny_model_dir,
+                lever="baseline",
+                steps=T,
+                inner_steps=1,
+                lr=0.1,
+                edits=n,
+                batch=1,
+                device="cpu",
+                dtype="auto",
+                no_early_stop=True,
+                flops=False,
+                source=CONTROL_SOURCE,
+                control=control,
+                local_blend=blend,
+            )
+        )
+        for control, blend in CONTROLS
+    }
+    assert counted[("none", False)]["stage2_evals_per_edit"] == 2 * T
+    assert counted[("auto", False)]["stage2_evals_per_edit"] == 2 * T * (n + 1) / n
+    assert counted[("auto", True)]["stage2_evals_per_edit"] == 2 * T * (n + 1) / n
+    assert all(r["stage2_calls"] == T for r in counted.values())
+
+
+def test_edit_quality_measures_attention_control_from_one_inversion(tmp_path):
+    """Stage 1 once per method; plain and controlled edits from it, each row naming its control,
+    controlled rows costing their scene's source branch too."""
+    args = edit_quality.parse_args(
+        [
+            "--model",
+            str(SHIPPED),
+            "--images",
+            "2",
+            "--methods",
+            "pti",
+            "--etas",
+            "0.8",
+            "--guidance",
+            "3",
+            "--steps",
+            str(T),
+        ]
+        + ["--inner-steps", "1", "--controls", "none", "auto", "--out", str(tmp_path)]
+    )
+    result = edit_quality.run(args)
+    rows = result["rows"]
+    assert {(r["control"], r["local_blend"], r["kind"]) for r in rows} == {
+        (c, b, k) for c, b in (("none", None), ("auto", False), ("auto", True)) for k in ("colour", "shape")
+    }
+    assert len({r["stage1_seconds_per_image"] for r in rows}) == 1  # one inversion for every control
+    plain = [r for r in rows if r["control"] == "none"]
+    controlled = [r for r in rows if r["control"] == "auto"]
+    assert all(r["edit_unet_evaluations_per_edit"] == 2 * T for r in plain)
+    n = 4  # per scene: two kinds, one eta, blend off and on, in one call with one source branch
+    assert all(r["edits_per_image"] == n for r in controlled)
+    assert all(r["edit_unet_evaluations_per_edit"] == 2 * T * (n + 1) / n for r in controlled)
+    assert all(r["cross_replace_steps"] == 0.8 and r["self_replace_steps"] == 0.4 for r in controlled)
+    blended = [r for r in controlled if r["local_blend"]]
+    assert all(0 < r["blend_mask_fraction"] <= 1 and 0 <= r["blend_object_cover"] <= 1 for r in blended)
+    edit_quality.write_markdown(result, args, tmp_path / "quality.md")
+    assert "| pti | 3 | auto | on | 0.8 | 0.4 | colour | 0.8 |" in (tmp_path / "quality.md").read_text()

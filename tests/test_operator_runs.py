@@ -476,7 +476,7 @@ def test_a_job_whose_rows_all_fail_exits_2_after_writing_everything(
     with pytest.raises(SystemExit) as exited:
         main(run_all, "jobs.run", argv)
     assert exited.value.code == 2
-    error = capsys.readouterr().err
+    error = capsys.readouterr().err.splitlines()[-1]  # after the job's (timestamped) log lines
     assert error.startswith("error: 3 of 3 rows failed (100%), more than max_failed_fraction=0.1")
     assert f"the errors table {out / 'errors'} says why" in error
     summary = json.loads((out / "summary-run.json").read_text())  # written before the job failed
