@@ -14,7 +14,7 @@ from jobs import common
 from pipeline.batch.config import RunConfig
 from pipeline.batch.jobs import run_all, run_edit, run_tune
 from pipeline.batch.nightly import run_nightly
-from pipeline.engine.config import PTIConfig
+from pipeline.engine.config import PRESETS, PTIConfig
 from pipeline.errors import PTIError
 
 app = typer.Typer(
@@ -39,10 +39,21 @@ def edit_command(
         list(PTIConfig.etas), "--eta", help="Weight on the target, in [0, 1]; repeat for more."
     ),
     method: str = typer.Option(PTIConfig.method, help="pti, ddim, nti or npi."),
-    steps: int = typer.Option(PTIConfig.steps, help="DDIM steps T."),
+    preset: Optional[str] = typer.Option(
+        None,
+        help=f"Named stage-1 settings, one of {', '.join(PRESETS)} (docs/stage-one.md); "
+        "options given explicitly win over it.",
+    ),
+    steps: Optional[int] = typer.Option(
+        None, help=f"DDIM steps T (default {PTIConfig.steps}, or the preset's)."
+    ),
     guidance: float = typer.Option(PTIConfig.guidance, help="Classifier-free guidance w."),
-    inner_steps: int = typer.Option(PTIConfig.inner_steps, help="Adam steps per timestep K."),
-    lr: float = typer.Option(PTIConfig.lr, help="Tuning learning rate (decays to half)."),
+    inner_steps: Optional[int] = typer.Option(
+        None, help=f"Adam steps per timestep K (default {PTIConfig.inner_steps}, or the preset's)."
+    ),
+    lr: Optional[float] = typer.Option(
+        None, help=f"Tuning learning rate, decays to half (default {PTIConfig.lr:g}, or the preset's)."
+    ),
     model: str = typer.Option(
         PTIConfig.model, help="Hub id, local folder or fsspec URI of a diffusers checkpoint."
     ),
@@ -73,13 +84,15 @@ def edit_command(
     from pipeline.editing import edit_one_image
 
     try:
+        if preset is not None and preset not in PRESETS:
+            raise PTIError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+        given = {"steps": steps, "inner_steps": inner_steps, "lr": lr}
+        stage_one = {**PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
         config = PTIConfig(
             model=model,
             method=method,
-            steps=steps,
             guidance=guidance,
-            inner_steps=inner_steps,
-            lr=lr,
+            **stage_one,
             etas=tuple(eta),
             resolution=resolution,
             seed=seed,

@@ -10,6 +10,7 @@ from typing import Callable
 
 from pipeline.errors import PTIError, TooManyFailures
 from pipeline.batch.config import SECTIONS, RunConfig
+from pipeline.engine.config import PRESETS
 
 FLAGS = {  # flag -> config key, for the settings people change most
     "--manifest": "manifest",
@@ -51,6 +52,11 @@ def parser(
     for flag, key in flags.items():
         p.add_argument(flag, help=f"sets {key}")
     p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="named stage-1 settings (docs/stage-one.md): set over the config file, --set wins over them",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -66,9 +72,20 @@ def parser(
 
 
 def config_from_args(args: argparse.Namespace, flags: dict[str, str] = FLAGS) -> RunConfig:
-    """The config file, then ``--set``, then the flags (paths and ids: taken as written)."""
+    """The config file, then ``--preset``, then ``--set``, then the flags (paths and ids: taken as
+    written)."""
     texts = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in flags.items()}
-    return RunConfig.load(args.config, args.set, {k: v for k, v in texts.items() if v is not None})
+    overrides = [*preset_overrides(getattr(args, "preset", None)), *args.set]
+    return RunConfig.load(args.config, overrides, {k: v for k, v in texts.items() if v is not None})
+
+
+def preset_overrides(name: str | None) -> list[str]:
+    """A preset as ``--set`` items (``pti.steps=25``), to go before the user's own."""
+    fields = PRESETS[name] if name else {}
+    return [
+        f"pti.{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in fields.items()
+    ]
 
 
 def print_summary(summary: dict) -> None:

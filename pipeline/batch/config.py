@@ -113,8 +113,16 @@ class RunConfig:
                 "edit_batch_size",
                 "max_edits_per_call",
                 "image_read_attempts",
+                "results_rows_per_file",
+                "max_image_bytes",
+                "max_image_pixels",
             )
             if getattr(self, name) < 1
+        ]
+        problems += [
+            f"{name} must be > 0, got {getattr(self, name)}"
+            for name in ("results_flush_seconds", "actor_start_timeout_s")
+            if not getattr(self, name) > 0
         ]
         if not 0 <= self.max_failed_fraction <= 1:
             problems.append(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")

@@ -1,0 +1,326 @@
+"""Stage 1's cost against its quality on the rendered world: which (T, K, lr, early stop, inversion
+guidance) buy the reconstruction and the edits for the fewest UNet evaluations.
+
+``python -m benchmarks.stage_one --images 8 --out docs`` runs PTI's stage 1 (ALGORITHM.md, 1a and
+1b) over held-out scenes for each setting of ``--settings`` (PTIConfig fields over the defaults,
+``steps=25,inner_steps=5``) at each ``--guidance``, and measures per image:
+
+- cost: UNet evaluations (the rows the UNet evaluated, so early-stopped images cost less than
+  the bound ``T + T (1 + K + 1)``), batched UNet calls and seconds;
+- reconstruction: latent PSNR of the eta = 0 reconstruction's ``z_0`` against the VAE encoding of
+  the input ``z*_0`` (peak: the encoding's range per image), and pixel PSNR of its decoding;
+- edits: one colour edit per scene at ``--eta``, plain (``control none``) and under attention
+  control (``auto``), scored against the rendered truth (editability, object IoU, background PSNR).
+
+Writes ``stage-one.md`` (tables), ``stage-one.png`` (latent PSNR against evaluations, the Pareto
+frontier marked) and ``stage-one.json`` to ``--out``, after every setting, so a run cut short keeps
+what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, model_folder
+from benchmarks.edit_quality import SHIPPED_MODEL, Control, World, edit_scenes, score_grid_point
+from pipeline.engine.config import PTIConfig
+from pipeline.engine.engine import Engine
+from pipeline.engine.models import load_stable_diffusion
+
+# T in {50, 25, 20} by K in {10, 5, 2} (T = 50, K = 10 is the default, ''), K = 3 at T = 50 (its
+# bound under half the default's), then early stop, lr and inversion guidance around the cheap points.
+GRID = (
+    *(f"steps={t},inner_steps={k}" for t in (50, 25, 20) for k in (10, 5, 2) if (t, k) != (50, 10)),
+    "steps=50,inner_steps=3",
+    "steps=50,inner_steps=10,stop_eps=1e-4",
+    "steps=50,inner_steps=10,stop_eps=1e-3",
+    "steps=25,inner_steps=5,stop_eps=1e-4",
+    "steps=25,inner_steps=5,lr=2e-2",
+    "steps=50,inner_steps=10,inversion_guidance=1",
+)
+CONTROLS = (
+    Control(),
+    Control("auto", False, PTIConfig.cross_replace_steps, PTIConfig.self_replace_steps),
+)
+
+
+def evaluation_bound(config: PTIConfig) -> int:
+    """UNet evaluations per image of PTI's stage 1 without early stop (ALGORITHM.md): T to invert,
+    then per timestep one for ``e_null``, at most K inner steps and one for the step itself."""
+    return config.steps + config.steps * (1 + config.inner_steps + 1)
+
+
+def setting_of(text: str) -> dict:
+    """``steps=25,inner_steps=5`` as PTIConfig overrides, each value converted to its field's type."""
+    types = {f.name: f.type for f in dataclasses.fields(PTIConfig)}
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        name, sep, raw = item.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(f"setting {text!r}: {item!r} is not FIELD=VALUE with a PTIConfig field")
+        kind = types[name]
+        if kind == "bool":
+            overrides[name] = raw.lower() in ("1", "true", "yes", "on")
+        else:
+            overrides[name] = {"int": int, "float": float}.get(kind, str)(raw)
+    return overrides
+
+
+def latent_psnr(z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of latents ``[B, 4, h, w]`` against ``z0``, the peak being each
+    image's range in ``z0`` (latents have no fixed range; differences between settings do not
+    depend on the peak, which is the same image's in every setting)."""
+    peak = (z0.flatten(1).amax(1) - z0.flatten(1).amin(1)).double()
+    mse = (z.double() - z0.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(peak**2 / mse)
+
+
+def measure(sd, scenes: World, config: PTIConfig, eta: float, max_rows: int) -> dict:
+    """Stage 1 of every scene under ``config``, its cost and reconstruction, and one colour edit per
+    scene at ``eta``, plain and controlled."""
+    engine = Engine(sd, config)
+    z0 = engine.encode_images(scenes.pixels)
+    started = time.perf_counter()
+    inversion = engine.invert_and_tune(scenes.pixels, scenes.sources)
+    seconds = time.perf_counter() - started
+    n = len(scenes)
+    row = {
+        "evaluations_per_image": engine.eps.evaluations / n,
+        "evaluation_bound": evaluation_bound(config),
+        "calls": engine.eps.calls,
+        "seconds_per_image": seconds / n,
+        "inner_steps_per_timestep": float(inversion.inner_steps.float().mean()),
+        "latent_psnr": float(latent_psnr(inversion.reconstruction_latent.cpu(), z0.cpu()).mean()),
+        "pixel_psnr": float(inversion.psnr.mean()),
+        "pixel_ssim": float(inversion.ssim.mean()),
+    }
+    for control in CONTROLS:
+        grid = [("colour", eta, control)]
+        planners = {} if control.plain else {control: Engine(sd, control.config(config))}
+        per_call = max(1, max_rows // 2)
+        pixels = [
+            edit_scenes(engine, inversion, scenes, list(range(a, min(a + per_call, n))), grid, planners)[0]
+            for a in range(0, n, per_call)
+        ]
+        scores = score_grid_point(torch.cat(pixels), None, scenes, "colour", control)
+        row |= {f"{control.control}_{k}": scores[k] for k in ("editability", "object_iou", "background_psnr")}
+    return row
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats: as few evaluations and as high a latent PSNR, one strictly."""
+
+    def beats(a, b):
+        cheaper = a["evaluations_per_image"] <= b["evaluations_per_image"]
+        better = a["latent_psnr"] >= b["latent_psnr"]
+        strictly = (
+            a["evaluations_per_image"] < b["evaluations_per_image"] or a["latent_psnr"] > b["latent_psnr"]
+        )
+        return cheaper and better and strictly
+
+    return [b for b in rows if not any(beats(a, b) for a in rows)]
+
+
+def fast_candidates(rows: list[dict], within_db: float = 0.5) -> list[dict]:
+    """Per guidance, the settings whose measured evaluations and bound are both at most half the
+    default's, at a latent PSNR within ``within_db`` of it, cheapest first."""
+    found = []
+    for guidance in dict.fromkeys(r["guidance"] for r in rows):
+        at = [r for r in rows if r["guidance"] == guidance]
+        default = next((r for r in at if not r["overrides"]), None)
+        if default is None:
+            continue
+        found += sorted(
+            (
+                r
+                for r in at
+                if r["evaluations_per_image"] <= default["evaluations_per_image"] / 2
+                and r["evaluation_bound"] <= default["evaluation_bound"] / 2
+                and r["latent_psnr"] >= default["latent_psnr"] - within_db
+            ),
+            key=lambda r: r["evaluations_per_image"],
+        )
+    return found
+
+
+def everywhere(rows: list[dict], candidates: list[dict]) -> list[str]:
+    """The settings among ``candidates`` that qualify at every guidance with a default row."""
+    guidances = {r["guidance"] for r in rows if not r["overrides"]}
+    found = {}
+    for r in candidates:
+        found.setdefault(r["setting"], set()).add(r["guidance"])
+    return [s for s, at in found.items() if at >= guidances]
+
+
+def run(args, sd, scenes: World, done: list[dict]) -> list[dict]:
+    rows = list(done)
+    for guidance in args.guidance:
+        for text in args.settings:
+            overrides = setting_of(text)
+            config = PTIConfig(model=args.model, guidance=guidance, progress=False, **overrides)
+            row = {"setting": text or "default", "overrides": overrides, "guidance": guidance}
+            row |= measure(sd, scenes, config, args.eta, args.max_rows)
+            rows.append(row)
+            print(
+                f"w={guidance:g} {row['setting']}: {row['evaluations_per_image']:.0f} evals/image, "
+                f"latent PSNR {row['latent_psnr']:.2f} dB, {row['seconds_per_image']:.2f} s/image",
+                file=sys.stderr,
+                flush=True,
+            )
+            write_results(rows, args)
+    return rows
+
+
+# --- what is written -------------------------------------------------------------------------
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    """Latent PSNR against evaluations per image, a panel per guidance, the frontier joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guidances = list(dict.fromkeys(r["guidance"] for r in rows))
+    fig, axes = plt.subplots(1, len(guidances), figsize=(6.5 * len(guidances), 4.8), squeeze=False)
+    for ax, guidance in zip(axes[0], guidances):
+        at = [r for r in rows if r["guidance"] == guidance]
+        front = sorted(pareto(at), key=lambda r: r["evaluations_per_image"])
+        ax.scatter([r["evaluations_per_image"] for r in at], [r["latent_psnr"] for r in at], s=14, c="C0")
+        ax.plot(
+            [r["evaluations_per_image"] for r in front],
+            [r["latent_psnr"] for r in front],
+            "o-",
+            color="C3",
+            markersize=5,
+            label="Pareto frontier",
+        )
+        for r in at:
+            ax.annotate(
+                r["setting"].replace("steps=", "T").replace("inner_T", "K"),
+                (r["evaluations_per_image"], r["latent_psnr"]),
+                fontsize=5,
+            )
+        default = next((r for r in at if not r["overrides"]), None)
+        if default is not None:
+            ax.axvline(
+                default["evaluations_per_image"] / 2, color="grey", linestyle=":", label="half the default"
+            )
+            ax.axhline(default["latent_psnr"] - 0.5, color="grey", linestyle="--", label="default - 0.5 dB")
+        ax.set_xlabel("stage-1 UNet evaluations per image")
+        ax.set_ylabel("reconstruction latent PSNR (dB)")
+        ax.set_title(f"PTI stage 1, w={guidance:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> list[str]:
+    front = {
+        id(r)
+        for g in dict.fromkeys(r["guidance"] for r in rows)
+        for r in pareto([r for r in rows if r["guidance"] == g])
+    }
+    lines = [
+        "| w | setting | evals/image | bound T(K+3) | s/image | latent PSNR (dB) | pixel PSNR (dB) "
+        "| edit none: editability / object IoU / bg PSNR | edit auto: editability / object IoU / bg PSNR "
+        "| frontier |",
+        "|" + " --- |" * 10,
+    ]
+    for r in rows:
+        edits = [
+            f"{r[f'{c}_editability']:.2f} / {r[f'{c}_object_iou']:.3f} / {r[f'{c}_background_psnr']:.1f}"
+            for c in ("none", "auto")
+        ]
+        lines.append(
+            f"| {r['guidance']:g} | {r['setting']} | {r['evaluations_per_image']:.0f} "
+            f"| {r['evaluation_bound']} | {r['seconds_per_image']:.2f} | {r['latent_psnr']:.2f} "
+            f"| {r['pixel_psnr']:.2f} | {edits[0]} "
+            f"| {edits[1]} | {'yes' if id(r) in front else ''} |"
+        )
+    return lines
+
+
+def write_markdown(rows: list[dict], args, path: Path) -> None:
+    fast = fast_candidates(rows)
+    lines = [
+        "# Stage 1: cost against quality",
+        "",
+        "Measured by " + ", then ".join(f"`{c}`" for c in args.commands) + f" on {machine()}; model "
+        f"`{args.model}`, {args.images} held-out scenes, method pti, one colour edit per scene at "
+        f"eta {args.eta:g}. Settings are PTIConfig fields over the defaults (T=50, K=10, lr=1e-2 "
+        "decaying to half, early stop at 1e-5 + j * 2e-5, inversion guidance 0).",
+        "",
+        "Evals/image: UNet rows evaluated per image (early-stopped images cost less than the bound "
+        "T + T (1 + K + 1)). Latent PSNR: the eta = 0 reconstruction's z_0 against the VAE encoding "
+        "of the input, peak the encoding's range per image. Edits: share reaching the target colour, "
+        "object IoU with the truth, background PSNR against the input; none: the paper's plain "
+        "interpolation, auto: Prompt-to-Prompt (cross 0.8, self 0.4, no local blend).",
+        "",
+        *table(sorted(rows, key=lambda r: (r["guidance"], r["evaluations_per_image"]))),
+        "",
+        "![latent PSNR against evaluations](stage-one.png)",
+        "",
+        "Candidates for `--preset fast` (at most half the default's evaluations, measured and by the "
+        "bound, within 0.5 dB latent PSNR of it), cheapest first: "
+        + (", ".join(f"w={r['guidance']:g} `{r['setting']}`" for r in fast) or "none")
+        + "; at every w measured: "
+        + (", ".join(f"`{s}`" for s in everywhere(rows, fast)) or "none")
+        + ".",
+        "",
+    ]
+    marker = "<!-- findings: kept across runs -->"
+    kept = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
+    path.write_text("\n".join(lines) + "\n" + marker + kept)
+
+
+def write_results(rows: list[dict], args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"commands": args.commands, "machine": machine(), "rows": rows}
+    (args.out / "stage-one.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_plot(rows, args.out / "stage-one.png")
+    write_markdown(rows, args, args.out / "stage-one.md")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=SHIPPED_MODEL, help="a checkpoint folder, or tiny")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--guidance", nargs="+", type=float, default=[3.0])
+    parser.add_argument(
+        "--settings", nargs="+", default=["", *GRID], help="FIELD=VALUE,... over the defaults; '' the default"
+    )
+    parser.add_argument("--eta", type=float, default=0.8)
+    parser.add_argument("--max-rows", type=int, default=64, help="edits and source branches per UNet call")
+    parser.add_argument("--keep", action="store_true", help="add to --out's stage-one.json, not replace it")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    sd = load_stable_diffusion(model_folder(args.model), device="cpu")
+    scenes = World.held_out(args.images, sd.resolution)
+    saved = args.out / "stage-one.json"
+    done = json.loads(saved.read_text()) if args.keep and saved.exists() else {"commands": [], "rows": []}
+    args.commands = [*done["commands"], "python -m benchmarks.stage_one " + " ".join(args.argv)]
+    rows = run(args, sd, scenes, done["rows"])
+    print((args.out / "stage-one.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

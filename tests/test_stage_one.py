@@ -1,0 +1,71 @@
+"""Stage 1's presets and the study that chose them: a preset sets its fields and what the user
+sets wins; ``fast`` costs at most half the default's UNet evaluations; the study counts them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from benchmarks import stage_one
+from jobs import common
+from jobs.cli import app
+from pipeline.engine.config import PRESETS, STAGE_ONE_FIELDS, PTIConfig
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
+
+
+def config_from_argv(argv: list[str]):
+    return common.config_from_args(common.parser("test").parse_args(argv))
+
+
+def test_a_preset_sets_its_fields_and_set_wins_over_it():
+    fast = PRESETS["fast"]
+    config = config_from_argv(["--preset", "fast"])
+    assert {k: getattr(config.pti, k) for k in fast} == fast
+    assert config_from_argv(["--preset", "quality"]).pti == config_from_argv([]).pti
+    overridden = config_from_argv(["--preset", "fast", "--set", "pti.steps=33"])
+    assert overridden.pti.steps == 33
+    assert {k: getattr(overridden.pti, k) for k in fast if k != "steps"} == {
+        k: v for k, v in fast.items() if k != "steps"
+    }
+
+
+def test_a_preset_names_stage_one_fields_only():
+    assert all(set(fields) <= set(STAGE_ONE_FIELDS) - {"guidance"} for fields in PRESETS.values())
+    assert PRESETS["quality"] == {}
+
+
+def test_the_fast_preset_costs_at_most_half_the_defaults_evaluations():
+    default, fast = PTIConfig(), PTIConfig(**PRESETS["fast"])
+    bound = lambda c: c.steps + c.steps * (1 + c.inner_steps + 1)  # noqa: E731 (ALGORITHM.md's formula)
+    assert bound(fast) <= bound(default) / 2
+    assert stage_one.evaluation_bound(fast) == bound(fast)
+
+
+def test_pti_edit_takes_a_preset_and_explicit_options_win(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr("pipeline.editing.edit_one_image", lambda config, *a: seen.append(config) or 1 / 0)
+    runner = CliRunner()
+    base = ["edit", "x.png", "-t", "a", "-o", str(tmp_path)]
+    runner.invoke(app, [*base, "--preset", "fast"])
+    runner.invoke(app, [*base, "--preset", "fast", "--steps", "7"])
+    assert {k: getattr(seen[0], k) for k in PRESETS["fast"]} == PRESETS["fast"]
+    assert seen[1].steps == 7
+    assert runner.invoke(app, [*base, "--preset", "nope"]).exit_code == 2
+
+
+def test_the_study_counts_evaluations_by_the_formula_without_early_stop(tmp_path):
+    T, K = 3, 1
+    rows = stage_one.main(
+        ["--model", str(SHIPPED), "--images", "1", "--guidance", "3", "--out", str(tmp_path)]
+        + ["--settings", f"steps={T},inner_steps={K},early_stop=false", f"steps={T},inner_steps=0"]
+    )
+    assert [r["evaluations_per_image"] for r in rows] == [T + T * (1 + K + 1), T + T * 2]
+    assert [r["evaluation_bound"] for r in rows] == [T * (K + 3), T * 3]
+    assert all(r["latent_psnr"] > 0 and 0 <= r["auto_editability"] <= 1 for r in rows)
+    text = (tmp_path / "stage-one.md").read_text()
+    assert f"| 3 | steps={T},inner_steps={K},early_stop=false | {T * (K + 3)} | {T * (K + 3)} |" in text
+    assert len(json.loads((tmp_path / "stage-one.json").read_text())["rows"]) == 2
+    assert (tmp_path / "stage-one.png").stat().st_size > 0
