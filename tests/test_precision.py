@@ -173,19 +173,22 @@ def test_a_non_finite_image_is_retried_in_float32_and_fails_alone(half_sd, pixel
     assert float(inversion.psnr[1]) > 10 and not bool(inversion.z_T[2].isfinite().all())
 
 
-def test_the_tune_stage_turns_an_image_still_non_finite_into_its_own_error_row(
-    half_sd, tiny_model_dir, photos, poison, monkeypatch
-):
-    def png(array):
+def prepared_rows(images: dict[str, np.ndarray]) -> pa.Table:
+    """Manifest rows with the images inline as PNG, read and decoded as stage 1 gets them."""
+
+    def png(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    names = ["astronaut", "chelsea", "coffee"]
     table = pa.table(
-        {"id": names, "image": [png(photos[n]) for n in names], "target_prompts": [["a cat"]] * 3}
+        {
+            "id": list(images),
+            "image": [png(a) for a in images.values()],
+            "target_prompts": [["a cat"]] * len(images),
+        }
     )
-    prepared = prepare_rows(
+    return prepare_rows(
         table,
         resolution=64,
         duplicates=set(),
@@ -194,6 +197,13 @@ def test_the_tune_stage_turns_an_image_still_non_finite_into_its_own_error_row(
         max_bytes=2**24,
         max_pixels=10**7,
     )
+
+
+def test_the_tune_stage_turns_an_image_still_non_finite_into_its_own_error_row(
+    half_sd, tiny_model_dir, photos, poison, monkeypatch
+):
+    names = ["astronaut", "chelsea", "coffee"]
+    prepared = prepared_rows(dict(zip(names, (photos[n] for n in names))))
     images = stages._pixels(prepared[PIXELS].to_pylist(), 64)
     poison(images[1], HALF_ONLY)
     poison(images[2], ALWAYS)
@@ -266,3 +276,33 @@ def test_stage_one_fingerprints_are_those_of_outputs_made_before_the_seed_left_t
     assert PTIConfig(steps=10, dtype="float16").stage_one_fingerprint(model) == "cb084317598df25d"
     assert PTIConfig(seed=7).stage_one_fingerprint(model) == "dfa2f1207b9ba6bb"
     assert PTIConfig(steps=10).stage_one_fingerprint(model) != "dfa2f1207b9ba6bb"
+
+
+def test_one_poisoned_image_of_four_fails_alone_and_the_others_match_a_clean_run(
+    half_sd, tiny_model_dir, photos, poison, monkeypatch
+):
+    """The issue's case: one image of a batch of four stays NaN whatever the precision; it becomes
+    one ``non_finite`` row after its float32 retry, and the other three are stored exactly as a
+    run without the poisoned image's NaN stores them."""
+
+    names = ["astronaut", "chelsea", "coffee", "astronaut-flipped"]
+    arrays = [photos["astronaut"], photos["chelsea"], photos["coffee"], photos["astronaut"][::-1].copy()]
+    prepared = prepared_rows(dict(zip(names, arrays)))
+    monkeypatch.setattr(stages, "worker_id", lambda: "actor-1")
+
+    def tuned() -> dict:
+        engine = Engine(half_sd, PTIConfig(model=tiny_model_dir, **SMALL))
+        monkeypatch.setattr(stages, "_load_engine", lambda *args: engine)
+        return {r["id"]: r for r in TuneStage(engine.config, Location(tiny_model_dir))(prepared).to_pylist()}
+
+    clean = tuned()
+    poison(stages._pixels(prepared[PIXELS].to_pylist(), 64)[2], ALWAYS)
+    poisoned = tuned()
+    assert [poisoned[n]["kind"] for n in names] == [None, None, "non_finite", None]
+    assert all(clean[n]["kind"] is None for n in names)
+    for name in ("astronaut", "chelsea", "astronaut-flipped"):
+        for column in ("prompt_embeddings", "z_T", "reconstruction_psnr", "tuning_loss"):
+            assert np.array_equal(
+                np.asarray(poisoned[name][column], dtype=np.float64),
+                np.asarray(clean[name][column], dtype=np.float64),
+            ), (name, column)
