@@ -186,6 +186,10 @@ def drain(
     ok_ids, early_ids, edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
     early_errors, resumed_ids = len(errors_before), set()
     progress = Progress(attempt.partition("-")[0], todo, config.progress_every_s)
+
+    def edit_only_failures() -> int:  # rows whose every edit failed, not failed before editing
+        return len(edit_error_ids - ok_ids - early_ids)
+
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
         ok = good_rows(batch)
         bad = batch.filter(pa.array(~ok))
@@ -204,7 +208,7 @@ def drain(
             resumed_ids.update(i for i, w in zip(ids, good.column(res.TUNE_WORKER).to_pylist()) if w is None)
         if results is not None:
             results.add(good)
-        failed = early_errors + len(edit_error_ids - ok_ids - early_ids)  # rows, as ``account`` counts
+        failed = early_errors + edit_only_failures()  # rows, as ``account`` counts them
         progress.update(len(ok_ids), failed, results.rows if results else 0)
     progress.log()
     errors.close()
@@ -214,7 +218,7 @@ def drain(
     return {
         "ok_ids": ok_ids,
         "early_error_rows": early_errors,
-        "edit_only_failures": len(edit_error_ids - ok_ids - early_ids),
+        "edit_only_failures": edit_only_failures(),
         "error_rows": errors.rows,
         "result_rows": results.rows if results else 0,
         "resumed": len(resumed_ids),

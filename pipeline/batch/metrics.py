@@ -66,9 +66,6 @@ def _gpus_held() -> float:
     """The GPUs Ray gave this actor (fractional ones too); none outside a Ray worker."""
     import ray
 
-    if not ray.is_initialized():
-        return 0.0
-    try:
-        return ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
-    except AssertionError:  # a driver (a stage called in-process): Ray assigned it nothing
-        return 0.0
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return 0.0  # a driver (a stage called in-process): Ray assigned it nothing
+    return ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)

@@ -102,13 +102,18 @@ def record(uri: Location, row: dict) -> None:
     """Add a manifest's row to the ledger: one file per manifest, named by its URI, written whole."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([row], schema=led.LEDGER_SCHEMA), buffer)
-    name = hashlib.sha256(row[led.MANIFEST].encode()).hexdigest()[:20]
+    name = manifest_key(row[led.MANIFEST])
     (uri / f"{name}.parquet").write_bytes(buffer.getvalue())
 
 
 def claim_of(processed: Location, manifest: str) -> Location:
     """The lease a night holds on a manifest while it runs it: two nights never take the same one."""
-    return processed / "_claims" / hashlib.sha256(manifest.encode()).hexdigest()[:20]
+    return processed / "_claims" / manifest_key(manifest)
+
+
+def manifest_key(manifest: str) -> str:
+    """A manifest's name under the ledger: its ledger row's file and its claim."""
+    return hashlib.sha256(manifest.encode()).hexdigest()[:20]
 
 
 def outcome(entry: dict) -> str:
