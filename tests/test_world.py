@@ -1,5 +1,7 @@
 """The rendered world: scenes, their captions, their ground truth and the scores built on it."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,27 +84,87 @@ def test_background_psnr_ignores_the_objects_and_sees_the_background():
     assert world.background_psnr(noisy, image, scene.masks()) == pytest.approx(uniform_noise_psnr, abs=0.3)
 
 
-def test_training_the_world_model_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
+def test_size_jitter_varies_widths_within_a_size_and_leaves_unjittered_scenes_as_they_were():
+    plain = [world.random_scene(np.random.default_rng(4)) for _ in range(2)]
+    assert plain[0] == plain[1] and plain[0].things[0].scale == 1.0
+    rng = np.random.default_rng(4)
+    scales = [t.scale for _ in range(100) for t in world.random_scene(rng, 128, 2, size_jitter=0.15).things]
+    assert 0.85 <= min(scales) < 0.9 and 1.1 < max(scales) <= 1.15
+    small = Scene((Thing("square", "red", "small", 0.5, 0.5, scale=1.15),), "white", 128)
+    assert small.masks()[0].sum() == pytest.approx((0.28 * 1.15 * 128) ** 2, rel=0.05)
+
+
+TRAINING = dict(
+    resolution=64,
+    scenes=32,
+    vae_steps=6,
+    vae_batch=4,
+    unet_steps=7,
+    unet_batch=4,
+    checkpoint_every=2,
+    threads=1,
+)
+
+
+def _flags(**settings) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
+def _weights(folder) -> dict:
     from safetensors.torch import load_file
 
-    from pipeline.engine.models import load_stable_diffusion
-    from pipeline.world.training import TrainingConfig, train_world_model
+    parts = ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model")
+    return {f"{p}/{k}": v for p in parts for k, v in load_file(folder / f"{p}.safetensors").items()}
 
-    config = TrainingConfig(vae_steps=2, vae_batch=4, scenes=16, unet_steps=2, unet_batch=4, threads=1)
-    first, second = (train_world_model(tmp_path / name, config, progress=False) for name in ("a", "b"))
-    for part in (
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-        "text_encoder/model.safetensors",
-    ):
-        a, b = load_file(first / part), load_file(second / part)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    untrained = TrainingConfig(vae_steps=0, unet_steps=0, scenes=16, threads=1)
-    before = load_file(
-        train_world_model(tmp_path / "c", untrained, progress=False)
-        / "unet/diffusion_pytorch_model.safetensors"
-    )
-    after = load_file(first / "unet/diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in after)  # the steps did train
-    sd = load_stable_diffusion(str(first), device="cpu")
+
+def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_ends(tmp_path):
+    """The sharp recipe, shrunk: one run unbroken in this process; another from the same seed in
+    processes that stop at a time limit, are SIGKILLed once in each phase, and go on each time."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.engine.models import load_stable_diffusion
+    from pipeline.world.training import RECIPES, train_world_model
+
+    config = RECIPES["sharp-sd"].replace(**TRAINING)
+    unbroken = train_world_model(tmp_path / "unbroken", config, progress=False)
+    failpoints = tmp_path / "failpoints"
+    failpoints.mkdir()
+    (failpoints / "training.vae.3").touch()
+    (failpoints / "training.unet.5").touch()
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.train_tiny",
+        "--recipe=sharp-sd",
+        "--quiet",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    env = {**os.environ, "PTI_FAILPOINTS": str(failpoints)}
+    codes = [
+        subprocess.run([*command, *_flags(**TRAINING), *extra], env=env, capture_output=True, text=True)
+        for extra in (["--max-seconds=0"], [], [], [])
+    ]
+    assert [c.returncode for c in codes] == [3, -9, -9, 0], [c.stderr[-2000:] for c in codes]
+    assert "stopped after vae step 2 of 6" in codes[0].stderr
+    assert sorted(p.name.split(".fired")[0] for p in failpoints.iterdir()) == [
+        "training.unet.5",
+        "training.vae.3",
+    ]
+    first, second = _weights(unbroken), _weights(tmp_path / "b")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    untrained = train_world_model(tmp_path / "c", config.replace(vae_steps=0, unet_steps=0), progress=False)
+    assert any(not torch.equal(v, _weights(untrained)[k]) for k, v in first.items())  # the steps did train
+    record = json.loads((unbroken / "training.json").read_text())
+    assert record["config"]["unet_channels"] == [32, 64, 128] and len(record["curves"]["unet_loss"]) == 1
+    sd = load_stable_diffusion(str(tmp_path / "b"), device="cpu")
     assert sd.resolution == 64 and sd.vae.config.scaling_factor > 0
+    assert len(sd.unet.config.down_block_types) == 3 and not sd.vae.config.mid_block_add_attention
+
+    other = subprocess.run(
+        [*command, *_flags(**{**TRAINING, "unet_lr": 0.5})], env=env, capture_output=True, text=True
+    )
+    assert other.returncode == 2 and "another recipe (unet_lr 0.001 -> 0.5)" in other.stderr

@@ -32,6 +32,11 @@ class Thing:
     size: str
     x: float  # centre, as a fraction of the image side
     y: float
+    scale: float = 1.0  # the width is SIZES[size] * scale: sizes vary within "small" and "big"
+
+    @property
+    def width(self) -> float:
+        return SIZES[self.size] * self.scale
 
     def phrase(self) -> str:
         return f"a {self.size} {self.colour} {self.shape}"
@@ -77,7 +82,7 @@ class Scene:
 
 
 def _draw(draw: ImageDraw.ImageDraw, thing: Thing, side: int, fill) -> None:
-    half = SIZES[thing.size] * side / 2
+    half = thing.width * side / 2
     cx, cy = thing.x * side, thing.y * side
     box = (cx - half, cy - half, cx + half, cy + half)
     if thing.shape == "circle":
@@ -90,24 +95,30 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, side: int, fill) -> None:
         raise ValueError(f"unknown shape {thing.shape!r}: one of {', '.join(SHAPES)}")
 
 
-def random_scene(rng: np.random.Generator, resolution: int = 64, objects: int = 1) -> Scene:
-    """A scene of ``objects`` shapes that lie wholly inside the image and do not overlap."""
+def random_scene(
+    rng: np.random.Generator, resolution: int = 64, objects: int = 1, size_jitter: float = 0.0
+) -> Scene:
+    """A scene of ``objects`` shapes that lie wholly inside the image and do not overlap; each
+    object's width is its size's, times a uniform factor in ``1 +- size_jitter`` (drawn only when
+    ``size_jitter`` is set, so scenes without it are the ones earlier versions drew)."""
     background = str(rng.choice(list(BACKGROUNDS)))
     things: list[Thing] = []
     while len(things) < objects:
         if len(things) and rng.random() < 0.05:
             things = []  # the first objects may leave no room: start again rather than loop forever
         size = str(rng.choice(list(SIZES)))
-        margin = SIZES[size] / 2 + 0.04
+        scale = float(rng.uniform(1 - size_jitter, 1 + size_jitter)) if size_jitter else 1.0
+        margin = SIZES[size] * scale / 2 + 0.04
         x, y = rng.uniform(margin, 1 - margin, size=2)
-        thing = Thing(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size, float(x), float(y))
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        thing = Thing(shape, colour, size, float(x), float(y), scale)
         if all(_apart(thing, other) for other in things):
             things.append(thing)
     return Scene(tuple(things), background, resolution)
 
 
 def _apart(a: Thing, b: Thing) -> bool:
-    reach = (SIZES[a.size] + SIZES[b.size]) / 2 + 0.02
+    reach = (a.width + b.width) / 2 + 0.02
     return abs(a.x - b.x) > reach or abs(a.y - b.y) > reach
 
 
