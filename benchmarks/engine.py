@@ -7,30 +7,41 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
                                                          # SD 1.5's architecture at 512x512 on the CPU
     python -m benchmarks.engine --model sd15 --dtype bfloat16 --batches 1 2 4 8    # on a GPU
     python -m benchmarks.engine --model sd15 --dtype bfloat16 --timed-steps 3      # 3 of 50 steps timed
+    python -m benchmarks.engine --model sdxl --dtype bfloat16 --batches 1 --timed-steps 3
+                                                         # SDXL's architecture at 1024x1024, on a GPU
     python -m benchmarks.engine --control --batches 1   # stage 2 under attention control against plain,
                                                         # at 1, 4 and 8 edits per image
+    python -m benchmarks.engine --model sdxl --flops-only   # FLOPs per forward and per stage, counted
+    python -m benchmarks.engine --model sd15 --flops-only   # on the meta device in seconds (no GPU);
+                                                            # sdxl without CUDA defaults to it
 
-``sd15`` is Stable Diffusion 1.5's architecture built from its public config with seeded random
-weights (nothing is downloaded; cost does not depend on the weights). Utilisation is the FLOPs
-that ``torch.utils.flop_counter`` counts in the tuning loop (forward and backward) over its
-seconds, against the matmul peak measured on the same device in the same run. Every case runs in a
-fresh process, so its peak memory is its own, and each stage's peak is counted from the stage's
-start (CUDA: peak allocated; CPU: peak resident set, reset through ``/proc/self/clear_refs``).
-Attention control (``--control``): each image's source branch runs beside its ``n`` edits, so an
-edit costs ``2T (n + 1) / n`` UNet evaluations against plain editing's ``2T``.
+``sd15`` and ``sdxl`` are Stable Diffusion 1.5's and SDXL base 1.0's architectures built from their
+public configs with seeded random weights (nothing is downloaded; cost does not depend on the
+weights). Utilisation is the FLOPs that ``torch.utils.flop_counter`` counts in the tuning loop
+(forward and backward) over its seconds, against the matmul peak measured on the same device in
+the same run. Every case runs in a fresh process, so its peak memory is its own, and each stage's
+peak is counted from the stage's start (CUDA: peak allocated; CPU: peak resident set, reset
+through ``/proc/self/clear_refs``). Attention control (``--control``): each image's source branch
+runs beside its ``n`` edits, so an edit costs ``2T (n + 1) / n`` UNet evaluations against plain
+editing's ``2T``. ``--flops-only`` builds the architecture on the meta device (shapes, no memory)
+and counts one UNet forward, one forward and backward to the embedding, the VAE and the text
+encoding, and from them stage 1 and one edit by ALGORITHM.md's counts (``flops_report``).
 Results print as a table and are appended to ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from benchmarks.common import (
     append_record,
@@ -51,63 +62,186 @@ CONTROLS = (("none", False), ("auto", False), ("auto", True))
 
 # --- models ----------------------------------------------------------------------------------
 
+# The published architectures that ``--model`` names, built with seeded random weights: nothing
+# is downloaded, and cost does not depend on the weights.
+ARCHITECTURES = {
+    "sd15": "Stable Diffusion 1.5 at 512x512",
+    "sdxl": "Stable Diffusion XL base 1.0 at 1024x1024",
+}
+
+
+def _clip_text(cls, hidden: int, layers: int, heads: int, act: str, projection: int):
+    from transformers import CLIPTextConfig
+
+    return cls(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=projection,
+        )
+    )
+
+
+def _sd_vae(sample_size: int, scaling_factor: float, **config):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **config,
+    )
+
+
+def build_modules(name: str) -> dict:
+    """The UNet, VAE and text encoder(s) of ``name`` (one of ``ARCHITECTURES``: their published
+    configs; or a checkpoint folder: its configs, not its weights), freshly initialised under the
+    current device context: a real device, or ``torch.device("meta")`` for shapes alone."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if name == "sd15":
+        return dict(
+            unet=UNet2DConditionModel(sample_size=64, cross_attention_dim=768),  # the rest: SD 1.x's
+            vae=_sd_vae(512, 0.18215),
+            text_encoder=_clip_text(CLIPTextModel, 768, 12, 12, "quick_gelu", 768),  # ViT-L
+        )
+    if name == "sdxl":
+        return dict(
+            unet=UNet2DConditionModel(
+                sample_size=128,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(320, 640, 1280),
+                layers_per_block=2,
+                cross_attention_dim=2048,
+                transformer_layers_per_block=(1, 2, 10),
+                attention_head_dim=(5, 10, 20),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            ),
+            vae=_sd_vae(1024, 0.13025, force_upcast=True),
+            text_encoder=_clip_text(CLIPTextModel, 768, 12, 12, "quick_gelu", 768),  # ViT-L
+            text_encoder_2=_clip_text(CLIPTextModelWithProjection, 1280, 32, 20, "gelu", 1280),  # bigG
+        )
+    from pipeline.engine.models import check_checkpoint
+
+    folder = Path(name)
+    modules = dict(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")),
+    )
+    if check_checkpoint(folder, name) == "sdxl":
+        config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(config)
+    return modules
+
+
+def build_rest(name: str, family: str) -> dict:
+    """The tokenizer(s), scheduler and empty-prompt rule that go with ``build_modules(name)``: for
+    ``ARCHITECTURES`` a small CLIP tokenizer (the vocabulary does not change the cost) and SD's
+    DDIM scheduler; for a folder, its own."""
+    if name in ARCHITECTURES:
+        from pipeline.world.tiny import TINY_WORDS, clip_tokenizer, sd_scheduler
+
+        rest = dict(tokenizer=clip_tokenizer(TINY_WORDS), scheduler=sd_scheduler())
+        if family == "sdxl":
+            rest.update(tokenizer_2=clip_tokenizer(TINY_WORDS), force_zeros_for_empty_prompt=True)
+        return rest
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTokenizer
+
+    folder = Path(name)
+    rest = dict(
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+    if family == "sdxl":
+        index = json.loads((folder / "model_index.json").read_text())
+        rest.update(
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")),
+        )
+    return rest
+
+
+def assemble(name: str, device: torch.device, dtype: torch.dtype, label: str):
+    """``build_modules(name)`` initialised on ``device`` (seed 0) as a ``StableDiffusion`` in
+    inference mode, in ``dtype`` but for a VAE whose config says ``force_upcast`` (float32), as
+    ``load_stable_diffusion`` loads a checkpoint."""
+    from pipeline.engine.models import StableDiffusion
+
+    torch.manual_seed(0)
+    with device:  # initialise on the device: faster than on the CPU, then moving; no memory on meta
+        modules = build_modules(name)
+    for part, module in modules.items():
+        upcast = part == "vae" and module.config.get("force_upcast", True)
+        module.requires_grad_(False).eval().to(device)
+        if module.dtype != (torch.float32 if upcast else dtype):
+            module.to(torch.float32 if upcast else dtype)
+    family = "sdxl" if "text_encoder_2" in modules else "sd"
+    rest = build_rest(name, family)
+    return StableDiffusion(
+        modules["unet"],
+        modules["vae"],
+        modules["text_encoder"],
+        rest["tokenizer"],
+        rest["scheduler"],
+        device,
+        dtype,
+        label,
+        label,
+        text_encoder_2=modules.get("text_encoder_2"),
+        tokenizer_2=rest.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=rest.get("force_zeros_for_empty_prompt", False),
+    )
+
+
+def random_model(name: str, device: str, dtype: str):
+    """One of ``ARCHITECTURES`` with seeded random weights, on ``device`` in ``dtype``."""
+    from pipeline.engine.models import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    return assemble(name, torch_device, resolve_dtype(dtype, torch_device), f"{name}-random")
+
 
 def sd15_random(device: str, dtype: str):
     """Stable Diffusion 1.5's UNet, VAE and text encoder (their published configs) with seeded
     random weights, and a small CLIP tokenizer (the vocabulary does not change the cost)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    return random_model("sd15", device, dtype)
 
-    from pipeline.engine.models import StableDiffusion, resolve_device, resolve_dtype
-    from pipeline.world.tiny import TINY_WORDS, clip_tokenizer, sd_scheduler
 
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    torch.manual_seed(0)
-    with torch_device:  # initialise on the device: faster than on the CPU, then moving
-        unet = UNet2DConditionModel(
-            sample_size=64, cross_attention_dim=768
-        )  # the other defaults are SD 1.x's
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            sample_size=512,
-            scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-            )
-        )
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval().to(torch_device, torch_dtype)
-    return StableDiffusion(
-        unet,
-        vae,
-        text_encoder,
-        clip_tokenizer(TINY_WORDS),
-        sd_scheduler(),
-        torch_device,
-        torch_dtype,
-        "sd15-random",
-        "sd15-random",
-    )
+def sdxl_random(device: str, dtype: str):
+    """Stable Diffusion XL base 1.0's UNet, VAE (float32: ``force_upcast``) and both text encoders
+    (CLIP ViT-L and OpenCLIP bigG, with its projection) with seeded random weights, small CLIP
+    tokenizers, and zeros for the empty prompt, as SDXL base's ``model_index.json`` says."""
+    return random_model("sdxl", device, dtype)
+
+
+def meta_model(name: str):
+    """``name``'s architecture on the meta device: shapes without memory or weights, built in
+    seconds, for counting FLOPs (``flops_report``). ``name``: one of ``ARCHITECTURES``, ``tiny``
+    or a checkpoint folder (its configs)."""
+    name = name if name in ARCHITECTURES else model_folder(name)
+    return assemble(name, torch.device("meta"), torch.float32, f"{Path(name).name}-meta")
 
 
 def load_model(name: str, device: str, dtype: str):
     from pipeline.engine.models import load_stable_diffusion
 
-    if name == "sd15":
-        return sd15_random(device, dtype)
+    if name in ARCHITECTURES:
+        return random_model(name, device, dtype)
     return load_stable_diffusion(model_folder(name), device=device, dtype=dtype)
 
 
@@ -335,6 +469,155 @@ def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
         "invert": inverting.get_total_flops(),
         "tune": tuning.get_total_flops(),
     }
+
+
+# --- FLOPs without running: the meta device ---------------------------------------------------
+
+
+class FusedAttention(TorchFunctionMode):
+    """Attention on the meta device through the fused kernel the CPU runs (the CPU's flash
+    attention, which torch counts as it counts CUDA's flash and memory-efficient kernels), not the
+    unfused math path meta takes by itself: the same FLOPs forward, but a backward that recomputes
+    the attention scores (five matmuls, not four), as the kernels that tuning runs on do."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            query, key, value, *more = args
+            plain = not more and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p")
+            if query.device.type == "meta" and plain and not kwargs.get("enable_gqa"):
+                fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+                return fused(
+                    query, key, value, is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale")
+                )[0]
+        return func(*args, **kwargs)
+
+
+def count_pieces(sd, fused_attention: bool = True, prompt: str = PROMPTS[0]) -> dict:
+    """FLOPs of the pieces the stages are made of, for one image (one batch row) at the model's
+    resolution, counted by ``torch.utils.flop_counter`` on whatever device ``sd`` is on: on the
+    meta device (``meta_model``) nothing is computed or allocated, only shapes.
+
+    ``forward``: one UNet call as the engine makes it (``NoisePredictor``: SDXL's pooled embedding
+    and time ids as ``added_cond_kwargs``). ``forward_backward``: the same, then the gradient to the
+    embedding alone, which requires grad while the UNet's parameters do not, exactly as tuning
+    does (SDXL: the pooled embedding too, as the joined embedding's last row). ``encode`` and
+    ``decode``: the VAE. ``text``: ``encode_prompts`` of one prompt (SDXL: both encoders).
+    ``embedding``: one conditional embedding's shape as the engine carries it (SDXL: ``L + 1``
+    rows, the pooled one last). ``fused_attention`` (meta only): see ``FusedAttention``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.engine.models import NoisePredictor
+    from pipeline.engine.text import encode_prompts
+
+    _register_cpu_attention_flops()
+    eps, vae, counted = NoisePredictor(sd), sd.vae, {}
+    side = sd.resolution // sd.vae_scale_factor
+    z = torch.randn(1, sd.unet.config.in_channels, side, side, device=sd.device)
+    pixels = torch.rand(1, 3, sd.resolution, sd.resolution, device=sd.device)
+    t = sd.scheduler.config.num_train_timesteps // 2  # any: every timestep costs the same
+
+    def count(name: str, work):
+        attention = FusedAttention() if fused_attention else contextlib.nullcontext()
+        with FlopCounterMode(display=False) as counter, attention:
+            out = work()
+        counted[name] = counter.get_total_flops()
+        return out
+
+    def forward_backward():
+        emb = cond.detach().clone().requires_grad_(True)
+        out = eps(z, t, emb)
+        out.backward(torch.ones_like(out))  # as tuning does (autograd.grad trips the counter's hooks)
+        return emb.grad
+
+    with torch.no_grad():
+        cond = count("text", lambda: encode_prompts(sd, [prompt]))
+        count("forward", lambda: eps(z, t, cond))
+        count("encode", lambda: vae.encode((2 * pixels - 1).to(vae.dtype)).latent_dist.mean)
+        count("decode", lambda: vae.decode(z.to(vae.dtype)).sample)
+    with torch.enable_grad():
+        count("forward_backward", forward_backward)
+    counted["embedding"] = tuple(cond.shape[1:])
+    return counted
+
+
+def flops_report(sd, steps: int, inner_steps: int, unfused: bool = False) -> dict:
+    """The counted pieces (``count_pieces``) and what ALGORITHM.md makes of them per image and per
+    edit, without early stop: stage 1 = VAE encode + T f (inversion at guidance 1: one branch) +
+    T (2 f + K fb) (tuning: the fixed branch once per timestep, K forward-backwards, the final
+    move) + decode (the reconstruction); one edit = T 2f (both guidance branches) + decode + one
+    target prompt's text encoding. ``unfused``: also count ``fb`` with unfused (math) attention."""
+    pieces = count_pieces(sd)
+    f, fb, T, K = pieces["forward"], pieces["forward_backward"], steps, inner_steps
+    report = dict(
+        pieces,
+        family=sd.family,
+        resolution=sd.resolution,
+        steps=T,
+        inner_steps=K,
+        pooled_dim=sd.pooled_dim,
+        vae=pieces["encode"] + pieces["decode"],
+        inversion=T * f,
+        tuning=T * (2 * f + K * fb),
+        stage1=pieces["encode"] + T * f + T * (2 * f + K * fb) + pieces["decode"],
+        edit=T * 2 * f + pieces["decode"] + pieces["text"],
+    )
+    if unfused:
+        report["forward_backward_unfused"] = count_pieces(sd, fused_attention=False)["forward_backward"]
+    return report
+
+
+def flops_table(report: dict) -> str:
+    """``flops_report`` as a Markdown table (piece, TFLOP, how it is counted), and a note on
+    attention control."""
+    T, K, side = report["steps"], report["inner_steps"], report["resolution"]
+    sdxl = report["family"] == "sdxl"
+    length, width = report["embedding"]
+    fb_how = "counted; fused attention, whose backward recomputes the scores"
+    if "forward_backward_unfused" in report:
+        fb_how += f" ({report['forward_backward_unfused'] / 1e12:.4g} with unfused attention)"
+    rows = [
+        (f"one UNet forward (batch row), {side}x{side}: f", report["forward"], "counted"),
+        ("one forward + backward to the embedding: fb", report["forward_backward"], fb_how),
+        ("VAE encode: e", report["encode"], "counted"),
+        ("VAE decode: d", report["decode"], "counted"),
+        (
+            "text encoding of one prompt: p",
+            report["text"],
+            "counted" + (", both encoders" if sdxl else ""),
+        ),
+        (f"inversion, T = {T}", report["inversion"], "T x f"),
+        (f"tuning, T = {T}, K = {K}", report["tuning"], "T x (2f + K x fb)"),
+        ("**stage 1** per image, no early stop", report["stage1"], "e + T x f + T x (2f + K x fb) + d"),
+        (f"**one edit**, T = {T}", report["edit"], "T x 2f + d + p"),
+    ]
+    lines = ["| piece | TFLOP | counted as |", "| --- | --- | --- |"]
+    lines += [f"| {piece} | {flop / 1e12:.4g} | {how} |" for piece, flop, how in rows]
+    shape = f"{length - 1} x {width} + pooled {report['pooled_dim']}" if sdxl else f"{length} x {width}"
+    n = 4
+    controlled = T * 2 * report["forward"] * (n + 1) / n + report["decode"] + report["text"]
+    notes = [
+        f"One conditional embedding: {shape}.",
+        f"Under attention control an edit costs T x 2f x (n + 1) / n + d + p at n edits per image "
+        f"(the source branch beside the edits): {controlled / 1e12:.4g} TFLOP at n = {n}.",
+    ]
+    return "\n".join(lines) + "\n\n" + " ".join(notes)
+
+
+def flops_only(args) -> None:
+    """``--flops-only``: the model's architecture on the meta device, counted, printed and recorded."""
+    started = time.perf_counter()
+    report = flops_report(meta_model(args.model), args.steps, args.inner_steps, unfused=True)
+    side = report["resolution"]
+    setting = (
+        f"model `{args.model}` at {side}x{side}, T={args.steps}, K={args.inner_steps}, one image "
+        f"(batch row 1), no early stop; counted on the meta device (`torch.utils.flop_counter` on "
+        f"the real architecture, no weights, nothing computed; {time.perf_counter() - started:.0f} s)"
+    )
+    table = flops_table(report)
+    print(f"\n{setting}\n\n{table}")
+    if args.record:
+        append_record("benchmarks.engine", f"Engine FLOPs, counted: `{args.model}`", f"{setting}.\n\n{table}")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -604,7 +887,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help="tiny, sd15, or a checkpoint folder")
+    parser.add_argument("--model", default="tiny", help="tiny, sd15, sdxl, or a checkpoint folder")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs per forward and per stage on the meta device, without running (the default "
+        "for sdxl without CUDA)",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inner-steps", type=int, default=10)
@@ -643,6 +932,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.model == "sdxl" and not args.flops_only and not torch.cuda.is_available():
+        print(
+            "--model sdxl without a CUDA device: SDXL's 2.6B-parameter UNet at 1024x1024 is impractical "
+            "on a CPU, so its FLOPs are counted on the meta device instead (--flops-only)"
+        )
+        args.flops_only = True
+    if args.flops_only:
+        if args.levers is not None or args.control is not None:
+            parser.error(
+                "--flops-only counts the engine's pieces and stages: it takes no --levers or --control"
+            )
+        flops_only(args)
         return
 
     base = dict(

@@ -18,7 +18,7 @@ from skimage import data
 
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine
-from pipeline.batch.faults import ENV as FAILPOINTS_ENV
+from pipeline.faults import ENV as FAILPOINTS_ENV
 from pipeline.io.images import center_square, to_tensor
 from pipeline.engine.models import load_stable_diffusion
 from pipeline.world.tiny import build_tiny_model
@@ -93,7 +93,7 @@ def s3_server() -> str:
 
 @pytest.fixture(scope="session")
 def failpoints(tmp_path_factory) -> Path:
-    """The folder where tests arm failpoints (``pipeline.batch.faults``) for the session's cluster."""
+    """The folder where tests arm failpoints (``pipeline.faults``) for the session's cluster."""
     return tmp_path_factory.mktemp("failpoints")
 
 
@@ -111,7 +111,7 @@ def ray_cluster(failpoints):
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         os.environ[key] = value
-    os.environ[FAILPOINTS_ENV] = str(failpoints)  # armed by tests: see pipeline.batch.faults
+    os.environ[FAILPOINTS_ENV] = str(failpoints)  # armed by tests: see pipeline.faults
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster: no token to hand around
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="pti-ray-")  # short: Ray's socket paths must fit in 107 bytes

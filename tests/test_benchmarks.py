@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import edit_quality
-from benchmarks.engine import CONTROL_SOURCE, CONTROLS, run_case
+from benchmarks.engine import CONTROL_SOURCE, CONTROLS, count_pieces, flops_report, meta_model, run_case
+from pipeline.engine.models import load_stable_diffusion
+from pipeline.world.tiny import build_tiny_model
 
 T, K = 3, 2
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
@@ -134,3 +136,44 @@ def test_edit_quality_measures_attention_control_from_one_inversion(tmp_path):
     assert all(0 < r["blend_mask_fraction"] <= 1 and 0 <= r["blend_object_cover"] <= 1 for r in blended)
     edit_quality.write_markdown(result, args, tmp_path / "quality.md")
     assert "| pti | 3 | auto | on | 0.8 | 0.4 | colour | 0.8 |" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_flops_counted_on_the_meta_device_are_those_of_a_real_run(family, tiny_model_dir, tmp_path):
+    """``--flops-only`` counts shapes on the meta device; every piece it counts (UNet forward, forward
+    and backward to the embedding, VAE, text encoding) equals the count of the same work computed on
+    the CPU. Meta alone would take unfused attention, whose backward does not recompute the scores:
+    the benchmark routes it through the fused kernel, as the CPU and GPUs run it."""
+    folder = tiny_model_dir if family == "sd" else str(build_tiny_model(tmp_path / "m", family="sdxl"))
+    meta = meta_model(folder)
+    assert meta.device.type == "meta" and meta.family == family
+    counted = count_pieces(meta)
+    real = count_pieces(load_stable_diffusion(folder, device="cpu"))
+    assert counted["forward"] > 0 and counted == real
+    unfused = count_pieces(meta, fused_attention=False)
+    assert unfused["forward"] == counted["forward"]
+    assert unfused["forward_backward"] < counted["forward_backward"]
+
+
+def test_sdxl_flops_report_prices_the_stages_from_the_counted_pieces():
+    """SDXL base at 1024x1024, counted on the meta device: stage 1 and an edit by ALGORITHM.md's
+    counts, a forward of about 6.8 TFLOP, and its conditional embedding 77 x 2048 tokens + 1280 pooled."""
+    T, K = 50, 10
+    report = flops_report(meta_model("sdxl"), T, K)
+    f, fb = report["forward"], report["forward_backward"]
+    assert report["resolution"] == 1024 and report["family"] == "sdxl"
+    assert report["stage1"] == report["encode"] + T * f + T * (2 * f + K * fb) + report["decode"]
+    assert report["edit"] == T * 2 * f + report["decode"] + report["text"]
+    assert 6e12 < f < 7.5e12 and 2 * f < fb < 2.5 * f
+    assert report["embedding"] == (77 + 1, 2048) and report["pooled_dim"] == 1280
+
+
+def test_sd15_flops_report_reproduces_the_scaling_plan():
+    """docs/scaling.md's SD 1.5 figures are these counts."""
+    report = flops_report(meta_model("sd15"), 50, 10)
+    assert report["forward"] / 1e12 == pytest.approx(0.803, abs=5e-4)
+    assert report["forward_backward"] / 1e12 == pytest.approx(1.72, abs=5e-3)
+    assert report["vae"] / 1e12 == pytest.approx(3.63, abs=5e-3)
+    assert report["stage1"] / 1e15 == pytest.approx(0.985, abs=5e-4)
+    assert report["edit"] / 1e12 == pytest.approx(82.8, abs=0.1)
+    assert report["embedding"] == (77, 768) and report["pooled_dim"] is None

@@ -17,11 +17,25 @@ ALLOWED = {
     "pipeline": set(),
     "schemas": {"schemas"},
     "pipeline.errors": set(),
+    "pipeline.faults": set(),
     "pipeline.engine": {"pipeline.errors", "pipeline.engine", "schemas"},
     "pipeline.io": {"pipeline.errors", "pipeline.io", "schemas"},
     "pipeline.editing": {"pipeline.errors", "pipeline.engine", "pipeline.io"},
-    "pipeline.world": {"pipeline.errors", "pipeline.engine", "pipeline.io", "pipeline.world"},
-    "pipeline.batch": {"pipeline.errors", "pipeline.engine", "pipeline.io", "pipeline.batch", "schemas"},
+    "pipeline.world": {
+        "pipeline.errors",
+        "pipeline.faults",
+        "pipeline.engine",
+        "pipeline.io",
+        "pipeline.world",
+    },
+    "pipeline.batch": {
+        "pipeline.errors",
+        "pipeline.faults",
+        "pipeline.engine",
+        "pipeline.io",
+        "pipeline.batch",
+        "schemas",
+    },
 }
 PROJECT = ("pipeline", "schemas", "jobs", "benchmarks")
 # Third-party packages the engine must not need: it runs inside any process (a Ray actor, a GPU

@@ -1,6 +1,6 @@
 """Crashed workers, a killed job and re-runs lose nothing and duplicate nothing (issue 5).
 
-Faults are real: a failpoint (``pipeline.batch.faults``) makes a Ray worker or the driver kill itself
+Faults are real: a failpoint (``pipeline.faults``) makes a Ray worker or the driver kill itself
 with SIGKILL at a named point, and the outputs are compared with an undisturbed run's.
 """
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.batch.config import RunConfig, parse_yaml
 from pipeline.batch.output import Output
+from pipeline.io.storage import Location
 from pipeline.engine.config import EDIT_FIELDS, STORED_FIELDS
 from schemas import embeddings as emb
 from schemas import manifest as man
@@ -66,6 +67,34 @@ def check_same_settings(config: RunConfig, job: str) -> None:
                 f"output {config.output} holds a {other} job's outputs made with other settings "
                 f"({'; '.join(changed)}): write to a new output, or use the same settings to resume it"
             )
+
+
+def check_model_family(config: RunConfig) -> None:
+    """Refuse a model of another family than the one that wrote the output's stored embeddings
+    (an SD 1.x table edited with SDXL, or the reverse), before any work: the stacks have other
+    shapes and meanings. Reads one column of the embeddings and the model's UNet config."""
+    import pyarrow.dataset as pads
+
+    from pipeline.engine.models import FAMILIES, model_family
+
+    output = config.output_location
+    files = output.embeddings.parquet_files()
+    if not files:
+        return
+    fs, _ = output.embeddings.filesystem()
+    schema = pa.schema([pa.field(emb.MODEL_FAMILY, pa.string())])  # older files lack it: null, "sd"
+    column = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table().column(0)
+    stored = set(column.fill_null("sd").unique().to_pylist())
+    model = model_family(
+        config.pti.model, storage_options=Location(config.pti.model, config.endpoint_url).storage_options()
+    )
+    if stored - {model}:
+        names = " and ".join(f"{FAMILIES[f]} ({f})" for f in sorted(stored))
+        raise InputError(
+            f"the embeddings under {output.embeddings} were made by {names}, but model "
+            f"{config.pti.model!r} is {FAMILIES[model]} ({model}): their stacks cannot be edited or "
+            "added to with it; use a model of the same family, or write to a new output"
+        )
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import metrics
-from pipeline.batch.faults import failpoint
+from pipeline.faults import failpoint
 from pipeline.batch.output import Output
 from pipeline.batch.resume import edit_key
 from pipeline.batch.rows import conform, good_rows, table_of, worker_id
@@ -212,11 +212,12 @@ class TuneStage:
     def schema(self) -> pa.Schema:
         cfg, sd = self.engine.config, self.engine.sd
         h = self.engine.resolution // sd.vae_scale_factor
-        text = sd.text_encoder.config
+        tokens, width = sd.embedding_shape
         base = emb.embeddings_schema(
             (sd.unet.config.in_channels, h, h),
-            (cfg.steps, text.max_position_embeddings, text.hidden_size),
+            (cfg.steps, tokens - (sd.family == "sdxl"), width),  # as stored: SDXL's pooled row apart
             cfg.embedding_dtype,
+            sd.pooled_dim,
         )
         extra = [*CARRIED, pa.field(res.TUNE_WORKER, pa.string())]
         return pa.schema([*(f.with_nullable(True) for f in base), *extra, *err.ERROR_FIELDS])
@@ -287,7 +288,7 @@ def write_embeddings(table: pa.Table, *, folder: Location) -> pa.Table:
     batch overwrites its own file instead of adding a copy."""
     ok = good_rows(table)
     if ok.any():
-        stored = table.filter(pa.array(ok)).select(list(emb.EMBEDDINGS_COLUMNS))
+        stored = table.filter(pa.array(ok)).select(emb.present(table.column_names))
         name = hashlib.sha256("\n".join(sorted(stored.column(emb.ID).to_pylist())).encode()).hexdigest()[:20]
         buffer = io.BytesIO()
         pq.write_table(stored, buffer)
@@ -299,8 +300,10 @@ def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
     """Give stored stage-1 rows the targets to edit toward; ids without targets are dropped."""
     ids = table.column(emb.ID).to_pylist()
     table = table.filter(pa.array([i in targets for i in ids], pa.bool_())).select(
-        list(emb.EMBEDDINGS_COLUMNS)
+        emb.present(table.column_names)
     )
+    if emb.MODEL_FAMILY not in table.column_names:  # written before SDXL support: SD 1.x/2.x
+        table = table.append_column(pa.field(emb.MODEL_FAMILY, pa.string()), pa.array(["sd"] * len(table)))
     ids = table.column(emb.ID).to_pylist()
     for f in CARRIED:
         table = table.append_column(f, pa.array([targets[i][f.name] for i in ids], f.type))
@@ -384,7 +387,7 @@ class EditStage:
         if not len(good):
             return table_of(out, EDITED_SCHEMA)
         inversion = inversion_from_arrow(good)
-        meta = good.drop_columns([emb.Z_T, emb.PROMPT_EMBEDDINGS, emb.UNCOND_EMBEDDINGS]).to_pylist()
+        meta = good.drop_columns([c for c in emb.TENSOR_COLUMNS if c in good.column_names]).to_pylist()
         fan, refused = self._fan_out(meta)
         out += [{**e, res.EDIT_WORKER: worker} for e in refused]
 

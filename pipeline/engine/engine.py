@@ -24,7 +24,7 @@ from pipeline.engine.models import (
     computing_in_float32,
     load_stable_diffusion,
 )
-from pipeline.engine.text import encode_prompts
+from pipeline.engine.text import encode_prompts, null_embedding
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Engine:
         self.eps = NoisePredictor(sd)
         self.schedule = algorithm.ddim_schedule(sd.scheduler, config.steps)
         self.resolution = config.resolution or sd.resolution
-        self.null = encode_prompts(sd, [""])  # [1, L, D]
+        self.null = null_embedding(sd)  # [1, L, D]
         self.fingerprint = config.stage_one_fingerprint(sd.fingerprint)
 
     @classmethod

@@ -1,8 +1,17 @@
 """Stable Diffusion components: loading a checkpoint from anywhere, and the UNet as ``eps``.
 
 A checkpoint is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``,
-``text_encoder/``, ``tokenizer/``, ``scheduler/``) with safetensors weights; pickled weights are
-never loaded. It can be a local folder, an fsspec URI (copied once into a local cache) or a hub id.
+``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and
+``tokenizer_2/``) with safetensors weights; pickled weights are never loaded. It can be a local
+folder, an fsspec URI (copied once into a local cache) or a hub id.
+
+Two families: ``sd`` (SD 1.x/2.x: one CLIP text encoder) and ``sdxl`` (two text encoders and the
+UNet's ``text_time`` added conditioning). SDXL's conditional embedding is a pair, token embeddings
+``[L, D]`` and a pooled embedding ``[P]``; everywhere inside the engine it travels as one tensor
+``[L + 1, D]`` whose last row holds the pooled embedding, zero-padded (``join_pooled``). Every step
+of the algorithm is row-wise or linear (guidance, interpolation, Adam), so the pair is tuned
+jointly and interpolated with the same ``eta`` by the SD 1.x code unchanged, and the padding stays
+exactly zero (its gradient is zero); the UNet call splits the pair again (``split_pooled``).
 """
 
 from __future__ import annotations
@@ -27,6 +36,30 @@ from pipeline.errors import ModelError
 log = logging.getLogger(__name__)
 
 WEIGHTED = ("unet", "vae", "text_encoder")
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+
+
+def family_of(unet_config: dict) -> str:
+    """``sdxl`` for a UNet with SDXL's added text-and-time conditioning, else ``sd``."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def weighted_parts(family: str) -> tuple[str, ...]:
+    return (*WEIGHTED, "text_encoder_2") if family == "sdxl" else WEIGHTED
+
+
+def join_pooled(tokens: Tensor, pooled: Tensor) -> Tensor:
+    """SDXL's pair as one tensor: ``tokens [..., L, D]`` and ``pooled [..., P]`` (``P <= D``) to
+    ``[..., L + 1, D]``, the pooled embedding zero-padded in the last row."""
+    row = torch.nn.functional.pad(pooled, (0, tokens.shape[-1] - pooled.shape[-1]))
+    return torch.cat([tokens, row.unsqueeze(-2).to(tokens)], dim=-2)
+
+
+def split_pooled(emb: Tensor, pooled_dim: int) -> tuple[Tensor, Tensor]:
+    """The inverse of ``join_pooled``: ``(tokens [..., L, D], pooled [..., P])``."""
+    return emb[..., :-1, :], emb[..., -1, :pooled_dim]
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -55,29 +88,42 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_checkpoint(folder: Path, ref: str) -> None:
-    """Refuse a folder that is not a diffusers Stable Diffusion checkpoint with safetensors."""
+def check_checkpoint(folder: Path, ref: str) -> str:
+    """The family of a diffusers Stable Diffusion checkpoint with safetensors; anything else is
+    refused, naming what is missing."""
+    unet = folder / "unet" / "config.json"
+    family = family_of(json.loads(unet.read_text())) if unet.is_file() else "sd"
+    weighted = weighted_parts(family)
     missing = [
         name
-        for name in ("model_index.json", *(f"{c}/config.json" for c in WEIGHTED))
+        for name in ("model_index.json", *(f"{c}/config.json" for c in weighted))
         if not (folder / name).is_file()
     ]
-    missing += [c + "/" for c in ("tokenizer", "scheduler") if not (folder / c).is_dir()]
+    tokenizers = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+    missing += [c + "/" for c in (*tokenizers, "scheduler") if not (folder / c).is_dir()]
     if missing:
         raise ModelError(
             f"{ref!r} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)}"
         )
-    unsafe = [c for c in WEIGHTED if not any((folder / c).glob("*.safetensors"))]
+    unsafe = [c for c in weighted if not any((folder / c).glob("*.safetensors"))]
     if unsafe:
         raise ModelError(
             f"{ref!r} has no safetensors weights for {', '.join(unsafe)}; pickled weights are "
             "never loaded (convert them with diffusers' save_pretrained(safe_serialization=True))"
         )
+    return family
 
 
 # The files a diffusers load of a Stable Diffusion checkpoint needs, for the hub and object stores
 # alike: no pickled or single-file checkpoints, fp16 or non-EMA variants, nor the safety checker.
-CHECKPOINT_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*"]
+CHECKPOINT_FILES = [
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "scheduler/*",
+]
 NOT_CHECKPOINT_FILES = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*non_ema*", "*.fp16.*", "safety_checker/*"]
 
 
@@ -169,7 +215,8 @@ def computing_in_float32(sd: "StableDiffusion"):
     exactly; what overflows in half precision is the activations, which then stay in float32."""
     tensors = [
         t
-        for module in (sd.unet, sd.vae, sd.text_encoder)
+        for module in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2)
+        if module is not None
         for t in chain(module.parameters(), module.buffers())
         if t.is_floating_point()
     ]
@@ -194,6 +241,11 @@ def model_resolution(ref: str, cache_dir: Path | None = None, storage_options: d
     read or downloaded (the driver calls this; only the actors load models)."""
     unet, vae = (read_model_config(ref, name, cache_dir, storage_options) for name in ("unet", "vae"))
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def model_family(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> str:
+    """A checkpoint's family (``FAMILIES``), from its UNet's config alone (for the driver)."""
+    return family_of(read_model_config(ref, "unet", cache_dir, storage_options))
 
 
 def read_model_config(
@@ -246,8 +298,9 @@ def fingerprint_files(folder: Path) -> str:
 @dataclass
 class StableDiffusion:
     """The separate components of one checkpoint, on one device, in inference mode. ``dtype`` is
-    the UNet's and the text encoder's; the VAE's is ``vae.dtype`` (float32 where its config says
-    ``force_upcast``: see ``vae_dtype``)."""
+    the UNet's and the text encoders'; the VAE's is ``vae.dtype`` (float32 where its config says
+    ``force_upcast``: see ``vae_dtype``). SDXL has a second text encoder and tokenizer, and may ask
+    for zeros as the empty prompt's embedding (``force_zeros_for_empty_prompt``)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -258,6 +311,32 @@ class StableDiffusion:
     dtype: torch.dtype
     ref: str
     fingerprint: str
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def family(self) -> str:
+        return "sd" if self.text_encoder_2 is None else "sdxl"
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """SDXL's pooled embedding width (the second encoder's projection), else None."""
+        return None if self.text_encoder_2 is None else int(self.text_encoder_2.config.projection_dim)
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        """``(L, D)`` of one conditional embedding as the engine carries it (SDXL: ``L`` counts
+        the pooled row)."""
+        tokens = int(self.text_encoder.config.max_position_embeddings)
+        return tokens + (self.family == "sdxl"), int(self.unet.config.cross_attention_dim)
+
+    def add_time_ids(self, batch: int) -> Tensor:
+        """SDXL's size and crop conditioning: original = target = the model's resolution, crop
+        (0, 0), as ``StableDiffusionXLPipeline`` at its default size; ``[batch, 6]``."""
+        side = self.resolution
+        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.dtype, device=self.device)
+        return ids.expand(batch, -1)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -276,14 +355,15 @@ def load_stable_diffusion(
     cache_dir: Path | None = None,
     storage_options: dict | None = None,
 ) -> StableDiffusion:
-    """Load a Stable Diffusion 1.x/2.x checkpoint from a folder, an fsspec URI or a hub id."""
+    """Load a Stable Diffusion 1.x/2.x or SDXL checkpoint from a folder, an fsspec URI or a hub id."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = fetch_checkpoint(ref, cache_dir, storage_options)
-    check_checkpoint(folder, ref)
+    family = check_checkpoint(folder, ref)
+    second = {}
     try:
         kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
@@ -293,10 +373,23 @@ def load_stable_diffusion(
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        if family == "sdxl":
+            second = dict(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", **kwargs
+                ),
+                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+                force_zeros_for_empty_prompt=bool(
+                    json.loads((folder / "model_index.json").read_text()).get("force_zeros_for_empty_prompt")
+                ),
+            )
     except Exception as exc:
         raise ModelError(f"cannot load model {ref!r} from {folder}: {type(exc).__name__}: {exc}") from exc
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval().to(torch_device)
+    for module in (unet, vae, text_encoder, second.get("text_encoder_2")):
+        if module is not None:
+            module.requires_grad_(False).eval().to(torch_device)
+    if family == "sdxl" and second["text_encoder_2"].config.projection_dim > unet.config.cross_attention_dim:
+        raise ModelError(f"model {ref!r}: its pooled embedding is wider than its token embeddings")
     return StableDiffusion(
         unet,
         vae,
@@ -307,6 +400,7 @@ def load_stable_diffusion(
         torch_dtype,
         ref,
         fingerprint_files(folder),
+        **second,
     )
 
 
@@ -321,6 +415,7 @@ class NoisePredictor:
 
     def __init__(self, sd: StableDiffusion):
         self.unet, self.dtype = sd.unet, sd.dtype
+        self.sd, self.pooled_dim = sd, sd.pooled_dim
         self.prediction_type = sd.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ModelError(f"prediction_type {self.prediction_type!r} is not supported")
@@ -330,7 +425,14 @@ class NoisePredictor:
     def __call__(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
         self.calls += 1
         self.evaluations += len(z)
-        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.to(z.dtype)
+        added = {}  # SD 1.x: none, so a wrapped UNet (benchmarks' compiled or graphed) takes the call
+        if self.pooled_dim is not None:  # SDXL: the pair travels as one tensor (see join_pooled)
+            emb, pooled = split_pooled(emb, self.pooled_dim)
+            time_ids = self.sd.add_time_ids(len(z))
+            added = {"added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}}
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype), **added).sample.to(
+            z.dtype
+        )
         if self.prediction_type == "v_prediction":
             a = float(self.alphas_cumprod[t])
             out = a**0.5 * out + (1 - a) ** 0.5 * z

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
+from pipeline.engine.models import join_pooled, split_pooled
 from schemas import embeddings as col
 
 
@@ -26,20 +27,24 @@ def inversion_to_arrow(
     """One row per image of a stage-1 batch, with the config and model that made it."""
     cfg: PTIConfig = engine.config
     n = len(inversion)
+    family, pooled_dim = engine.sd.family, engine.sd.pooled_dim
+    cond, uncond, pooled = inversion.cond, inversion.uncond, {}
+    if pooled_dim is not None:  # SDXL: the pooled rows in their own columns (models.join_pooled)
+        cond, pooled_cond = split_pooled(cond, pooled_dim)
+        pooled[col.POOLED_PROMPT_EMBEDDINGS] = pooled_cond
+        if uncond is not None:
+            uncond, pooled[col.POOLED_UNCOND_EMBEDDINGS] = split_pooled(uncond, pooled_dim)
     schema = col.embeddings_schema(
-        tuple(inversion.z_T.shape[1:]), tuple(inversion.cond.shape[1:]), cfg.embedding_dtype
+        tuple(inversion.z_T.shape[1:]), tuple(cond.shape[1:]), cfg.embedding_dtype, pooled_dim
     )
-    stack_type = schema.field(col.PROMPT_EMBEDDINGS).type
     np_dtype = np.dtype(cfg.embedding_dtype)
 
-    def stack(t: torch.Tensor) -> pa.ExtensionArray:
-        return _tensor_column(t.detach().float().cpu().numpy().astype(np_dtype), stack_type)
+    def stack(t: torch.Tensor | None, name: str) -> pa.ExtensionArray:
+        type_ = schema.field(name).type
+        if t is None:
+            return pa.ExtensionArray.from_storage(type_, pa.nulls(n, type_.storage_type))
+        return _tensor_column(t.detach().float().cpu().numpy().astype(np_dtype), type_)
 
-    uncond = (
-        pa.ExtensionArray.from_storage(stack_type, pa.nulls(n, stack_type.storage_type))
-        if inversion.uncond is None
-        else stack(inversion.uncond)
-    )
     per_image = sum(inversion.seconds.values()) / max(n, 1)
 
     def optional(t: torch.Tensor | None) -> list:
@@ -51,13 +56,15 @@ def inversion_to_arrow(
         col.METHOD: [cfg.method] * n,
         col.GUIDANCE: [cfg.guidance] * n,
         col.Z_T: _tensor_column(inversion.z_T.float().cpu().numpy(), schema.field(col.Z_T).type),
-        col.PROMPT_EMBEDDINGS: stack(inversion.cond),
-        col.UNCOND_EMBEDDINGS: uncond,
+        col.PROMPT_EMBEDDINGS: stack(cond, col.PROMPT_EMBEDDINGS),
+        col.UNCOND_EMBEDDINGS: stack(uncond, col.UNCOND_EMBEDDINGS),
+        **{name: stack(pooled.get(name), name) for name in col.SDXL_ONLY if pooled_dim is not None},
         col.TIMESTEPS: [list(reversed(engine.schedule.timesteps[1:]))] * n,
         col.RECONSTRUCTION_PSNR: optional(inversion.psnr),
         col.RECONSTRUCTION_SSIM: optional(inversion.ssim),
         col.TUNING_LOSS: optional(inversion.final_loss),
         col.MODEL: [cfg.model] * n,
+        col.MODEL_FAMILY: [family] * n,
         col.MODEL_FINGERPRINT: [engine.sd.fingerprint] * n,
         col.CONFIG_FINGERPRINT: [engine.fingerprint] * n,
         col.CONFIG: [json.dumps(cfg.to_dict(), sort_keys=True)] * n,
@@ -71,14 +78,23 @@ def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def inversion_from_arrow(table: pa.Table) -> Inversion:
-    """The part of stage 1 that editing needs (``z_T`` and the embedding stacks), as float32."""
-    uncond = table.column(col.UNCOND_EMBEDDINGS)
+    """The part of stage 1 that editing needs (``z_T`` and the embedding stacks), as float32;
+    an SDXL table's pooled stacks joined back to their token stacks (``models.join_pooled``)."""
+    sdxl = col.family(table) == "sdxl"
+
+    def stack(name: str, pooled: str) -> torch.Tensor | None:
+        column = table.column(name)
+        if column.null_count == len(column):
+            return None
+        tokens = torch.from_numpy(_to_numpy(column).astype(np.float32))
+        if not sdxl:
+            return tokens
+        return join_pooled(tokens, torch.from_numpy(_to_numpy(table.column(pooled)).astype(np.float32)))
+
     return Inversion(
         z_T=torch.from_numpy(_to_numpy(table.column(col.Z_T)).astype(np.float32)),
-        cond=torch.from_numpy(_to_numpy(table.column(col.PROMPT_EMBEDDINGS)).astype(np.float32)),
-        uncond=None
-        if uncond.null_count == len(uncond)
-        else torch.from_numpy(_to_numpy(uncond).astype(np.float32)),
+        cond=stack(col.PROMPT_EMBEDDINGS, col.POOLED_PROMPT_EMBEDDINGS),
+        uncond=stack(col.UNCOND_EMBEDDINGS, col.POOLED_UNCOND_EMBEDDINGS),
     )
 
 

@@ -1,4 +1,9 @@
-"""Prompts to CLIP embeddings: ``psi(text)`` of ALGORITHM.md, the encoder's last hidden state."""
+"""Prompts to CLIP embeddings: ``psi(text)`` of ALGORITHM.md.
+
+SD 1.x/2.x: the text encoder's last hidden state. SDXL (``StableDiffusionXLPipeline.encode_prompt``):
+the penultimate hidden states of both encoders side by side, and the second encoder's projected
+pooled embedding, joined as one tensor (``models.join_pooled``).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,26 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pipeline.engine.models import StableDiffusion
+from pipeline.engine.models import StableDiffusion, join_pooled
 
 log = logging.getLogger(__name__)
 
 
-def tokenize(sd: StableDiffusion, prompts: Sequence[str]) -> Tensor:
+def tokenize(sd: StableDiffusion, prompts: Sequence[str], tokenizer=None) -> Tensor:
     """Token ids padded to the encoder's context (77 for CLIP); longer prompts are truncated with
-    a warning that names them."""
+    a warning that names them. ``tokenizer`` is the model's first unless given (SDXL's second)."""
+    tokenizer = tokenizer or sd.tokenizer
     length = sd.text_encoder.config.max_position_embeddings
-    full = sd.tokenizer(list(prompts), truncation=False).input_ids
+    full = tokenizer(list(prompts), truncation=False).input_ids
     for prompt, ids in zip(prompts, full):
-        if len(ids) > length:
+        if len(ids) > length and tokenizer is sd.tokenizer:  # warned once, not per tokenizer
             log.warning(
                 "prompt is %d tokens, longer than the text encoder's %d: truncated: %r",
                 len(ids),
                 length,
                 prompt,
             )
-    batch = sd.tokenizer(
+    batch = tokenizer(
         list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     )
     return batch.input_ids
@@ -34,6 +40,19 @@ def tokenize(sd: StableDiffusion, prompts: Sequence[str]) -> Tensor:
 
 @torch.no_grad()
 def encode_prompts(sd: StableDiffusion, prompts: Sequence[str]) -> Tensor:
-    """``psi(p)`` for each prompt, ``[N, 77, D]`` in float32."""
+    """``psi(p)`` for each prompt in float32: ``[N, 77, D]``; SDXL ``[N, 78, D]`` (the pooled row last)."""
     ids = tokenize(sd, prompts).to(sd.device)
-    return sd.text_encoder(ids)[0].float()
+    if sd.family == "sd":
+        return sd.text_encoder(ids)[0].float()
+    first = sd.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    ids_2 = tokenize(sd, prompts, sd.tokenizer_2).to(sd.device)
+    second = sd.text_encoder_2(ids_2, output_hidden_states=True)
+    tokens = torch.cat([first, second.hidden_states[-2]], dim=-1)
+    return join_pooled(tokens.float(), second.text_embeds.float())
+
+
+def null_embedding(sd: StableDiffusion) -> Tensor:
+    """The unconditional embedding ``[1, L, D]``: ``psi("")``, or zeros where an SDXL model's
+    ``force_zeros_for_empty_prompt`` says so (as its pipeline does for an empty negative prompt)."""
+    empty = encode_prompts(sd, [""])
+    return torch.zeros_like(empty) if sd.force_zeros_for_empty_prompt else empty

@@ -113,43 +113,118 @@ def save_checkpoint(
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
-    """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
-    layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
-    text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+# What the tiny SD and SDXL UNets share: 8x8 latents (64 px images), two levels.
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    norm_num_groups=32,
+)
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    tokenizer, text_encoder = tiny_text_model(TINY_WORDS, hidden_size)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        norm_num_groups=32,
-        cross_attention_dim=hidden_size,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
+
+def _tiny_vae(sample_size: int = 64):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        sample_size=64,
+        sample_size=sample_size,
         layers_per_block=1,
         block_out_channels=(16, 16, 32, 32),
         norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
+
+
+def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32, family: str = "sd") -> Path:
+    """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
+    layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
+    text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents. ``family="sdxl"``
+    builds SDXL's architecture instead (``build_tiny_sdxl``)."""
+    from diffusers import UNet2DConditionModel
+
+    if family == "sdxl":
+        return build_tiny_sdxl(folder, seed, hidden_size)
+    if family != "sd":
+        raise ValueError(f"family {family!r} is not one of sd, sdxl")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = tiny_text_model(TINY_WORDS, hidden_size)
+    unet = UNet2DConditionModel(
+        **TINY_UNET,
+        cross_attention_dim=hidden_size,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = _tiny_vae()
     vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
     save_checkpoint(folder, vae, text_encoder, tokenizer, unet)
     (folder / "README.md").write_text(
         f"Tiny Stable Diffusion with seeded random weights (seed {seed}), built by "
         "`pti build-tiny-model`. Its edits are noise: it proves mechanics, not quality.\n"
+    )
+    return folder
+
+
+def build_tiny_sdxl(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A seeded random-weight SDXL of the real architecture, tiny: two CLIP text encoders (the
+    second with a projection: the pooled embedding) sharing one tokenizer's vocabulary, a UNet with
+    SDXL's ``text_time`` added conditioning, linear attention projections and no attention at the
+    finest level, SDXL's scheduler config (Euler, leading spacing) and ``force_zeros_for_empty_prompt``.
+    64x64 images, 8x8 latents; token embeddings ``2 * hidden_size`` wide, pooled ``hidden_size``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = tiny_text_model(TINY_WORDS, hidden_size)
+    config = text_encoder.config
+    text_encoder_2 = CLIPTextModelWithProjection(
+        type(config)(**{**config.to_dict(), "projection_dim": hidden_size})
+    )
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        **TINY_UNET,
+        cross_attention_dim=2 * hidden_size,  # both encoders' hidden states side by side
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_size,  # time ids + pooled
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = _tiny_vae()
+    vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
+    scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler config
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    # SDXL base's scheduler_config.json also carries DDIM's keys (it was written from a DDIM
+    # config): a DDIMScheduler made from it must not clip x0, as it would by its own default.
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, sample_max_value=1.0)
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    ).save_pretrained(folder, safe_serialization=True)
+    (folder / "README.md").write_text(
+        f"Tiny Stable Diffusion XL with seeded random weights (seed {seed}), built by "
+        "`pti build-tiny-model --family sdxl`. Its edits are noise: it proves mechanics, not quality.\n"
     )
     return folder
 

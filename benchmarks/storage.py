@@ -1,0 +1,116 @@
+"""Stored bytes per image of stage 1's embeddings table, per model family, measured by writing it.
+
+    python -m benchmarks.storage                  # T = 50, float16 stacks (the defaults)
+    python -m benchmarks.storage --steps 25 --embedding-dtype float32
+
+Each family's table is written as the pipeline writes it (``schemas.embeddings`` columns,
+``pyarrow.parquet.write_table`` defaults) with its real shapes: SD 1.5 ``[T, 77, 768]`` and
+``z_T [4, 64, 64]``; SD 2.1 ``[T, 77, 1024]``, ``[4, 96, 96]``; SDXL ``[T, 77, 2048]`` plus the
+pooled ``[T, 1280]``, ``[4, 128, 128]``. The values are drawn from a normal distribution with the
+spread of CLIP embeddings: float16 mantissas of tuned embeddings are as incompressible, so the
+bytes are those of real runs to within the small metadata columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import append_record, markdown_table
+
+FAMILIES = {  # name: (stack [L, D], pooled width or None, latent side)
+    "SD 1.5 (512 px)": ((77, 768), None, 64),
+    "SD 2.1 (768 px)": ((77, 1024), None, 96),
+    "SDXL (1024 px)": ((77, 2048), 1280, 128),
+}
+
+
+def stored_table(rows: int, steps: int, stack, pooled: int | None, side: int, dtype: str) -> pa.Table:
+    from pipeline.engine.stored import _tensor_column
+    from schemas import embeddings as col
+
+    rng = np.random.default_rng(0)
+    schema = col.embeddings_schema((4, side, side), (steps, *stack), dtype, pooled)
+    np_dtype = np.dtype(dtype)
+
+    def tensor(name: str, shape) -> pa.ExtensionArray:
+        values = rng.normal(0, 1, (rows, *shape)).astype(np.float32)
+        return _tensor_column(values.astype(np_dtype) if name != col.Z_T else values, schema.field(name).type)
+
+    columns = {
+        col.ID: [f"image-{i:06d}" for i in range(rows)],
+        col.SOURCE_PROMPT: ["a photo of a cat sitting on a sofa"] * rows,
+        col.METHOD: ["pti"] * rows,
+        col.GUIDANCE: [7.5] * rows,
+        col.Z_T: tensor(col.Z_T, (4, side, side)),
+        col.PROMPT_EMBEDDINGS: tensor(col.PROMPT_EMBEDDINGS, (steps, *stack)),
+        col.UNCOND_EMBEDDINGS: pa.ExtensionArray.from_storage(
+            schema.field(col.UNCOND_EMBEDDINGS).type,
+            pa.nulls(rows, schema.field(col.UNCOND_EMBEDDINGS).type.storage_type),
+        ),
+        col.TIMESTEPS: [list(range(steps))] * rows,
+        col.RECONSTRUCTION_PSNR: [30.0] * rows,
+        col.RECONSTRUCTION_SSIM: [0.9] * rows,
+        col.TUNING_LOSS: [[1e-4] * steps] * rows,
+        col.MODEL: ["model"] * rows,
+        col.MODEL_FAMILY: ["sdxl" if pooled else "sd"] * rows,
+        col.MODEL_FINGERPRINT: ["0" * 16] * rows,
+        col.CONFIG_FINGERPRINT: ["0" * 16] * rows,
+        col.CONFIG: ["{}"] * rows,
+        col.SECONDS: [1.0] * rows,
+    }
+    if pooled:
+        columns[col.POOLED_PROMPT_EMBEDDINGS] = tensor(col.POOLED_PROMPT_EMBEDDINGS, (steps, pooled))
+        type_ = schema.field(col.POOLED_UNCOND_EMBEDDINGS).type
+        columns[col.POOLED_UNCOND_EMBEDDINGS] = pa.ExtensionArray.from_storage(
+            type_, pa.nulls(rows, type_.storage_type)
+        )
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def bytes_per_image(table: pa.Table) -> float:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return len(buffer.getvalue()) / len(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--embedding-dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--rows", type=int, default=8, help="images per written table (a tuning batch)")
+    parser.add_argument("--no-record", dest="record", action="store_false")
+    args = parser.parse_args(argv)
+    rows = []
+    for name, (stack, pooled, side) in FAMILIES.items():
+        table = stored_table(args.rows, args.steps, stack, pooled, side, args.embedding_dtype)
+        rows.append({"family": name, "mb": bytes_per_image(table) / 1e6})
+    for row in rows:
+        row["ratio"] = f"x{row['mb'] / rows[0]['mb']:.2f}"
+        row["tb_per_night"] = row["mb"]  # 1M images: MB per image = TB per night
+    table = markdown_table(
+        rows,
+        {
+            "family": "model",
+            "mb": "stored MB per image",
+            "ratio": "against SD 1.5",
+            "tb_per_night": "TB per 1M images",
+        },
+    )
+    setting = (
+        f"T={args.steps}, {args.embedding_dtype} stacks, {args.rows} images per Parquet file, "
+        "pyarrow's default compression"
+    )
+    print(f"\n{setting}\n\n{table}")
+    if args.record:
+        append_record("benchmarks.storage", "Stored embeddings per image", f"{setting}.\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
