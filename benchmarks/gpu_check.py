@@ -18,6 +18,9 @@ stopped and says so, and the parts after it still run. OUTDIR's tables are rewri
   GPU) against the engine alone (``benchmarks.pipeline``). Without Ray it is skipped, saying so.
 - ``levers``: the baseline and channels-last at batch 8 in bfloat16; ``cuda_graphs`` and ``compile``
   (its compile time: its warm-up's time over the baseline's), each in its own process (CUDA only).
+- ``train``: the sharp world model (``jobs.train_tiny --recipe sharp-sd``) trained in bfloat16 on
+  the GPU for what is left of its budget: steps per second of each phase, and the model itself in
+  ``OUTDIR/sharp-sd`` when it finishes (issue 17: one GPU visit can also train it).
 
 Writes ``gpu_check.md`` (the tables), ``gpu_check.json`` (every number) and ``rows.jsonl`` (each case
 as it finishes) to OUTDIR; ``gpu_check.sh`` adds ``gpu_check.log``. Neither this module nor the
@@ -79,7 +82,10 @@ PROFILES = {
             gpus_per_actor=0.5,  # both actor pools on the one GPU
         ),
         "levers": dict(batch=8, dtype="bfloat16"),
-        "budgets": dict(sweep=140, numerics=50, pipeline=100, levers=60, cuda_graphs=40, compile=150),
+        "train": dict(recipe="sharp-sd", dtype="bfloat16", changes={}),
+        "budgets": dict(
+            sweep=140, numerics=50, pipeline=100, levers=60, cuda_graphs=40, train=150, compile=150
+        ),
     },
     "tiny": {
         "device": "cpu",
@@ -118,8 +124,23 @@ PROFILES = {
             gpus_per_actor=0.0,
         ),
         "levers": dict(batch=2, dtype="float32"),
+        "train": dict(
+            recipe="sharp-sd",
+            dtype="float32",
+            changes=dict(
+                resolution=64,
+                scenes=32,
+                vae_steps=4,
+                vae_batch=4,
+                unet_steps=4,
+                unet_batch=4,
+                checkpoint_every=2,
+            ),
+        ),
         # About a minute in all on 2 idle cores; the budgets allow for cores shared with other work.
-        "budgets": dict(sweep=240, numerics=180, pipeline=300, levers=240, cuda_graphs=60, compile=60),
+        "budgets": dict(
+            sweep=240, numerics=180, pipeline=300, levers=240, cuda_graphs=60, train=120, compile=60
+        ),
     },
 }
 PART_LEVERS = {
@@ -127,7 +148,7 @@ PART_LEVERS = {
     "cuda_graphs": ["cuda_graphs"],
     "compile": ["compile"],
 }
-ORDER = ("sweep", "numerics", "pipeline", "levers", "cuda_graphs", "compile")
+ORDER = ("sweep", "numerics", "pipeline", "levers", "cuda_graphs", "train", "compile")
 CUDA_PARTS = {"cuda_graphs", "compile"}
 MIN_PART_S = 10  # a part given less than this is not started
 
@@ -413,15 +434,57 @@ def pipeline_part(settings: dict, emit, deadline: float) -> None:
     emit({"kind": "pipeline", **measured})
 
 
+def train_part(settings: dict, emit, deadline: float) -> None:
+    """The sharp world model's training until 20 s before the deadline (then it stops at its next
+    checkpoint): how far it got and how fast; the model goes to ``OUTDIR/<recipe>`` if it finished.
+    Its checkpoints stay out of OUTDIR (tens of MB that a device call need not bring back)."""
+    import tempfile
+
+    import torch
+
+    from pipeline.world.training import RECIPES, Stopped, train_world_model
+
+    train = settings["train"]
+    config = RECIPES[train["recipe"]].replace(
+        device=settings["device"], dtype=train["dtype"], **train["changes"]
+    )
+    if settings.get("threads"):
+        config = config.replace(threads=settings["threads"])
+    checkpoints = Path(tempfile.mkdtemp(prefix="pti-train-"))
+    model = emit.path.parent / train["recipe"]
+    try:
+        train_world_model(model, config, False, checkpoints, max_seconds=max(left(deadline) - 20, 0))
+        done = True
+    except Stopped:
+        done = False
+    state = torch.load(checkpoints / "state.pt", map_location="cpu", weights_only=False)
+    row = {"kind": "train", "recipe": train["recipe"], "dtype": config.dtype, "done": done}
+    for phase in ("vae", "unet"):
+        saved = state.get(phase, {})
+        steps, seconds = len(saved.get("losses", [])), saved.get("seconds", 0.0)
+        row |= {
+            f"{phase}_steps": f"{steps}/{getattr(config, f'{phase}_steps')}",
+            f"{phase}_steps_per_s": steps / seconds if seconds else None,
+            f"{phase}_loss": float(sum(saved["losses"][-50:]) / len(saved["losses"][-50:]))
+            if steps
+            else None,
+        }
+    emit({**row, "seconds": state["seconds"], "model": str(model) if done else None})
+
+
 def run_child(part: str, settings: dict, rows_path: Path, deadline: float) -> None:
     emit = Rows(rows_path, part)
     try:
         if part in PART_LEVERS:
             levers_part(settings, emit, deadline, PART_LEVERS[part])
         else:
-            {"sweep": sweep_part, "numerics": numerics_part, "pipeline": pipeline_part}[part](
-                settings, emit, deadline
-            )
+            parts = {
+                "sweep": sweep_part,
+                "numerics": numerics_part,
+                "pipeline": pipeline_part,
+                "train": train_part,
+            }
+            parts[part](settings, emit, deadline)
     except BaseException as exc:
         emit({"kind": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
         raise
@@ -721,6 +784,36 @@ def pipeline_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), measured or {}
 
 
+TRAIN_COLUMNS = {
+    "recipe": "recipe",
+    "dtype": "dtype",
+    "done": "finished",
+    "vae_steps": "VAE steps",
+    "vae_steps_per_s": "VAE steps/s",
+    "vae_loss": "VAE MSE (last 50)",
+    "unet_steps": "UNet steps",
+    "unet_steps_per_s": "UNet steps/s",
+    "unet_loss": "UNet loss (last 50)",
+    "seconds": "s",
+}
+
+
+def train_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
+    from benchmarks.common import markdown_table
+
+    table = by_kind(rows, "train", "train")
+    lines = [
+        "## Training the sharp world model",
+        "",
+        "`jobs.train_tiny` on this device for what was left of the part's budget (issue 17); a "
+        "finished model is in `OUTDIR/sharp-sd`.",
+        "",
+        markdown_table(table, TRAIN_COLUMNS) if table else "The training did not report.",
+        *notes(report, rows, "train"),
+    ]
+    return "\n".join(lines), {"rows": table}
+
+
 def parts_section(report: dict) -> str:
     from benchmarks.common import markdown_table
 
@@ -738,6 +831,7 @@ def write_report(out: Path, report: dict, rows: list[dict]) -> None:
         ("levers", lambda: levers_section(report, rows)),
         ("numerics", lambda: numerics_section(report, rows)),
         ("pipeline", lambda: pipeline_section(report, rows)),
+        ("train", lambda: train_section(report, rows)),
     ):
         text, tables[name] = build()
         sections.append(text.rstrip())

@@ -48,15 +48,31 @@ def rows_of(check: dict, part: str, kind: str) -> list[dict]:
 
 def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
     parts = check["report"]["parts"]
-    assert {
-        name: parts[name]["status"] for name in ("sweep", "numerics", "pipeline", "levers")
-    } == dict.fromkeys(("sweep", "numerics", "pipeline", "levers"), "done")
+    ran = ("sweep", "numerics", "pipeline", "levers", "train")
+    assert {name: parts[name]["status"] for name in ran} == dict.fromkeys(ran, "done")
     assert parts["cuda_graphs"] == parts["compile"] == {"status": "skipped", "reason": "CUDA only"}
-    for heading in ("Stage 1 and stage 2 by dtype and batch", "Levers", "Numerics", "Pipeline", "Parts"):
+    headings = ("Stage 1 and stage 2 by dtype and batch", "Levers", "Numerics", "Pipeline", "Training")
+    for heading in (*headings, "Parts"):
         assert f"\n## {heading}" in check["markdown"]
     files = sorted(p.name for p in check["out"].iterdir())
-    assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "rows.jsonl"]
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)  # what $OUT brings back
+    assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "rows.jsonl", "sharp-sd"]
+    brought = [p.relative_to(check["out"]).as_posix() for p in check["out"].rglob("*") if p.is_file()]
+    assert all(re.fullmatch(r"[A-Za-z0-9._/-]+", name) for name in brought)  # what $OUT brings back
+
+
+def test_the_train_part_trains_the_sharp_model_and_brings_back_a_loadable_model(check):
+    from pipeline.engine.models import load_stable_diffusion
+
+    (row,) = rows_of(check, "train", "train")
+    changes = TINY["train"]["changes"]
+    assert row["done"] and row["vae_steps"] == f"{changes['vae_steps']}/{changes['vae_steps']}"
+    assert (
+        row["unet_steps"] == f"{changes['unet_steps']}/{changes['unet_steps']}"
+        and row["unet_steps_per_s"] > 0
+    )
+    sd = load_stable_diffusion(str(check["out"] / "sharp-sd"), device="cpu")
+    assert len(sd.unet.config.down_block_types) == 3 and sd.resolution == changes["resolution"]
+    assert not list(check["out"].glob("sharp-sd*/state.pt"))  # the checkpoints stay out of OUTDIR
     assert check["report"]["device"]["peak_tflops"] > 0
 
 

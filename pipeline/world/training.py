@@ -264,11 +264,12 @@ class Training:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, steps))
         generator = torch.Generator().manual_seed(seed)
         losses: list[float] = []
+        seconds, began = 0.0, time.perf_counter()  # this phase's, over every sitting
         if saved := self.state.get(name):
             optimizer.load_state_dict(saved["optimizer"])
             schedule.load_state_dict(saved["schedule"])
             generator.set_state(saved["generator"])
-            losses = list(saved["losses"])
+            losses, seconds = list(saved["losses"]), saved.get("seconds", 0.0)
         for m in models:
             self.parts[m].train()
         with tqdm(total=steps, initial=len(losses), desc=name, disable=not self.progress) as bar:
@@ -290,6 +291,7 @@ class Training:
                         "schedule": schedule.state_dict(),
                         "generator": generator.get_state(),
                         "losses": losses,
+                        "seconds": seconds + time.perf_counter() - began,
                     }
                     self.save()
                     if time.monotonic() > self.deadline and step + 1 < steps:
@@ -363,6 +365,8 @@ def write_record(folder: Path, config: TrainingConfig, state: dict) -> None:
         "vae_mse_last_100": float(np.mean(vae[-100:])) if vae else None,
         "unet_loss_last_100": float(np.mean(unet[-100:])) if unet else None,
         "seconds": round(state["seconds"], 1),
+        "vae_seconds": round(state.get("vae", {}).get("seconds", 0.0), 1),
+        "unet_seconds": round(state.get("unet", {}).get("seconds", 0.0), 1),
         "torch": torch.__version__,
         "curves": {"every": 50, "vae_mse": curve(vae), "unet_loss": curve(unet)},
     }
