@@ -126,7 +126,24 @@ class World:
         return len(self.scenes)
 
 
-# --- stage 1 ---------------------------------------------------------------------------------
+# --- the model's ceiling and stage 1 ---------------------------------------------------------
+
+
+def scene_fidelity(pixels: torch.Tensor, scenes: World) -> tuple[float, float]:
+    """Mean object IoU and background PSNR of images that should be the scenes themselves."""
+    images = [to_uint8(p) for p in pixels]
+    iou = [
+        world.iou(world.object_region(i, s.background), s.masks()[0]) for i, s in zip(images, scenes.scenes)
+    ]
+    background = [world.background_psnr(i, s.render(), s.masks()) for i, s in zip(images, scenes.scenes)]
+    return float(np.mean(iou)), float(np.mean(background))
+
+
+def model_ceiling(engine: Engine, scenes: World) -> dict:
+    """What no edit can beat: the VAE's round trip of each scene (encode, decode), scored as an
+    edit that changes nothing. Stage 1's reconstructions (per method) come on top of it."""
+    iou, background = scene_fidelity(engine.decode_latents(engine.encode_images(scenes.pixels)), scenes)
+    return {"vae_object_iou": iou, "vae_background_psnr": background}
 
 
 def stage_one(engine: Engine, scenes: World) -> tuple[Inversion, dict]:
@@ -134,17 +151,15 @@ def stage_one(engine: Engine, scenes: World) -> tuple[Inversion, dict]:
     started = time.perf_counter()
     inversion = engine.invert_and_tune(scenes.pixels, scenes.sources)
     seconds = time.perf_counter() - started
-    reconstruction_iou = [
-        world.iou(world.object_region(to_uint8(r), s.background), s.masks()[0])
-        for r, s in zip(inversion.reconstruction, scenes.scenes)
-    ]
+    reconstruction_iou, reconstruction_background = scene_fidelity(inversion.reconstruction, scenes)
     # Every batched UNet call evaluates each image once: calls per batch are evaluations per image.
     return inversion, {
         "method": engine.config.method,
         "guidance": engine.config.guidance,
         "reconstruction_psnr": float(inversion.psnr.mean()),
         "reconstruction_ssim": float(inversion.ssim.mean()),
-        "reconstruction_object_iou": float(np.mean(reconstruction_iou)),
+        "reconstruction_object_iou": reconstruction_iou,
+        "reconstruction_background_psnr": reconstruction_background,
         "stage1_seconds_per_image": seconds / len(scenes),
         "stage1_unet_calls_per_image": engine.eps.calls,
     }
@@ -268,6 +283,7 @@ def run(args) -> dict:
     # Without local blend: its mask keeps the whole latent of this model (quality.md), so on = off.
     sweep = controls_of(["auto"], ["off"], args.sweep_cross, args.sweep_self) if args.sweep_steps else []
     rows, sweep_rows, examples, reconstructions = [], [], {}, {}
+    ceiling = model_ceiling(Engine(sd, PTIConfig(model=args.model, progress=False)), scenes)
     for guidance in args.guidance:
         for method in args.methods:
             config = PTIConfig(
@@ -298,6 +314,7 @@ def run(args) -> dict:
         "reconstructions": reconstructions,
         "pixels": scenes.pixels[:EXAMPLE_SCENES],
         "controls": controls,
+        "ceiling": ceiling,
     }
 
 
@@ -416,17 +433,30 @@ def edit_table(rows: list[dict], with_method: bool = True) -> list[str]:
     return lines
 
 
+def ceiling_lines(ceiling: dict, rows: list[dict]) -> list[str]:
+    """The model's own ceiling, first: its VAE's round trip and each method's reconstruction."""
+    best = max(rows, key=lambda r: r["reconstruction_object_iou"])
+    return [
+        "The model's ceiling: its VAE's round trip of the held-out scenes keeps the object at IoU "
+        f"{ceiling['vae_object_iou']:.3f} and the background at {ceiling['vae_background_psnr']:.1f} dB; "
+        f"the best reconstruction (eta 0, {best['method']}, w={best['guidance']:g}) at IoU "
+        f"{best['reconstruction_object_iou']:.3f} and {best['reconstruction_background_psnr']:.1f} dB "
+        "(every method's in the stage-1 table). No edit keeps more of the scene than these.",
+    ]
+
+
 def stage_one_table(rows: list[dict]) -> list[str]:
     lines = [
         "| method | w | reconstruction PSNR | reconstruction SSIM | reconstruction object IoU "
-        "| stage-1 UNet calls per image | stage-1 s/image |",
-        "|" + " --- |" * 7,
+        "| reconstruction background PSNR | stage-1 UNet calls per image | stage-1 s/image |",
+        "|" + " --- |" * 8,
     ]
     for method, guidance in dict.fromkeys((r["method"], r["guidance"]) for r in rows):
         r = next(r for r in rows if r["method"] == method and r["guidance"] == guidance)
         lines.append(
             f"| {method} | {guidance:g} | {r['reconstruction_psnr']:.2f} | {r['reconstruction_ssim']:.3f} | "
-            f"{r['reconstruction_object_iou']:.3f} | {r['stage1_unet_calls_per_image']:.0f} | "
+            f"{r['reconstruction_object_iou']:.3f} | {r['reconstruction_background_psnr']:.1f} | "
+            f"{r['stage1_unet_calls_per_image']:.0f} | "
             f"{r['stage1_seconds_per_image']:.2f} |"
         )
     return lines
@@ -480,6 +510,8 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "touches that are inside it. UNet evaluations per edit: all edits of a scene run in one call, "
         "plain 2T each, controlled 2T (n + 1) / n for n edits per scene.",
         "",
+        *ceiling_lines(result["ceiling"], rows),
+        "",
         *bar_lines(rows),
         "",
         "All settings:",
@@ -520,7 +552,7 @@ def write_markdown(result: dict, args, path: Path) -> None:
 
 def write_results(result: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    numbers = {"rows": result["rows"], "sweep": result["sweep"]}
+    numbers = {"ceiling": result["ceiling"], "rows": result["rows"], "sweep": result["sweep"]}
     (args.out / "quality.json").write_text(json.dumps(numbers, indent=2) + "\n")
     write_plot(result["rows"], args.out / "quality.png")
     write_examples(result, args.guidance[0], args.example_eta, args.out / "quality-examples.png")

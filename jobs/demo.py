@@ -22,18 +22,19 @@ from pipeline.batch.config import RunConfig
 from pipeline.batch.jobs import run_all, run_edit
 from pipeline.batch.output import Output
 from pipeline.batch.report import edit_rows, labelled_sheet
+from pipeline.engine.models import model_resolution
 from pipeline.io.storage import Location
 from pipeline.world import scenes as world
 
 SCENES = 4
 
 
-def write_manifest(folder: Path) -> Path:
-    """Held-out scenes, each with its colour and shape edit as targets; the last has no source
-    prompt (PTI needs none)."""
+def write_manifest(folder: Path, resolution: int) -> Path:
+    """Held-out scenes at the model's resolution, each with its colour and shape edit as targets;
+    the last has no source prompt (PTI needs none)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for n, scene in enumerate(world.held_out_scenes(SCENES, 64)):
+    for n, scene in enumerate(world.held_out_scenes(SCENES, resolution)):
         path = folder / "images" / f"scene-{n}.png"
         Image.fromarray(scene.render()).save(path)
         targets = [t.caption() for t in world.edit_targets(scene, n).values()]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         # An earlier demo's output: start afresh, so the demo always shows a whole run (a re-run
         # on the same output would resume it and do nothing).
         shutil.rmtree(output)
-    manifest = write_manifest(output / "inputs")
+    manifest = write_manifest(output / "inputs", model_resolution(args.model))
     pti = dict(model=args.model, progress=False)
     config = RunConfig(
         manifest=str(manifest),

@@ -134,8 +134,14 @@ def test_edit_quality_measures_attention_control_from_one_inversion(tmp_path):
     assert all(r["cross_replace_steps"] == 0.8 and r["self_replace_steps"] == 0.4 for r in controlled)
     blended = [r for r in controlled if r["local_blend"]]
     assert all(0 < r["blend_mask_fraction"] <= 1 and 0 <= r["blend_object_cover"] <= 1 for r in blended)
+    # The model's ceiling first: its VAE's round trip, which no reconstruction beats by much.
+    ceiling = result["ceiling"]
+    assert 0.9 < ceiling["vae_object_iou"] <= 1 and ceiling["vae_background_psnr"] > 30
+    assert all(r["reconstruction_object_iou"] <= ceiling["vae_object_iou"] + 0.02 for r in rows)
     edit_quality.write_markdown(result, args, tmp_path / "quality.md")
-    assert "| pti | 3 | auto | on | 0.8 | 0.4 | colour | 0.8 |" in (tmp_path / "quality.md").read_text()
+    text = (tmp_path / "quality.md").read_text()
+    assert "| pti | 3 | auto | on | 0.8 | 0.4 | colour | 0.8 |" in text
+    assert text.index("The model's ceiling: its VAE's round trip") < text.index("Closest to the quality bar")
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])

@@ -343,3 +343,35 @@ def test_sdxl_stores_about_2_7_times_sd15s_bytes_per_image_readable_by_plain_pya
     pq.write_table(tables["SDXL (1024 px)"], buffer)
     back = pq.read_table(io.BytesIO(buffer.getvalue()))
     assert back.column("pooled_prompt_embeddings").combine_chunks().to_numpy_ndarray().shape == (2, 10, 1280)
+
+
+def test_a_table_written_before_sdxl_support_reads_and_edits_as_sd(make_engine, pixels):
+    """Old SD 1.x tables have neither model_family nor pooled columns: they stay readable, and
+    stage 2's reader gives them the family they were written by."""
+    from pipeline.batch.stages import attach_targets
+    from schemas import embeddings as emb
+
+    engine = make_engine(steps=3, inner_steps=2)
+    inversion = engine.invert_and_tune(pixels[:1], [SOURCES[0]])
+    new = inversion_to_arrow(engine, inversion, ["a"], SOURCES[:1])
+    assert (
+        new.column("model_family").to_pylist() == ["sd"]
+        and "pooled_prompt_embeddings" not in new.column_names
+    )
+    old = new.drop_columns(["model_family"])
+    buffer = io.BytesIO()
+    pq.write_table(old, buffer)
+    old = pq.read_table(io.BytesIO(buffer.getvalue()))
+    assert emb.family(old) == "sd"
+    targets = {
+        "a": {"target_prompts": ["a photo of a robot"], "eta": [0.7], "blend_words": None, "reweight": None}
+    }
+    attached = attach_targets(old, targets=targets)
+    assert attached.column(emb.MODEL_FAMILY).to_pylist() == ["sd"]
+    back = inversion_from_arrow(attached)
+    torch.testing.assert_close(
+        engine.edit(back, [0], ["a photo of a robot"], [0.7]),
+        engine.edit(inversion, [0], ["a photo of a robot"], [0.7]),
+        atol=2e-2,
+        rtol=0,
+    )

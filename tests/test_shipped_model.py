@@ -99,10 +99,11 @@ def test_the_demo_manifest_is_valid_and_asks_for_a_colour_and_a_shape_edit(tmp_p
     from jobs.demo import write_manifest
     from schemas import manifest
 
-    rows = pq.read_table(write_manifest(tmp_path)).to_pylist()
+    rows = pq.read_table(write_manifest(tmp_path, 128)).to_pylist()
     good, errors = manifest.validate_rows(rows)
     assert not errors and len(good) == 4
-    for row, scene in zip(rows, world.held_out_scenes(4, 64)):
+    assert Image.open(rows[0]["image"]).size == (128, 128)  # the model's resolution
+    for row, scene in zip(rows, world.held_out_scenes(4, 128)):
         colour, shape = row["target_prompts"]
         assert colour == world.edit_targets(scene, int(row["id"][-1]))["colour"].caption() != scene.caption()
         assert shape.replace(scene.things[0].shape, "") != scene.caption().replace(scene.things[0].shape, "")
