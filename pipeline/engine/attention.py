@@ -329,7 +329,10 @@ def control_cross_attention(
     ``probs`` are the rows' own ``[R, H, Q, L]``, ``base`` their source's; ``mapper`` is
     ``[R, L, L]``, ``mapped``, ``weights`` and ``alpha`` (this step's) are ``[R, L]``.
     """
-    view = lambda t: t[:, None, None, :]  # [R, L] over heads and queries
+
+    def view(t: Tensor) -> Tensor:  # [R, L] over heads and queries
+        return t[:, None, None, :]
+
     controlled = torch.einsum("rhqk,rkn->rhqn", base, mapper) * view(mapped) + probs * (1 - view(mapped))
     controlled = controlled * view(weights)
     return controlled * view(alpha) + probs * (1 - view(alpha))
@@ -395,7 +398,10 @@ class AttentionControl:
             blend_target=torch.zeros(length),
         )
         filled = [none if p is None else p for p in plans]
-        stack = lambda name: torch.stack([getattr(p, name) for p in filled])
+
+        def stack(name: str) -> Tensor:
+            return torch.stack([getattr(p, name) for p in filled])
+
         self.mapper, self.mapped, self.weights = stack("mapper"), stack("mapped"), stack("weights")
         self.cross_alpha = stack("cross_alpha").transpose(0, 1)  # [T + 1, R, L]
         self.self_steps = stack("self_steps").transpose(0, 1)  # [T, R]
