@@ -20,7 +20,7 @@ from pipeline.batch import lock, metrics
 from pipeline.batch.cluster import check_cpus, check_gpus, init_ray, pools_fit
 from pipeline.batch.config import RunConfig
 from pipeline.faults import failpoint
-from pipeline.batch.resume import check_model_family, check_same_settings
+from pipeline.batch.resume import check_same_settings
 from pipeline.batch.rows import good_rows
 from pipeline.errors import InputError, TooManyFailures
 from pipeline.io.storage import Location
@@ -115,8 +115,7 @@ class Progress:
 @contextlib.contextmanager
 def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
     """Join or start Ray, check its GPUs and CPUs, take the output's lease (one job writes an
-    output at a time), check that the output holds nothing made with other settings or another
-    model family, and write
+    output at a time), check that the output holds nothing made with other settings, and write
     the resolved config beside the outputs. Yields the start time and this attempt's name, which
     begins with the job's (``run-...``); the lease is given back when the job ends or fails."""
     from ray.data import DataContext
@@ -141,7 +140,6 @@ def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
         ) from None
     with lease:
         check_same_settings(config, job)
-        check_model_family(config)
         # The context is per process: set it both ways, a driver may run several jobs.
         fit = pools_fit(config, actors[job])
         DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if fit else -1

@@ -216,7 +216,9 @@ def stored(config: RunConfig, committed: Committed, targets: dict):
 
     fs, _ = config.output_location.embeddings.filesystem()
     ds = ray.data.read_parquet(sorted({committed.tuned[i] for i in targets}), filesystem=fs)
-    ds = ds.repartition(target_num_rows_per_block=config.edit_batch_size)
+    # Strict, as in _spread: a non-strict repartition may be fused into the read, whose task then
+    # hands every row on as one block, and one editing actor gets them all.
+    ds = ds.repartition(target_num_rows_per_block=config.edit_batch_size, strict=True)
     return ds.map_batches(
         attach_targets, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(targets=targets)
     )
@@ -239,6 +241,7 @@ def run_tune(config: RunConfig, started: float, attempt: str) -> dict:
     ids, duplicates = manifest.ids, manifest.duplicates
     ds = read_manifest(config, manifest)
     committed = read_committed(config.output_location, results=False)
+    committed.check_model_family(config)  # before any work
     already = sum(1 for i in ids if i in committed.tuned and i not in duplicates)
     ds = tune(ds, config, len(ids), duplicates, committed).select_columns(
         [err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]
@@ -267,6 +270,7 @@ def run_all(config: RunConfig, started: float, attempt: str) -> dict:
     ds = read_manifest(config, manifest)
     output = config.output_location
     committed = read_committed(output, results=True)
+    committed.check_model_family(config)  # before any work
     targets = manifest_targets(config, set(committed.tuned) - duplicates)
     missing = {i: committed.missing_edits(i, *_edits(config, row)) for i, row in targets.items()}
     unfinished = {i: targets[i] for i in targets if missing[i]}
@@ -330,6 +334,7 @@ def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
     targets = targets_by_id(config)  # on the driver, before any Ray Data work
     output = config.output_location
     committed = read_committed(output, results=True)
+    committed.check_model_family(config)  # before any work
     todo = {
         i: row
         for i, row in targets.items()

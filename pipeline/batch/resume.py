@@ -69,34 +69,6 @@ def check_same_settings(config: RunConfig, job: str) -> None:
             )
 
 
-def check_model_family(config: RunConfig) -> None:
-    """Refuse a model of another family than the one that wrote the output's stored embeddings
-    (an SD 1.x table edited with SDXL, or the reverse), before any work: the stacks have other
-    shapes and meanings. Reads one column of the embeddings and the model's UNet config."""
-    import pyarrow.dataset as pads
-
-    from pipeline.engine.models import FAMILIES, model_family
-
-    output = config.output_location
-    files = output.embeddings.parquet_files()
-    if not files:
-        return
-    fs, _ = output.embeddings.filesystem()
-    schema = pa.schema([pa.field(emb.MODEL_FAMILY, pa.string())])  # older files lack it: null, "sd"
-    column = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table().column(0)
-    stored = set(column.fill_null("sd").unique().to_pylist())
-    model = model_family(
-        config.pti.model, storage_options=Location(config.pti.model, config.endpoint_url).storage_options()
-    )
-    if stored - {model}:
-        names = " and ".join(f"{FAMILIES[f]} ({f})" for f in sorted(stored))
-        raise InputError(
-            f"the embeddings under {output.embeddings} were made by {names}, but model "
-            f"{config.pti.model!r} is {FAMILIES[model]} ({model}): their stacks cannot be edited or "
-            "added to with it; use a model of the same family, or write to a new output"
-        )
-
-
 @dataclass
 class Committed:
     """What an output already holds."""
@@ -104,6 +76,25 @@ class Committed:
     tuned: dict[str, str] = field(default_factory=dict)  # id -> the embeddings file holding it
     edits: set[tuple] = field(default_factory=set)  # edit_key of every results row
     model_fingerprints: set[str] = field(default_factory=set)  # of the stored embeddings
+    model_families: set[str] = field(default_factory=set)  # of the stored embeddings ("sd" before SDXL)
+
+    def check_model_family(self, config: RunConfig) -> None:
+        """Refuse a model of another family than the one that wrote the stored embeddings (an SD
+        1.x table edited with SDXL, or the reverse) before any work: their stacks have other shapes
+        and meanings. Reads only the model's UNet config."""
+        from pipeline.engine.models import FAMILIES, model_family
+
+        if not self.model_families:
+            return
+        options = Location(config.pti.model, config.endpoint_url).storage_options()
+        model = model_family(config.pti.model, storage_options=options)
+        if self.model_families - {model}:
+            names = " and ".join(f"{FAMILIES[f]} ({f})" for f in sorted(self.model_families))
+            raise InputError(
+                f"the embeddings under {config.output_location.embeddings} were made by {names}, but "
+                f"model {config.pti.model!r} is {FAMILIES[model]} ({model}): their stacks cannot be "
+                "edited or added to with it; use a model of the same family, or write to a new output"
+            )
 
     def missing_edits(self, row_id: str, targets: list[str], etas: list[float]) -> list[tuple]:
         keys = (edit_key(row_id, t, target, eta) for t, target in enumerate(targets) for eta in etas)
@@ -118,10 +109,15 @@ def read_committed(output: Output, results: bool) -> Committed:
     files = output.embeddings.parquet_files()
     if files:
         fs, _ = output.embeddings.filesystem()
-        scan = pads.dataset(files, filesystem=fs, format="parquet")
-        table = scan.to_table(columns=[emb.ID, emb.MODEL_FINGERPRINT, "__filename"])
+        # An explicit schema: files written before model_family existed read it as null (sd).
+        schema = pa.schema(
+            [(emb.ID, pa.string()), (emb.MODEL_FINGERPRINT, pa.string()), (emb.MODEL_FAMILY, pa.string())]
+        )
+        scan = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
+        table = scan.to_table(columns=[emb.ID, emb.MODEL_FINGERPRINT, emb.MODEL_FAMILY, "__filename"])
         committed.tuned = dict(zip(table.column(emb.ID).to_pylist(), table.column("__filename").to_pylist()))
         committed.model_fingerprints = set(pc.unique(table.column(emb.MODEL_FINGERPRINT)).to_pylist())
+        committed.model_families = set(table.column(emb.MODEL_FAMILY).fill_null("sd").unique().to_pylist())
     table = results and read_results(output, [res.ID, res.TARGET_INDEX, res.TARGET_PROMPT, res.ETA])
     if table:
         committed.edits = {
