@@ -40,14 +40,16 @@ def machine() -> str:
 
 
 def model_folder(name: str) -> str:
-    """A checkpoint folder: ``tiny`` is the seeded random tiny model, built in a temporary folder."""
-    if name != "tiny":
+    """A checkpoint folder: ``tiny`` (``tiny-sdxl``) is the seeded random tiny SD (SDXL), built in
+    a temporary folder."""
+    if name not in ("tiny", "tiny-sdxl"):
         return name
     import tempfile
 
     from pipeline.world.tiny import build_tiny_model
 
-    return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="pti-bench-")) / "tiny", seed=0))
+    family = "sdxl" if name == "tiny-sdxl" else "sd"
+    return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="pti-bench-")) / name, seed=0, family=family))
 
 
 def resident_mb() -> float:

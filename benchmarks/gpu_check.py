@@ -1,5 +1,5 @@
 """One GPU check (issue 15): what the engine and the pipeline cost on one GPU, and whether half
-precision holds, in one command that ends in under 8 minutes on an H100 or H200 (docs/gpu.md).
+precision holds, in one command that ends in under 9 minutes on an H100 or H200 (docs/gpu.md).
 
     bash benchmarks/gpu_check.sh OUTDIR            # on the GPU machine
     bash benchmarks/gpu_check.sh OUTDIR --tiny     # the same parts on the CPU at tiny sizes (~1 minute)
@@ -12,6 +12,8 @@ stopped and says so, and the parts after it still run. OUTDIR's tables are rewri
   evaluations, TFLOP/s against the bf16 matmul peak measured first, peak memory. The first
   ``timed_steps`` of the 50 steps are timed and scaled to 50 (``benchmarks.engine.first_steps``); the
   last case runs all 50 at batch 1 to check that scaling.
+- ``sdxl``: stage 1 and stage 2 of SDXL's architecture (random weights) at 1024x1024 in bfloat16 at
+  batch 1, timed as the sweep's cases: what an SDXL night costs, measured (docs/scaling.md).
 - ``numerics``: the shipped model (``models/shapes-sd``) in float32, bfloat16 and float16 side by side:
   reconstruction PSNR, one colour edit per scene against float32's, non-finite values.
 - ``pipeline``: ``jobs.run`` on local manifests of 16 and 32 rows (tiny model, both actors on the one
@@ -44,13 +46,14 @@ from pathlib import Path
 # at batch 8 in bf16 (about 0.2 s with the backward pass), so a step of stage 1 (2 forwards, K = 10
 # with backward) takes about 2.3 s at batch 8: 4 steps per case (a warm-up and 3 timed) over the 15
 # images of batches 1 to 8 in two dtypes, and the 50-step check at batch 1, come to about 100 s.
-# Expected: sweep 100, numerics 30, pipeline 70, levers 35, cuda_graphs 25, then compile whatever
-# is left. A part gets the least of its own budget and what is left of the run's; the run's 420 s
-# and installing the wheels stay under 8 minutes.
+# Expected: sweep 100, numerics 30, sdxl 30 (a stage-1 step of SDXL at 1024 px is about 160 TFLOP:
+# under a second), pipeline 70, levers 35, cuda_graphs 25, train what its budget allows, then
+# compile whatever is left. A part gets the least of its own budget and what is left of the run's;
+# the run's 480 s and installing the wheels stay under 9 minutes (a device call may take 10).
 PROFILES = {
     "gpu": {
         "device": "cuda",
-        "budget_s": 420,
+        "budget_s": 480,
         "sweep": dict(
             model="sd15",
             dtypes=["bfloat16", "float16"],
@@ -82,9 +85,10 @@ PROFILES = {
             gpus_per_actor=0.5,  # both actor pools on the one GPU
         ),
         "levers": dict(batch=8, dtype="bfloat16"),
+        "sdxl": dict(model="sdxl", dtypes=["bfloat16"], batch=1),
         "train": dict(recipe="sharp-sd", dtype="bfloat16", changes={}),
         "budgets": dict(
-            sweep=140, numerics=50, pipeline=100, levers=60, cuda_graphs=40, train=150, compile=150
+            sweep=140, numerics=50, sdxl=60, pipeline=100, levers=60, cuda_graphs=40, train=150, compile=150
         ),
     },
     "tiny": {
@@ -137,9 +141,10 @@ PROFILES = {
                 checkpoint_every=2,
             ),
         ),
+        "sdxl": dict(model="tiny-sdxl", dtypes=["float32"], batch=1),
         # About a minute in all on 2 idle cores; the budgets allow for cores shared with other work.
         "budgets": dict(
-            sweep=240, numerics=180, pipeline=300, levers=240, cuda_graphs=60, train=120, compile=60
+            sweep=240, numerics=180, sdxl=120, pipeline=300, levers=240, cuda_graphs=60, train=120, compile=60
         ),
     },
 }
@@ -148,7 +153,7 @@ PART_LEVERS = {
     "cuda_graphs": ["cuda_graphs"],
     "compile": ["compile"],
 }
-ORDER = ("sweep", "numerics", "pipeline", "levers", "cuda_graphs", "train", "compile")
+ORDER = ("sweep", "numerics", "sdxl", "pipeline", "levers", "cuda_graphs", "train", "compile")
 CUDA_PARTS = {"cuda_graphs", "compile"}
 MIN_PART_S = 10  # a part given less than this is not started
 
@@ -297,6 +302,18 @@ def sweep_part(settings: dict, emit, deadline: float) -> None:
             "ray_or_s3fs": sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "s3fs")),
         }
     )
+
+
+def sdxl_part(settings: dict, emit, deadline: float) -> None:
+    """SDXL's stage 1 and stage 2 at the sweep's sizes, one case per dtype."""
+    from benchmarks.engine import load_model
+
+    sdxl = settings["sdxl"]
+    for dtype in sdxl["dtypes"]:
+        sd = load_model(sdxl["model"], settings["device"], dtype)
+        run_timed_case(emit, engine_case(settings, dtype, sdxl["batch"], model=sdxl["model"]), sd)
+        del sd
+        free_device_memory()
 
 
 def check_all_steps(settings: dict, emit, deadline: float, first: dict) -> None:
@@ -479,6 +496,7 @@ def run_child(part: str, settings: dict, rows_path: Path, deadline: float) -> No
             levers_part(settings, emit, deadline, PART_LEVERS[part])
         else:
             parts = {
+                "sdxl": sdxl_part,
                 "sweep": sweep_part,
                 "numerics": numerics_part,
                 "pipeline": pipeline_part,
@@ -814,6 +832,24 @@ def train_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), {"rows": table}
 
 
+def sdxl_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
+    from benchmarks.common import markdown_table
+
+    sdxl, sweep = report["settings"]["sdxl"], report["settings"]["sweep"]
+    table = [dict(c, images_per_s=1 / c["stage1_s_per_image"]) for c in by_kind(rows, "sdxl", "case")]
+    lines = [
+        "## SDXL",
+        "",
+        f"Model `{sdxl['model']}` (random weights) at {table[0]['resolution'] if table else '?'} px, "
+        f"the sweep's T={sweep['steps']}, K={sweep['inner_steps']} and timing; docs/scaling.md "
+        "prices an SDXL night from counted FLOPs (8.36 PFLOP per image in stage 1, 0.687 per edit).",
+        "",
+        markdown_table(table, SWEEP_COLUMNS) if table else "No case finished.",
+        *notes(report, rows, "sdxl"),
+    ]
+    return "\n".join(lines), {"rows": table}
+
+
 def parts_section(report: dict) -> str:
     from benchmarks.common import markdown_table
 
@@ -830,6 +866,7 @@ def write_report(out: Path, report: dict, rows: list[dict]) -> None:
         ("sweep", lambda: sweep_section(report, rows, device)),
         ("levers", lambda: levers_section(report, rows)),
         ("numerics", lambda: numerics_section(report, rows)),
+        ("sdxl", lambda: sdxl_section(report, rows)),
         ("pipeline", lambda: pipeline_section(report, rows)),
         ("train", lambda: train_section(report, rows)),
     ):

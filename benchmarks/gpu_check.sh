@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check (issue 15; docs/gpu.md): the engine's cost on SD 1.5's architecture, the levers,
-# half-precision numerics and the pipeline on one GPU, written to OUTDIR in under 8 minutes.
+# half-precision numerics and the pipeline on one GPU, written to OUTDIR in under 9 minutes.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR            # on the GPU machine: python3 is the one with torch
 #   bash benchmarks/gpu_check.sh OUTDIR --tiny     # the same parts on the CPU at tiny sizes

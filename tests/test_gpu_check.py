@@ -48,10 +48,17 @@ def rows_of(check: dict, part: str, kind: str) -> list[dict]:
 
 def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
     parts = check["report"]["parts"]
-    ran = ("sweep", "numerics", "pipeline", "levers", "train")
+    ran = ("sweep", "numerics", "sdxl", "pipeline", "levers", "train")
     assert {name: parts[name]["status"] for name in ran} == dict.fromkeys(ran, "done")
     assert parts["cuda_graphs"] == parts["compile"] == {"status": "skipped", "reason": "CUDA only"}
-    headings = ("Stage 1 and stage 2 by dtype and batch", "Levers", "Numerics", "Pipeline", "Training")
+    headings = (
+        "Stage 1 and stage 2 by dtype and batch",
+        "Levers",
+        "Numerics",
+        "SDXL",
+        "Pipeline",
+        "Training",
+    )
     for heading in (*headings, "Parts"):
         assert f"\n## {heading}" in check["markdown"]
     files = sorted(p.name for p in check["out"].iterdir())
@@ -180,3 +187,12 @@ def test_graphed_unet_keeps_one_graph_per_shape_and_grad_mode(make_engine, pixel
     torch.testing.assert_close(edits[1], edits[0])
     keys = graphed.eps.unet.graphs
     assert sorted((z[0], grad) for z, _, grad in keys) == [(2, False), (2, True), (4, False)]
+
+
+def test_the_sdxl_part_times_an_sdxl_model_with_algorithm_md_counts(check):
+    (row,) = rows_of(check, "sdxl", "case")
+    T, K = TINY["sweep"]["steps"], TINY["sweep"]["inner_steps"]
+    assert row["model"] == "tiny-sdxl" and row["resolution"] == 64
+    assert row["stage1_evals_per_image"] == T + T * (1 + K + 1) and row["stage2_evals_per_edit"] == 2 * T
+    assert row["stage1_s_per_image"] > 0 and row["stage2_s_per_edit"] > 0
+    assert "\n## SDXL" in check["markdown"]
