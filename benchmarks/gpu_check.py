@@ -457,9 +457,7 @@ def train_part(settings: dict, emit, deadline: float) -> None:
     Its checkpoints stay out of OUTDIR (tens of MB that a device call need not bring back)."""
     import tempfile
 
-    import torch
-
-    from pipeline.world.training import RECIPES, Stopped, train_world_model
+    from pipeline.world.training import RECIPES, Checkpoints, Stopped, train_world_model
 
     train = settings["train"]
     config = RECIPES[train["recipe"]].replace(
@@ -474,7 +472,7 @@ def train_part(settings: dict, emit, deadline: float) -> None:
         done = True
     except Stopped:
         done = False
-    state = torch.load(checkpoints / "state.pt", map_location="cpu", weights_only=False)
+    state = Checkpoints(checkpoints, config).load()
     row = {"kind": "train", "recipe": train["recipe"], "dtype": config.dtype, "done": done}
     for phase in ("vae", "unet"):
         saved = state.get(phase, {})

@@ -212,10 +212,9 @@ class TuneStage:
     def schema(self) -> pa.Schema:
         cfg, sd = self.engine.config, self.engine.sd
         h = self.engine.resolution // sd.vae_scale_factor
-        tokens, width = sd.embedding_shape
         base = emb.embeddings_schema(
             (sd.unet.config.in_channels, h, h),
-            (cfg.steps, tokens - (sd.family == "sdxl"), width),  # as stored: SDXL's pooled row apart
+            (cfg.steps, *sd.token_embedding_shape),
             cfg.embedding_dtype,
             sd.pooled_dim,
         )

@@ -80,7 +80,9 @@ RECIPES = {
         unet_batch=32,
     ),
 }
-# What a training may change between sittings without changing its result.
+# What a training may change between sittings. checkpoint_every never changes the weights; threads
+# may change float rounding, so a resumed run equals an unbroken one bit for bit only on the same
+# thread count (tests/test_world.py keeps it).
 RESUMABLE_CHANGES = {"threads", "checkpoint_every"}
 
 
@@ -211,17 +213,18 @@ class Checkpoints:
             )
         return state
 
-    def save(self, state: dict) -> None:
+    def _write(self, name: str, value) -> None:
+        """``torch.save`` to a partial file, then renamed: a kill mid-write leaves the last whole."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f"state.pt.{os.getpid()}.partial"
-        torch.save({**state, "config": _plain(self.config)}, partial)
-        os.replace(partial, self.folder / "state.pt")  # a kill mid-write leaves the last state whole
+        partial = self.folder / f"{name}.{os.getpid()}.partial"
+        torch.save(value, partial)
+        os.replace(partial, self.folder / name)
+
+    def save(self, state: dict) -> None:
+        self._write("state.pt", {**state, "config": _plain(self.config)})
 
     def save_latents(self, latents: torch.Tensor) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f"latents.pt.{os.getpid()}.partial"
-        torch.save(latents, partial)
-        os.replace(partial, self.folder / "latents.pt")
+        self._write("latents.pt", latents)
 
     def load_latents(self) -> torch.Tensor:
         return torch.load(self.folder / "latents.pt", map_location="cpu")
