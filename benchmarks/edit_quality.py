@@ -18,7 +18,8 @@ edits of one scene in one call, so that controlled edits share their scene's sou
 (``2T (n + 1)`` evaluations for ``n`` edits, against ``2T n`` plain).
 
 Writes ``quality.md`` (tables), ``quality.png`` (editability against fidelity) and
-``quality-examples.png`` (a contact sheet) to ``--out``, and ``quality.json`` with every number.
+``quality-examples.png`` (a contact sheet) to ``--out`` (default ``docs/quality/<model folder>``),
+and ``quality.json`` with every number. ``docs/quality.md`` compares the models by hand.
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ def run(args) -> dict:
     sd = load_stable_diffusion(args.model, device="cpu")
     scenes = World.held_out(args.images, sd.resolution)
     controls = controls_of(args.controls, args.blend, args.cross_replace_steps, args.self_replace_steps)
-    # Without local blend: its mask keeps the whole latent of this model (quality.md), so on = off.
+    # Without local blend: on models/shapes-sd its mask keeps the whole latent, so on = off there.
     sweep = controls_of(["auto"], ["off"], args.sweep_cross, args.sweep_self) if args.sweep_steps else []
     rows, sweep_rows, examples, reconstructions = [], [], {}, {}
     ceiling = model_ceiling(Engine(sd, PTIConfig(model=args.model, progress=False)), scenes)
@@ -588,9 +589,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-self", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     parser.add_argument("--example-eta", type=float, default=0.8)
     parser.add_argument("--max-rows", type=int, default=256, help="edits and source branches per UNet call")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, help="default: docs/quality/<the model folder's name>")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
+    args.out = args.out or Path("docs/quality") / Path(args.model).name
     if args.example_eta not in args.etas:
         parser.error(f"--example-eta {args.example_eta:g} is not one of --etas")
     if args.sweep_steps and "pti" not in args.methods:

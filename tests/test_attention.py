@@ -141,7 +141,10 @@ def test_a_row_without_source_prompt_may_only_reweight_and_inject_self_attention
 def attention_by_hand(attn: Attention, hidden: torch.Tensor, context: torch.Tensor, probs_of=None):
     """Attention written out per row: ``probs_of(row, probs)`` may replace a row's probabilities."""
     h, d = attn.heads, attn.to_q.out_features // attn.heads
-    split = lambda t: t.view(t.shape[0], -1, h, d).transpose(1, 2)
+
+    def split(t):
+        return t.view(t.shape[0], -1, h, d).transpose(1, 2)
+
     q, k, v = split(attn.to_q(hidden)), split(attn.to_k(context)), split(attn.to_v(context))
     probs = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
     if probs_of is not None:
@@ -235,7 +238,10 @@ def setup(tiny_sd, make_engine, pixels):
         for i in range(1, STEPS + 1):
             z = ddim_move(z, eps(z, schedule.timesteps[i], src), schedule.alphas[i - 1], schedule.alphas[i])
     g = torch.Generator().manual_seed(0)
-    noise = lambda e: 0.05 * torch.randn(3, STEPS, *e.shape[1:], generator=g, dtype=torch.float64)
+
+    def noise(e):
+        return 0.05 * torch.randn(3, STEPS, *e.shape[1:], generator=g, dtype=torch.float64)
+
     null = engine.null.double().expand(3, -1, -1)
     return Setup(sd, eps, schedule, z, src, src[:, None] + noise(src), null, null[:, None] + noise(null))
 

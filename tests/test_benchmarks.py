@@ -183,3 +183,10 @@ def test_sd15_flops_report_reproduces_the_scaling_plan():
     assert report["stage1"] / 1e15 == pytest.approx(0.985, abs=5e-4)
     assert report["edit"] / 1e12 == pytest.approx(82.8, abs=0.1)
     assert report["embedding"] == (77, 768) and report["pooled_dim"] is None
+
+
+def test_edit_quality_writes_each_model_to_its_own_folder_unless_told():
+    """One page per world model under docs/quality/ (docs/quality.md compares them by hand)."""
+    assert edit_quality.parse_args(["--model", "models/sharp-sd"]).out == Path("docs/quality/sharp-sd")
+    assert edit_quality.parse_args([]).out == Path("docs/quality") / Path(edit_quality.SHIPPED_MODEL).name
+    assert edit_quality.parse_args(["--out", "/tmp/q"]).out == Path("/tmp/q")

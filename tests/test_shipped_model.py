@@ -1,7 +1,7 @@
 """The shipped model of the rendered world (``models/shapes-sd``): it loads, it knows the world's
 words, and PTI's edits in it do what they say, scored against the rendered truth.
 
-Thresholds come from ``docs/quality.md`` (the benchmark on 24 held-out scenes), with margin.
+Thresholds come from ``docs/quality/shapes-sd/quality.md`` (the benchmark on 24 held-out scenes), with margin.
 """
 
 import json
@@ -27,17 +27,23 @@ def shapes_sd():
     return load_stable_diffusion(str(SHIPPED), device="cpu")
 
 
-def test_the_shipped_model_is_safetensors_in_diffusers_layout_with_its_training_record(shapes_sd):
-    files = {p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*") if p.is_file()}
+@pytest.mark.parametrize("name, most_mb", [("shapes-sd", 10), ("sharp-sd", 30)])
+def test_each_shipped_model_is_safetensors_in_diffusers_layout_with_its_training_record(name, most_mb):
+    folder = SHIPPED.parent / name
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert {
         "model_index.json",
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/model.safetensors",
         "training.json",
+        "README.md",
     } <= files
     assert not [f for f in files if f.endswith((".bin", ".ckpt", ".pt", ".pkl"))]
-    assert sum((SHIPPED / f).stat().st_size for f in files) < 10 * 2**20
+    assert sum((folder / f).stat().st_size for f in files) < most_mb * 2**20
+
+
+def test_the_shipped_model_is_the_64_px_model_its_record_says(shapes_sd):
     record = json.loads((SHIPPED / "training.json").read_text())
     assert record["config"]["resolution"] == shapes_sd.resolution == 64
     assert shapes_sd.unet.dtype == torch.float32  # stored in fp16, computed in fp32 on the CPU
@@ -76,7 +82,7 @@ def colour_edits(shapes_sd):
     return inversion, scores[:4], scores[4:]
 
 
-ETA = 0.8  # the default's upper eta; docs/quality.md: 96 % reach the colour, IoU 0.68, 31.9 dB
+ETA = 0.8  # the default's upper eta; docs/quality/shapes-sd: 96 % reach the colour, IoU 0.68, 31.9 dB
 
 
 def test_pti_reconstructs_the_scene_at_eta_0(colour_edits):
