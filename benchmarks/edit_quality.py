@@ -9,6 +9,8 @@ and scores each edit against the rendered truth:
   object's region) or shape (its region overlaps the rendered target shape more than the source);
 - fidelity: IoU of the object's region before and after (colour edits keep the shape), PSNR of the
   background away from the objects, PSNR/SSIM and object IoU of the eta = 0 reconstruction;
+- the model's ceiling, first: its VAE's round trip, and how often it draws a caption's object,
+  colour and shape from fresh noise (text adherence);
 - local blend: the share of the latent each edit keeps as its own (the rest is the source's) and
   the share of the object's latent cells inside it;
 - cost: UNet evaluations and seconds per edit, UNet calls and seconds per image of stage 1.
@@ -38,10 +40,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.engine import attention
+from pipeline.engine import algorithm, attention
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
 from pipeline.engine.models import load_stable_diffusion
+from pipeline.engine.text import encode_prompts, null_embedding
 from pipeline.io.images import contact_sheet, to_pil, to_tensor
 from pipeline.world import scenes as world
 
@@ -145,6 +148,37 @@ def model_ceiling(engine: Engine, scenes: World) -> dict:
     edit that changes nothing. Stage 1's reconstructions (per method) come on top of it."""
     iou, background = scene_fidelity(engine.decode_latents(engine.encode_images(scenes.pixels)), scenes)
     return {"vae_object_iou": iou, "vae_background_psnr": background}
+
+
+def text_adherence(engine: Engine, scenes: World) -> dict:
+    """How often the model draws what a caption says from fresh noise, before any inversion: for
+    the captions of the scenes and of their edits, seeded Gaussian latents sampled with guided DDIM
+    at the engine's guidance and steps; the share with an object, with the caption's colour, and
+    with its shape (``world.nearest_shape``). An edit can hardly reach a colour more often than
+    the model draws it."""
+    truths = [*scenes.scenes, *(t for edits in scenes.truths for t in edits.values())]
+    sd, steps = engine.sd, engine.schedule.num_steps
+    side = sd.resolution // sd.vae_scale_factor
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(len(truths), sd.unet.config.in_channels, side, side, generator=generator)
+    cond = encode_prompts(sd, [t.caption() for t in truths])[:, None].expand(-1, steps, -1, -1)
+    null = null_embedding(sd).expand(len(truths), -1, -1)
+    z0 = algorithm.sample(engine.eps, z, cond, null, engine.schedule, engine.config.guidance)
+    drawn, colour, shape = [], [], []
+    for image, truth in zip(map(to_uint8, engine.decode_latents(z0)), truths):
+        region = world.object_region(image, truth.background)
+        drawn.append(bool(region.any()))
+        colour.append(
+            region.any() and world.nearest_colour(world.mean_colour(image, region)) == truth.things[0].colour
+        )
+        shape.append(world.nearest_shape(region) == truth.things[0].shape)
+    return {
+        "guidance": engine.config.guidance,
+        "captions": len(truths),
+        "object_drawn": float(np.mean(drawn)),
+        "right_colour": float(np.mean(colour)),
+        "right_shape": float(np.mean(shape)),
+    }
 
 
 def stage_one(engine: Engine, scenes: World) -> tuple[Inversion, dict]:
@@ -285,6 +319,12 @@ def run(args) -> dict:
     sweep = controls_of(["auto"], ["off"], args.sweep_cross, args.sweep_self) if args.sweep_steps else []
     rows, sweep_rows, examples, reconstructions = [], [], {}, {}
     ceiling = model_ceiling(Engine(sd, PTIConfig(model=args.model, progress=False)), scenes)
+    ceiling["text_adherence"] = [
+        text_adherence(
+            Engine(sd, PTIConfig(model=args.model, guidance=w, steps=args.steps, progress=False)), scenes
+        )
+        for w in args.guidance
+    ]
     for guidance in args.guidance:
         for method in args.methods:
             config = PTIConfig(
@@ -443,6 +483,16 @@ def ceiling_lines(ceiling: dict, rows: list[dict]) -> list[str]:
         f"the best reconstruction (eta 0, {best['method']}, w={best['guidance']:g}) at IoU "
         f"{best['reconstruction_object_iou']:.3f} and {best['reconstruction_background_psnr']:.1f} dB "
         "(every method's in the stage-1 table). No edit keeps more of the scene than these.",
+        "",
+        "From fresh noise (the captions of the scenes and of their edits, before any inversion), the "
+        "model draws "
+        + "; ".join(
+            f"at w={a['guidance']:g} an object in {a['object_drawn']:.0%}, the caption's colour in "
+            f"{a['right_colour']:.0%} and its shape in {a['right_shape']:.0%}"
+            for a in ceiling["text_adherence"]
+        )
+        + f" of {ceiling['text_adherence'][0]['captions']} captions. An edit can hardly reach a colour "
+        "more often than the model draws it.",
     ]
 
 

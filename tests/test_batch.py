@@ -314,11 +314,7 @@ def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
         max_pixels=10**6,
     ).to_pylist()
     assert len(out[0][PIXELS]) == 64 * 64 * 3 and out[0]["kind"] is None
-    assert (
-        out[1]["kind"] == "bad_image"
-        and "garbage" in out[1]["message"]
-        and out[1][PIXELS] is None
-    )
+    assert out[1]["kind"] == "bad_image" and "garbage" in out[1]["message"] and out[1][PIXELS] is None
 
 
 @pytest.fixture(scope="module")

@@ -138,10 +138,16 @@ def test_edit_quality_measures_attention_control_from_one_inversion(tmp_path):
     ceiling = result["ceiling"]
     assert 0.9 < ceiling["vae_object_iou"] <= 1 and ceiling["vae_background_psnr"] > 30
     assert all(r["reconstruction_object_iou"] <= ceiling["vae_object_iou"] + 0.02 for r in rows)
+    # ... and what it draws from fresh noise: the scenes' captions and their two edits'.
+    (adherence,) = ceiling["text_adherence"]
+    assert adherence["guidance"] == 3 and adherence["captions"] == 3 * 2
+    assert adherence["object_drawn"] == 1.0 and 0 <= adherence["right_shape"] <= adherence["object_drawn"]
+    assert 0.5 <= adherence["right_colour"] <= 1  # at T steps of a 64 px model: most colours come out
     edit_quality.write_markdown(result, args, tmp_path / "quality.md")
     text = (tmp_path / "quality.md").read_text()
     assert "| pti | 3 | auto | on | 0.8 | 0.4 | colour | 0.8 |" in text
     assert text.index("The model's ceiling: its VAE's round trip") < text.index("Closest to the quality bar")
+    assert "From fresh noise" in text and f"the caption's colour in {adherence['right_colour']:.0%}" in text
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
