@@ -23,7 +23,7 @@ from pipeline.world import scenes as world
 from pipeline.world.training import RECIPES, RESUMABLE_CHANGES
 
 SHARP = Path(__file__).resolve().parents[1] / "models" / "sharp-sd"
-SCENES = 4
+SCENES = 3  # of the held-out scenes; each costs about 8 s of the suite
 GUIDANCE, ETA = 3.0, 0.8  # docs/quality.md compares the two models at this setting
 
 
@@ -51,8 +51,8 @@ def test_every_word_of_the_world_is_one_token(sharp_sd):
 
 @pytest.fixture(scope="module")
 def controlled_colour_edits(sharp_sd):
-    """PTI (fast preset) on four held-out scenes, each reconstructed (eta 0) and edited to another
-    colour under Prompt-to-Prompt control, in one call."""
+    """PTI (fast preset) on the first held-out scenes, each reconstructed (eta 0) and edited to
+    another colour under Prompt-to-Prompt control, in one call."""
     scenes = world.held_out_scenes(SCENES, sharp_sd.resolution)
     truths = [world.edit_targets(s, n)["colour"] for n, s in enumerate(scenes)]
     config = PTIConfig(model=str(SHARP), guidance=GUIDANCE, control="auto", progress=False, **PRESETS["fast"])
@@ -80,8 +80,8 @@ def test_the_reconstruction_keeps_the_object(controlled_colour_edits):
 
 def test_pti_with_control_changes_the_colour_and_keeps_the_object_and_background(controlled_colour_edits):
     _, _, scores = controlled_colour_edits
-    # Measured on these four (fast preset): 4 of 4, IoU 0.79 (0.34 to 0.99: the last scene's small
-    # square is redrawn at the centre), 31.9 dB. Over 12 scenes at the default preset: 83 %, 0.766, 33.0 dB.
-    assert sum(s["success"] for s in scores) >= 3
-    assert np.mean([s["object_iou"] for s in scores]) >= 0.70
-    assert np.mean([s["background_psnr"] for s in scores]) >= 28.0
+    # Measured on these three (fast preset): 3 of 3, IoU 0.94 (0.89 to 0.99), 34.6 dB. Over 12 scenes at
+    # the default preset: 83 %, 0.766, 33.0 dB (the fourth scene's small square is redrawn at the centre).
+    assert sum(s["success"] for s in scores) >= 2
+    assert np.mean([s["object_iou"] for s in scores]) >= 0.80
+    assert np.mean([s["background_psnr"] for s in scores]) >= 30.0
