@@ -769,23 +769,28 @@ NUMERICS_COLUMNS = {
 }
 
 
-def numerics_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
+def table_section(
+    title: str, prose: str, table: list[dict], columns: dict, missing: str, notes: list[str]
+) -> tuple[str, dict]:
+    """A part's section of one table: heading, what was measured, the table (or ``missing``), notes."""
     from benchmarks.common import markdown_table
 
+    lines = [f"## {title}", "", prose, "", markdown_table(table, columns) if table else missing, *notes]
+    return "\n".join(lines), {"rows": table}
+
+
+def numerics_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
     numerics = report["settings"]["numerics"]
-    table = by_kind(rows, "numerics", "dtype")
-    lines = [
-        "## Numerics",
-        "",
+    prose = (
         f"Model `{numerics['model']}`, {numerics['scenes']} held-out scenes, T={numerics['steps']}, "
         f"K={numerics['inner_steps']}, lr={numerics['lr']}; one colour edit per scene at eta "
         f"{numerics['eta']}. Non-finite values: in z_T, the tuned embeddings, the reconstructions, the "
-        "final losses and the edits.",
-        "",
-        markdown_table(table, NUMERICS_COLUMNS) if table else "No dtype finished.",
-        *notes(report, rows, "numerics"),
-    ]
-    return "\n".join(lines), {"rows": table}
+        "final losses and the edits."
+    )
+    table = by_kind(rows, "numerics", "dtype")
+    return table_section(
+        "Numerics", prose, table, NUMERICS_COLUMNS, "No dtype finished.", notes(report, rows, "numerics")
+    )
 
 
 def pipeline_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
@@ -815,37 +820,28 @@ TRAIN_COLUMNS = {
 
 
 def train_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
-    from benchmarks.common import markdown_table
-
-    table = by_kind(rows, "train", "train")
-    lines = [
-        "## Training the sharp world model",
-        "",
+    prose = (
         "`jobs.train_tiny` on this device for what was left of the part's budget (issue 17); a "
-        "finished model is in `OUTDIR/sharp-sd`.",
-        "",
-        markdown_table(table, TRAIN_COLUMNS) if table else "The training did not report.",
-        *notes(report, rows, "train"),
-    ]
-    return "\n".join(lines), {"rows": table}
+        "finished model is in `OUTDIR/sharp-sd`."
+    )
+    table = by_kind(rows, "train", "train")
+    missing = "The training did not report."
+    return table_section(
+        "Training the sharp world model", prose, table, TRAIN_COLUMNS, missing, notes(report, rows, "train")
+    )
 
 
 def sdxl_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
-    from benchmarks.common import markdown_table
-
     sdxl, sweep = report["settings"]["sdxl"], report["settings"]["sweep"]
     table = [dict(c, images_per_s=1 / c["stage1_s_per_image"]) for c in by_kind(rows, "sdxl", "case")]
-    lines = [
-        "## SDXL",
-        "",
+    prose = (
         f"Model `{sdxl['model']}` (random weights) at {table[0]['resolution'] if table else '?'} px, "
         f"the sweep's T={sweep['steps']}, K={sweep['inner_steps']} and timing; docs/scaling.md "
-        "prices an SDXL night from counted FLOPs (8.36 PFLOP per image in stage 1, 0.687 per edit).",
-        "",
-        markdown_table(table, SWEEP_COLUMNS) if table else "No case finished.",
-        *notes(report, rows, "sdxl"),
-    ]
-    return "\n".join(lines), {"rows": table}
+        "prices an SDXL night from counted FLOPs (8.36 PFLOP per image in stage 1, 0.687 per edit)."
+    )
+    return table_section(
+        "SDXL", prose, table, SWEEP_COLUMNS, "No case finished.", notes(report, rows, "sdxl")
+    )
 
 
 def parts_section(report: dict) -> str:
