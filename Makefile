@@ -9,12 +9,13 @@ DEMO_MODEL ?= models/shapes-sd
 DEMO_OUT ?= outputs/demo
 include deploy/image.env
 
-.PHONY: install demo test image clean
+.PHONY: install demo test image lock clean
 
 install: $(STAMP)
 
-# deploy/install.sh is the one install path: the image (deploy/Dockerfile) runs it too.
-$(STAMP): pyproject.toml deploy/install.sh
+# deploy/install.sh is the one install path: the image (deploy/Dockerfile) runs it too. It installs
+# the versions of deploy/requirements-test.lock, so a fresh clone gets what the tests ran on.
+$(STAMP): pyproject.toml deploy/install.sh deploy/requirements.lock deploy/requirements-test.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	bash deploy/install.sh $(PY) "$(TORCH_SPEC)" test
 	touch $(STAMP)
@@ -24,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Re-resolve both locks (deploy/lock.sh says how to move versions: LOCK_ARGS=--upgrade, ...).
+lock:
+	bash deploy/lock.sh "$(TORCH_SPEC)" $(LOCK_ARGS)
 
 # The cluster image (needs a Docker engine; see deploy/README.md).
 image:

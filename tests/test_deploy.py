@@ -41,12 +41,17 @@ IMAGE = re.search(r"^IMAGE=(\S+)$", (DEPLOY / "image.env").read_text(), re.M).gr
 RAY_KINDS = ("RayJob", "RayCronJob", "RayCluster")
 DOCKERFILE = (DEPLOY / "Dockerfile").read_text()
 DOCKER_ARGS = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE, re.M))
-LOCK = dict(
-    (canonicalize_name(name), version)
-    for name, version in re.findall(
-        r"^([A-Za-z0-9._-]+)==(\S+)$", (DEPLOY / "requirements.lock").read_text(), re.M
-    )
-)
+
+
+def read_lock(name: str) -> dict[str, str]:
+    return {
+        canonicalize_name(package): version
+        for package, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", (DEPLOY / name).read_text(), re.M)
+    }
+
+
+LOCK = read_lock("requirements.lock")  # the image's
+TEST_LOCK = read_lock("requirements-test.lock")  # make install's: the image's and the extras
 MIN_DRIVER = {12: 525, 13: 580}  # the oldest NVIDIA driver of each CUDA major (NVIDIA's release notes)
 
 
@@ -268,6 +273,12 @@ def test_the_image_installs_its_lock_with_the_script_make_install_and_ci_run_bef
         ("COPY", [".", "."]),  # the code: after the dependencies' layer, which changes with the lock only
         ("RUN", ["bash", "deploy/install.sh", "--package", "python"]),
     ], "the lock's dependencies, then the code and the package alone; the same script and torch as make"
+    # Every pip install of the script takes its versions from a lock: none resolves from the index.
+    pip_installs = re.findall(r"-m pip install (.+)$", (DEPLOY / "install.sh").read_text(), re.M)
+    assert len(pip_installs) == 5
+    for args in pip_installs:
+        image_step = "--no-deps" in args and ('-r "$lock"' in args or '"$root"' in args)
+        assert '-c "$test_lock"' in args or image_step, args
     image = shlex.split(make_dry_run("image"))
     assert (
         image[:4] == ["docker", "build", "-f", "deploy/Dockerfile"] and image[image.index("-t") + 1] == IMAGE
@@ -275,31 +286,62 @@ def test_the_image_installs_its_lock_with_the_script_make_install_and_ci_run_bef
     assert f"TORCH_SPEC={torch_spec}" in image
 
 
-def test_the_lock_pins_every_runtime_dependency_torch_as_make_and_ray_as_pyproject():
-    text = (DEPLOY / "requirements.lock").read_text()
-    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert len(lines) == len(LOCK), "every line of the lock is one name==version"
+def test_the_locks_pin_every_dependency_in_pyprojects_ranges_torch_as_make_and_ray_as_pyproject():
+    """A check of the lock files against pyproject.toml alone: nothing installed here enters it."""
     torch_spec = DOCKER_ARGS["TORCH_SPEC"]
-    assert f"{torch_spec}\n" in text and LOCK["ray"] == RAY_PIN
     assert re.search(r"^TORCH_SPEC \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1) == torch_spec
-    # Every requirement of pyproject.toml, with its extras, and theirs, down through the packages
-    # installed here (the same versions), is pinned at a version it accepts.
+    project = PYPROJECT["project"]
+    build_tools = [Requirement("pip"), *map(Requirement, PYPROJECT["build-system"]["requires"])]
+    runtime = [Requirement(d) for d in project["dependencies"]]
+    extras = [Requirement(d) for group in ("test", "bench") for d in project["optional-dependencies"][group]]
+    for path, lock, wanted in (
+        ("requirements.lock", LOCK, runtime + build_tools),
+        ("requirements-test.lock", TEST_LOCK, runtime + build_tools + extras),
+    ):
+        text = (DEPLOY / path).read_text()
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert len(lines) == len(lock), f"every line of {path} is one name==version"
+        assert text.startswith("# Written by deploy/lock.sh"), path
+        assert f"{torch_spec}\n" in text and lock["ray"] == RAY_PIN, path
+        for requirement in wanted:
+            name = canonicalize_name(requirement.name)
+            assert name in lock, f"{requirement} is not in deploy/{path}: run make lock"
+            assert requirement.specifier.contains(lock[name], prereleases=True), (path, requirement)
+    # One resolved set: the test lock is the image's lock plus the extras, at the same versions.
+    assert {n: TEST_LOCK.get(n) for n in LOCK} == LOCK
+    assert shlex.split(make_dry_run("lock")) == ["bash", "deploy/lock.sh", torch_spec]
+
+
+def test_make_install_installed_the_locked_versions_and_the_lock_holds_what_they_require():
+    """What ``make install`` put in this environment is the test lock (torch: its local CPU build of
+    the locked version), so a fresh clone runs what the tests ran on; through the metadata of those
+    locked versions, every requirement of pyproject.toml and its extras, down to the leaves, is
+    pinned at a version it accepts."""
+    installed = {
+        canonicalize_name(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions()
+        if d.metadata["Name"]
+    }
+    moved = {
+        name: (installed[name], version)
+        for name, version in TEST_LOCK.items()
+        if name in installed and installed[name].split("+")[0] != version
+    }
+    assert not moved, f"installed, not locked (make clean install): {moved}"
     environment = {"python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux"}
-    todo = [Requirement(d) for d in PYPROJECT["project"]["dependencies"]]
+    project = PYPROJECT["project"]
+    todo = [Requirement(d) for d in project["dependencies"]]
+    todo += [Requirement(d) for group in ("test", "bench") for d in project["optional-dependencies"][group]]
     seen = set()
     while todo:
         requirement = todo.pop()
         name = canonicalize_name(requirement.name)
-        assert name in LOCK, f"{requirement} is not in deploy/requirements.lock: run deploy/lock.sh"
-        assert requirement.specifier.contains(LOCK[name], prereleases=True), (requirement, LOCK[name])
-        if (name, frozenset(requirement.extras)) in seen or name == "torch":  # torch here is a CPU build
+        assert name in TEST_LOCK, f"{requirement} is not in deploy/requirements-test.lock: run make lock"
+        assert requirement.specifier.contains(TEST_LOCK[name], prereleases=True), requirement
+        if (name, frozenset(requirement.extras)) in seen or name not in installed:
             continue
         seen.add((name, frozenset(requirement.extras)))
-        try:
-            requires = importlib.metadata.requires(name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for line in requires:
+        for line in importlib.metadata.requires(name) or []:
             r = Requirement(line)
             if r.marker is None or any(
                 r.marker.evaluate({**environment, "extra": extra}) for extra in ["", *requirement.extras]
