@@ -113,18 +113,23 @@ def tune_rows(float64, rows, **settings):
     )
 
 
-def test_batched_tuning_equals_one_at_a_time(float64):
-    batch = tune_rows(float64, [0, 1, 2], inner_steps=10, early_stop=False)
+@pytest.fixture(scope="module")
+def tuned_float64(float64):
+    """The three images tuned together, 10 inner steps each, no early stop."""
+    return tune_rows(float64, [0, 1, 2], inner_steps=10, early_stop=False)
+
+
+def test_batched_tuning_equals_one_at_a_time(float64, tuned_float64):
+    batch = tuned_float64
     for b in range(3):
         alone = tune_rows(float64, [b], inner_steps=10, early_stop=False)
         torch.testing.assert_close(alone.embeddings[0], batch.embeddings[b], rtol=1e-7, atol=1e-8)
         torch.testing.assert_close(alone.reconstruction[0], batch.reconstruction[b], rtol=1e-7, atol=1e-8)
 
 
-def test_per_image_early_stop_matches_one_at_a_time(float64):
+def test_per_image_early_stop_matches_one_at_a_time(float64, tuned_float64):
     # A threshold inside the spread of the losses, so images stop at different inner steps.
-    probe = tune_rows(float64, [0, 1, 2], inner_steps=10, early_stop=False)
-    stop_eps = float(probe.final_loss.median())
+    stop_eps = float(tuned_float64.final_loss.median())
     batch = tune_rows(float64, [0, 1, 2], inner_steps=10, stop_eps=stop_eps, stop_slack=0.0)
     assert batch.steps.min() < 10 and batch.steps.max() == 10
     assert len(set(batch.steps.sum(1).tolist())) > 1, "images should stop at different points"

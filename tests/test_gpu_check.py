@@ -22,13 +22,16 @@ TINY = gpu_check.PROFILES["tiny"]
 
 
 @pytest.fixture(scope="module")
-def check(tmp_path_factory) -> dict:
-    """One tiny run through bash into a fresh folder."""
+def check(tmp_path_factory, ray_cluster) -> dict:
+    """One tiny run through bash into a fresh folder. Its pipeline part joins the session's Ray
+    cluster (``RAY_ADDRESS``, as a job submitted to a cluster does) instead of starting one."""
+    import ray
+
     out = tmp_path_factory.mktemp("gpu-check")
     started = time.perf_counter()
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny"],
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
         capture_output=True,
         text=True,
         timeout=1800,  # about a minute on 2 idle cores; far more when they are shared

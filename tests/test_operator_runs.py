@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.batch.cluster import autoscaler_can_add_nodes, starved_reads
+from pipeline.batch.cluster import actor_wait_s, autoscaler_can_add_nodes, starved_reads
 from pipeline.batch.config import RunConfig
 from pipeline.batch.jobs import run_all
 from pipeline.batch.nightly import NightFailed, run_nightly
@@ -203,6 +203,17 @@ def test_reads_are_starved_when_the_actors_leave_no_whole_cpu():
     assert "cpus_per_actor=0.83" in starved_reads(6, 1.0, 6)
     assert starved_reads(10, 0.1, 2) is None  # shares that do not add up exactly in floats
     assert starved_reads(1, 1.0, 0.5).endswith("would wait forever; add CPUs to the cluster")
+
+
+def test_pools_of_several_actors_wait_for_them_all_only_where_they_fit_and_single_actors_never_wait():
+    config = RunConfig(gpus_per_actor=1, cpus_per_actor=1.0, actor_start_timeout_s=900)
+    cluster = {"CPU": 6.0, "GPU": 4.0}
+    assert actor_wait_s(config, (2, 2), cluster) == 900  # every actor gets some of a small job's blocks
+    assert actor_wait_s(config, (2,), cluster) == 900
+    assert actor_wait_s(config, (3, 2), cluster) == -1  # 5 GPUs asked of 4: waiting would deadlock
+    assert actor_wait_s(config, (3, 3), {"CPU": 6.0, "GPU": 8.0}) == -1  # no CPU left for reads
+    # One actor per pool: both pools' models load at once, and there is nothing to share out.
+    assert actor_wait_s(config, (1, 1), cluster) == actor_wait_s(config, (1,), cluster) == -1
 
 
 def test_only_an_autoscaler_with_node_types_of_its_own_can_add_cpus():

@@ -129,13 +129,17 @@ def _weights(folder) -> dict:
     return {f"{p}/{k}": v for p in parts for k, v in load_file(folder / f"{p}.safetensors").items()}
 
 
-def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_ends(tmp_path):
-    """The sharp recipe, shrunk: one run unbroken in this process; another from the same seed in
-    processes that stop at a time limit, are SIGKILLed once in each phase, and go on each time."""
+def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_ends(
+    tmp_path, capsys
+):
+    """The sharp recipe, shrunk: one run unbroken in this process; another from the same seed by
+    ``jobs.train_tiny``, stopped at a time limit, SIGKILLed once in each phase (in processes of
+    their own), and going on each time."""
     import os
     import subprocess
     import sys
 
+    from jobs import train_tiny
     from pipeline.engine.models import load_stable_diffusion
     from pipeline.world.training import RECIPES, train_world_model
 
@@ -145,26 +149,26 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroke
     failpoints.mkdir()
     (failpoints / "training.vae.3").touch()
     (failpoints / "training.unet.5").touch()
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.train_tiny",
-        "--recipe=sharp-sd",
-        "--quiet",
-        "--out",
-        str(tmp_path / "b"),
-    ]
+    argv = ["--recipe=sharp-sd", "--quiet", "--out", str(tmp_path / "b"), *_flags(**TRAINING)]
+
+    def exit_status(*extra: str) -> int:  # the command, in this process
+        try:
+            train_tiny.main([*argv, *extra])
+        except SystemExit as stop:
+            return stop.code
+        return 0
+
+    assert exit_status("--max-seconds=0") == 3
+    assert "stopped after vae step 2 of 6" in capsys.readouterr().err
     env = {**os.environ, "PTI_FAILPOINTS": str(failpoints)}
-    codes = [
-        subprocess.run([*command, *_flags(**TRAINING), *extra], env=env, capture_output=True, text=True)
-        for extra in (["--max-seconds=0"], [], [], [])
-    ]
-    assert [c.returncode for c in codes] == [3, -9, -9, 0], [c.stderr[-2000:] for c in codes]
-    assert "stopped after vae step 2 of 6" in codes[0].stderr
+    command = [sys.executable, "-m", "jobs.train_tiny", *argv]
+    killed = [subprocess.run(command, env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [k.returncode for k in killed] == [-9, -9], [k.stderr[-2000:] for k in killed]
     assert sorted(p.name.split(".fired")[0] for p in failpoints.iterdir()) == [
         "training.unet.5",
         "training.vae.3",
     ]
+    assert exit_status() == 0
     first, second = _weights(unbroken), _weights(tmp_path / "b")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -176,7 +180,6 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroke
     assert sd.resolution == 64 and sd.vae.config.scaling_factor > 0
     assert len(sd.unet.config.down_block_types) == 3 and not sd.vae.config.mid_block_add_attention
 
-    other = subprocess.run(
-        [*command, *_flags(**{**TRAINING, "unet_lr": 0.5})], env=env, capture_output=True, text=True
-    )
-    assert other.returncode == 2 and "another recipe (unet_lr 0.001 -> 0.5)" in other.stderr
+    capsys.readouterr()
+    assert exit_status("--unet-lr=0.5") == 2
+    assert "another recipe (unet_lr 0.001 -> 0.5)" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import lock, metrics
-from pipeline.batch.cluster import check_cpus, check_gpus, init_ray, pools_fit
+from pipeline.batch.cluster import actor_wait_s, check_cpus, check_gpus, init_ray
 from pipeline.batch.config import RunConfig
 from pipeline.faults import failpoint
 from pipeline.batch.resume import check_same_settings
@@ -118,18 +118,19 @@ def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
     output at a time), check that the output holds nothing made with other settings, and write
     the resolved config beside the outputs. Yields the start time and this attempt's name, which
     begins with the job's (``run-...``); the lease is given back when the job ends or fails."""
+    import ray
     from ray.data import DataContext
 
     started = time.perf_counter()
     output = config.output_location
-    actors = {
-        "run": config.tune_actors + config.edit_actors,
-        "tune": config.tune_actors,
-        "edit": config.edit_actors,
-    }
+    pools = {
+        "run": (config.tune_actors, config.edit_actors),
+        "tune": (config.tune_actors,),
+        "edit": (config.edit_actors,),
+    }[job]
     init_ray(config)
-    check_gpus(config, actors[job])
-    check_cpus(config, actors[job])
+    check_gpus(config, sum(pools))
+    check_cpus(config, sum(pools))
     attempt = f"{job}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     try:  # the job's first write: an output it cannot write is one clean error, not a traceback
         lease = lock.acquire(output.lock, attempt, config.lock_ttl_s, f"output {config.output}")
@@ -141,8 +142,8 @@ def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
     with lease:
         check_same_settings(config, job)
         # The context is per process: set it both ways, a driver may run several jobs.
-        fit = pools_fit(config, actors[job])
-        DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s if fit else -1
+        wait = actor_wait_s(config, pools, ray.cluster_resources())
+        DataContext.get_current().wait_for_min_actors_s = wait
         output.config_file(job).write_bytes(config.to_yaml().encode())
         yield started, attempt
 
