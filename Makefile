@@ -9,7 +9,7 @@ DEMO_MODEL ?= models/shapes-sd
 DEMO_OUT ?= outputs/demo
 include deploy/image.env
 
-.PHONY: install demo test image lock clean
+.PHONY: install demo test test-slow image lock clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The long checks that make test skips (pytest's "slow" marker): run them on purpose, e.g. before a
+# GPU session (the GPU check's CPU run) or after changing a shipped model.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 # Re-resolve both locks (deploy/lock.sh says how to move versions: LOCK_ARGS=--upgrade, ...).
 lock:

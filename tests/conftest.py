@@ -170,6 +170,6 @@ def stop_head_node(temp_dir: str) -> None:
             continue  # ended already
     for process in family.values():
         process.terminate()
-    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    _, alive = psutil.wait_procs(list(family.values()), timeout=3)  # a test cluster: no need to linger
     for process in alive:
         process.kill()  # its temp folder stays: Ray Data's log threads may still write there at exit

@@ -49,6 +49,7 @@ def rows_of(check: dict, part: str, kind: str) -> list[dict]:
     return [r for r in check["report"]["rows"] if r["part"] == part and r.get("kind") == kind]
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
     parts = check["report"]["parts"]
     ran = ("sweep", "numerics", "sdxl", "pipeline", "levers", "train")
@@ -70,6 +71,7 @@ def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
     assert all(re.fullmatch(r"[A-Za-z0-9._/-]+", name) for name in brought)  # what $OUT brings back
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_train_part_trains_the_sharp_model_and_brings_back_a_loadable_model(check):
     from pipeline.engine.models import load_stable_diffusion
 
@@ -86,6 +88,7 @@ def test_the_train_part_trains_the_sharp_model_and_brings_back_a_loadable_model(
     assert check["report"]["device"]["peak_tflops"] > 0
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_sweep_counts_algorithm_md_evaluations_scaled_from_its_first_steps(check):
     sweep = TINY["sweep"]
     T, K, n = sweep["steps"], sweep["inner_steps"], sweep["timed_steps"]
@@ -100,6 +103,7 @@ def test_the_sweep_counts_algorithm_md_evaluations_scaled_from_its_first_steps(c
         assert row["stage1_peak_mb"] > 0 and row["stage2_peak_mb"] > 0
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_all_steps_check_runs_what_the_scaling_predicts(check):
     sweep = TINY["sweep"]
     T, K = sweep["steps"], sweep["inner_steps"]
@@ -111,11 +115,13 @@ def test_the_all_steps_check_runs_what_the_scaling_predicts(check):
     assert "Scaling check: all 4 steps" in check["markdown"]
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_engine_parts_load_neither_ray_nor_s3fs(check):
     (imports,) = rows_of(check, "sweep", "imports")
     assert imports["ray_or_s3fs"] == []
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_shipped_model_in_float32_reconstructs_with_no_non_finite_value(check):
     (row,) = check["report"]["tables"]["numerics"]["rows"]
     assert row["dtype"] == "float32" and row["scenes"] == TINY["numerics"]["scenes"]
@@ -125,6 +131,7 @@ def test_the_shipped_model_in_float32_reconstructs_with_no_non_finite_value(chec
     assert set(skipped) == {"bfloat16", "float16"} and all("needs CUDA" in r for r in skipped.values())
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_pipeline_part_times_jobs_run_against_the_engine_alone(check):
     rows = {r["what"]: r for r in check["report"]["tables"]["pipeline"]["table"]}
     rows_in = TINY["pipeline"]["sizes"][-1]
@@ -132,6 +139,7 @@ def test_the_pipeline_part_times_jobs_run_against_the_engine_alone(check):
     assert all(r["rows_per_s"] > 0 for r in rows.values())
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_levers_run_against_the_baseline_of_the_same_run(check):
     table = check["report"]["tables"]["levers"]["rows"]
     assert [r["lever"] for r in table] == ["baseline", "channels_last"]
@@ -192,6 +200,7 @@ def test_graphed_unet_keeps_one_graph_per_shape_and_grad_mode(make_engine, pixel
     assert sorted((z[0], grad) for z, _, grad in keys) == [(2, False), (2, True), (4, False)]
 
 
+@pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_sdxl_part_times_an_sdxl_model_with_algorithm_md_counts(check):
     (row,) = rows_of(check, "sdxl", "case")
     T, K = TINY["sweep"]["steps"], TINY["sweep"]["inner_steps"]

@@ -118,6 +118,20 @@ def test_the_engine_imports_without_ray_storage_or_the_batch_layer():
     assert loaded.stdout.strip() == "[]"
 
 
+def test_a_stage_actor_starts_without_torchmetrics_and_measures_with_it():
+    """torchmetrics (which loads scipy.signal and every metric family) is imported when stage 1
+    first measures a reconstruction, not when an actor or the driver starts."""
+    code = (
+        "import sys, torch; import pipeline.batch.stages, pipeline.engine.engine; "
+        "from pipeline.engine.metrics import psnr; print('torchmetrics' in sys.modules, end=' '); "
+        "a = torch.zeros(1, 3, 8, 8); psnr(a, a + 0.1); print('torchmetrics' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False True"
+
+
 CODE = sorted(
     p for d in ("pipeline", "jobs", "schemas", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")
 )

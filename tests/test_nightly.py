@@ -59,6 +59,13 @@ def ledger(tmp_path) -> list[dict]:
     return pq.read_table(tmp_path / "out" / "_ledger").sort_by("run_id").to_pylist()
 
 
+def stage_actors() -> int:
+    """How many stage actors (Ray Data's map workers) the session's cluster has ever started."""
+    from ray.util.state import list_actors
+
+    return sum("MapWorker" in a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
+
+
 def files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
@@ -157,10 +164,14 @@ def test_a_failed_manifest_gets_no_ledger_row_and_a_rerun_of_its_night_resumes_i
     assert not list((tmp_path / "out" / "_ledger").glob("*.parquet"))  # no ledger row (claims aside)
     monkeypatch.undo()
 
-    # Run again under the same run id: the good manifest resumes on its output and adds nothing;
-    # the bad one fails on its own, gets no ledger row, and the night says so after its report.
+    # Run again under the same run id: the good manifest resumes on its output and adds nothing
+    # (every row done: no actor starts); the bad one fails on its own, gets no ledger row, and the
+    # night says so after its report.
+    actors_before = stage_actors()
+    assert actors_before >= 2  # the first attempt's tuning and editing actors, counted
     with pytest.raises(NightFailed, match=r"1 of 2 manifests failed .*bad\.parquet.*--run-id night-1"):
         run_nightly(night(tmp_path, tiny_model_dir, "night-1"))
+    assert stage_actors() == actors_before
     assert {folder: files(good / folder) for folder in made} == made
     assert json.loads((good / "summary-run.json").read_text())["already_done"] == 1
     assert [(r["manifest"].rsplit("/", 1)[-1], r["rows_done"], r["edits"]) for r in ledger(tmp_path)] == [

@@ -69,6 +69,7 @@ def controlled_colour_edits(sharp_sd):
     return scenes, inversion, scores
 
 
+@pytest.mark.slow  # PTI on the non-default model: make test-slow (README)
 def test_the_reconstruction_keeps_the_object(controlled_colour_edits):
     scenes, inversion, _ = controlled_colour_edits
     ious = [
@@ -78,6 +79,7 @@ def test_the_reconstruction_keeps_the_object(controlled_colour_edits):
     assert np.mean(ious) >= 0.95  # issue 17's bar; measured 0.982 (min 0.965); 0.983 over 12 scenes
 
 
+@pytest.mark.slow  # PTI on the non-default model: make test-slow (README)
 def test_pti_with_control_changes_the_colour_and_keeps_the_object_and_background(controlled_colour_edits):
     _, _, scores = controlled_colour_edits
     # Measured on these three (fast preset): 3 of 3, IoU 0.94 (0.89 to 0.99), 34.6 dB. Over 12 scenes at

@@ -243,9 +243,12 @@ def run_tune(config: RunConfig, started: float, attempt: str) -> dict:
     committed = read_committed(config.output_location, results=False)
     committed.check_model_family(config)  # before any work
     already = sum(1 for i in ids if i in committed.tuned and i not in duplicates)
-    ds = tune(ds, config, len(ids), duplicates, committed).select_columns(
-        [err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]
-    )
+    if len(ids) > already:
+        ds = tune(ds, config, len(ids), duplicates, committed).select_columns(
+            [err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]
+        )
+    else:  # every row was tuned by an earlier run: no actor starts
+        ds = None
     counts = driver.drain(ds, config, attempt, None, len(ids) - already)
     output = config.output_location
     return driver.finish(
@@ -275,12 +278,16 @@ def run_all(config: RunConfig, started: float, attempt: str) -> dict:
     missing = {i: committed.missing_edits(i, *_edits(config, row)) for i, row in targets.items()}
     unfinished = {i: targets[i] for i in targets if missing[i]}
     already = sum(1 for i in ids if i in targets and not missing[i])
-    ds = tune(ds, config, len(ids), duplicates, committed)
-    if unfinished:
-        ds = ds.union(stored(config, committed, unfinished))
-    done = frozenset(k for k in committed.edits if k[0] in unfinished)
     todo = len(ids) - already
-    counts = driver.drain(edit(ds, config, committed, done), config, attempt, res.RESULTS_SCHEMA, todo)
+    if todo:
+        ds = tune(ds, config, len(ids), duplicates, committed)
+        if unfinished:
+            ds = ds.union(stored(config, committed, unfinished))
+        done = frozenset(k for k in committed.edits if k[0] in unfinished)
+        ds = edit(ds, config, committed, done)
+    else:  # every row was done by an earlier run: no actor starts (nor loads a model) to find that out
+        ds = None
+    counts = driver.drain(ds, config, attempt, res.RESULTS_SCHEMA, todo)
     accounted = driver.account(len(ids), counts, already)
     sheet = None
     if accounted["rows_done"] and config.contact_sheet_images:
