@@ -112,10 +112,7 @@ def test_the_engine_imports_without_ray_storage_or_the_batch_layer():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 's3fs', 'jobs') "
         "or m.startswith(('pipeline.batch', 'pipeline.io'))))"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert loaded.stdout.strip() == "[]"
+    assert python(code) == "[]"
 
 
 def test_a_stage_actor_starts_without_torchmetrics_and_measures_with_it():
@@ -126,10 +123,13 @@ def test_a_stage_actor_starts_without_torchmetrics_and_measures_with_it():
         "from pipeline.engine.metrics import psnr; print('torchmetrics' in sys.modules, end=' '); "
         "a = torch.zeros(1, 3, 8, 8); psnr(a, a + 0.1); print('torchmetrics' in sys.modules)"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert loaded.stdout.strip() == "False True"
+    assert python(code) == "False True"
+
+
+def python(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter (its imports start from nothing)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
 CODE = sorted(

@@ -5,6 +5,7 @@ an errors table that a run ending early leaves in place."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import io
@@ -388,15 +389,14 @@ def test_long_ids_and_a_pipe_among_good_rows_finish_first_and_again_with_their_e
     assert store.seen("/throttled/") - throttled_before == 2 * 3
 
 
-def test_a_job_through_a_store_failing_40_percent_of_requests_loses_and_duplicates_nothing(
-    ray_cluster, tiny_model_dir, photos, store
-):
-    """Every request to the bucket (manifest, images, model-free outputs, leases) meets 20%
-    503 SlowDown and 20% dropped connections; the clients' own retries carry the job through."""
+def flaky_job(store: Store, photos, model: str):
+    """A bucket ``flaky`` with two images and their manifest, through the proxy; a boto3 client
+    past the proxy, and the job's config (output ``s3://flaky/out``)."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{store.moto_port}", region_name="us-east-1")
-    client.create_bucket(Bucket="flaky")
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket="flaky")
     rows = []
     for i, name in enumerate(["astronaut", "chelsea"]):
         client.put_object(Bucket="flaky", Key=f"images/{i}.png", Body=png(photos[name]))
@@ -406,12 +406,22 @@ def test_a_job_through_a_store_failing_40_percent_of_requests_loses_and_duplicat
     client.put_object(Bucket="flaky", Key="manifest.parquet", Body=buffer.getvalue())
     config = job_config(
         "s3://flaky/manifest.parquet",
-        tiny_model_dir,
+        model,
         "s3://flaky/out",
         endpoint_url=store.url,
         image_read_attempts=12,
         max_failed_fraction=1.0,
     )
+    return client, config
+
+
+@pytest.mark.slow  # a chaos run of a whole job: make test-slow (README)
+def test_a_job_through_a_store_failing_40_percent_of_requests_loses_and_duplicates_nothing(
+    ray_cluster, tiny_model_dir, photos, store
+):
+    """Every request to the bucket (manifest, images, model-free outputs, leases) meets 20%
+    503 SlowDown and 20% dropped connections; the clients' own retries carry the job through."""
+    client, config = flaky_job(store, photos, tiny_model_dir)
     store.flaky_share = 0.4
     try:
         summary = run_all(config)
@@ -425,7 +435,11 @@ def test_a_job_through_a_store_failing_40_percent_of_requests_loses_and_duplicat
         assert client.head_object(Bucket="flaky", Key=key.removeprefix("s3://flaky/"))["ContentLength"] > 0
     assert sorted(read_s3_table(client, "out/embeddings")["id"].to_pylist()) == ["row-0", "row-1"]
 
-    # An output prefix the job may not write is one clean error before any work.
+
+def test_an_output_prefix_the_job_may_not_write_is_one_clean_error_before_any_work(
+    ray_cluster, tiny_model_dir, photos, store
+):
+    _, config = flaky_job(store, photos, tiny_model_dir)
     denied = dataclasses.replace(config, output="s3://flaky/denied/out")
     with pytest.raises(InputError, match=r"^cannot write to output s3://flaky/denied/out: .*may write under"):
         run_all(denied)

@@ -180,8 +180,9 @@ def actor_wait_s(config: RunConfig, pools: tuple[int, ...], have: dict[str, floa
     would deadlock: Ray then starts each actor as resources free up. Pools of one actor each never
     wait: Ray Data starts a job's pools one after another and waits for each, so the editing
     actor would load its model only once the tuning actor has loaded its own, and one actor has
-    no blocks to share. Without the wait they load at once (a job of two one-actor pools on the
-    test cluster: 12.7 s instead of 15.9 s, benchmarks in docs/benchmarks.md)."""
+    no blocks to share. Without the wait they load at once (a 6-row job of two one-actor pools on
+    the test cluster, 2 cores: 12.7 s instead of 15.9 s; see docs/benchmarks.md, "Pipeline
+    overhead")."""
     if max(pools) <= 1:
         return -1
     actors = sum(pools)
