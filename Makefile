@@ -26,8 +26,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The long checks that make test skips (pytest's "slow" marker): run them on purpose, e.g. before a
-# GPU session (the GPU check's CPU run) or after changing a shipped model.
+# The long checks that make test skips (pytest's "slow" marker), run on purpose: the README says
+# which and when.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 

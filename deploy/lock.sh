@@ -54,8 +54,8 @@ compile() { # OUTPUT [OPTION...]
         --no-header \
         --output-file "$output" \
         "$@"
-    # uv writes the temporary input's path into nothing (no annotations, no header): the header
-    # below says how the file was made.
+    # No annotations and no uv header (both would name this script's temporary input file): this
+    # header says how the file was made.
     sed -i "1i # Written by deploy/lock.sh ('make lock'): do not edit; see that script to move a version." "$output"
 }
 # uv reads the existing file's pins as preferences; the header line is a comment, which it ignores.

@@ -52,6 +52,12 @@ def read_lock(name: str) -> dict[str, str]:
 
 LOCK = read_lock("requirements.lock")  # the image's
 TEST_LOCK = read_lock("requirements-test.lock")  # make install's: the image's and the extras
+RUNTIME = [Requirement(d) for d in PYPROJECT["project"]["dependencies"]]
+EXTRAS = [  # what make install adds: the groups that requirements-test.lock pins
+    Requirement(d)
+    for group in ("test", "bench")
+    for d in PYPROJECT["project"]["optional-dependencies"][group]
+]
 MIN_DRIVER = {12: 525, 13: 580}  # the oldest NVIDIA driver of each CUDA major (NVIDIA's release notes)
 
 
@@ -290,13 +296,10 @@ def test_the_locks_pin_every_dependency_in_pyprojects_ranges_torch_as_make_and_r
     """A check of the lock files against pyproject.toml alone: nothing installed here enters it."""
     torch_spec = DOCKER_ARGS["TORCH_SPEC"]
     assert re.search(r"^TORCH_SPEC \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1) == torch_spec
-    project = PYPROJECT["project"]
     build_tools = [Requirement("pip"), *map(Requirement, PYPROJECT["build-system"]["requires"])]
-    runtime = [Requirement(d) for d in project["dependencies"]]
-    extras = [Requirement(d) for group in ("test", "bench") for d in project["optional-dependencies"][group]]
     for path, lock, wanted in (
-        ("requirements.lock", LOCK, runtime + build_tools),
-        ("requirements-test.lock", TEST_LOCK, runtime + build_tools + extras),
+        ("requirements.lock", LOCK, RUNTIME + build_tools),
+        ("requirements-test.lock", TEST_LOCK, RUNTIME + build_tools + EXTRAS),
     ):
         text = (DEPLOY / path).read_text()
         lines = [line for line in text.splitlines() if line and not line.startswith("#")]
@@ -329,9 +332,7 @@ def test_make_install_installed_the_locked_versions_and_the_lock_holds_what_they
     }
     assert not moved, f"installed, not locked (make clean install): {moved}"
     environment = {"python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux"}
-    project = PYPROJECT["project"]
-    todo = [Requirement(d) for d in project["dependencies"]]
-    todo += [Requirement(d) for group in ("test", "bench") for d in project["optional-dependencies"][group]]
+    todo = [*RUNTIME, *EXTRAS]
     seen = set()
     while todo:
         requirement = todo.pop()

@@ -243,13 +243,14 @@ def run_tune(config: RunConfig, started: float, attempt: str) -> dict:
     committed = read_committed(config.output_location, results=False)
     committed.check_model_family(config)  # before any work
     already = sum(1 for i in ids if i in committed.tuned and i not in duplicates)
-    if len(ids) > already:
+    todo = len(ids) - already
+    if todo:
         ds = tune(ds, config, len(ids), duplicates, committed).select_columns(
             [err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]
         )
     else:  # every row was tuned by an earlier run: no actor starts
         ds = None
-    counts = driver.drain(ds, config, attempt, None, len(ids) - already)
+    counts = driver.drain(ds, config, attempt, None, todo)
     output = config.output_location
     return driver.finish(
         config,
