@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.engine.config import PTIConfig, check_eta
+from pipeline.engine.config import PTIConfig, eta_problem
 from pipeline.engine.engine import Engine
 from pipeline.errors import InputError, NonFiniteError
 from pipeline.io.images import (
@@ -39,7 +39,7 @@ def edit_one_image(
     """Stage 1 and 2 for one image; writes PNGs, ``contact_sheet.png`` and ``summary.json``."""
     if not targets:
         raise InputError("no target prompts: give at least one --target")
-    problems = [p for p in (check_eta(e) for e in config.etas) if p]
+    problems = [p for p in (eta_problem(e) for e in config.etas) if p]
     problems += [f"target prompt {i} is empty" for i, t in enumerate(targets) if not t.strip()]
     if problems:
         raise InputError("; ".join(problems))

@@ -9,8 +9,11 @@ string column is accepted too), and optional per-row overrides ``eta`` (list of 
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
+from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 
 from schemas.errors import ROW, error_row
@@ -126,6 +129,67 @@ def typed(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+# --- The rules of the values a row may set. ``PTIConfig`` checks its own fields with these same
+# functions (it imports them from here, the lowest layer), so a value a row overrides is refused by
+# the one rule that refuses it in a config. Each returns the problem, or None.
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _word(value) -> bool:
+    """A word to match in a prompt, which attention control splits on whitespace."""
+    return isinstance(value, str) and value.split() == [value]
+
+
+def eta_problem(eta) -> str | None:
+    """An interpolation weight: a number in [0, 1] (the config's ``etas``, a row's ``eta``)."""
+    if not (_real(eta) and 0.0 <= eta <= 1.0):  # also refuses NaN
+        return f"eta must be in [0, 1], got {eta!r}"
+    return None
+
+
+def guidance_problem(guidance) -> str | None:
+    """The classifier-free guidance weight w: a finite number >= 0."""
+    if not (_real(guidance) and math.isfinite(guidance) and guidance >= 0):
+        return f"guidance must be a finite number >= 0, got {guidance!r}"
+    return None
+
+
+def reweight_problem(factors: dict) -> str | None:
+    """Words to factors on their cross-attention: each a word (no spaces) to a finite number >= 0."""
+    bad = {w: f for w, f in factors.items() if not (_word(w) and _real(f) and math.isfinite(f) and f >= 0)}
+    if bad:
+        return f"reweight must map words (no spaces) to finite numbers >= 0, got {bad!r}"
+    return None
+
+
+def blend_words_problem(words) -> str | None:
+    """Words of local blend: each a word (no spaces), as prompts are split into words."""
+    bad = [w for w in words if not _word(w)]
+    if bad:
+        return f"blend words must be words (non-empty, no spaces), got {bad!r}"
+    return None
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why an image URI cannot name anything, or None: a NUL byte, or a URL that does not parse
+    (``http://[::1/x.png``, a port out of range). Whether it may be read is the read stage's."""
+    if "\x00" in uri:
+        return f"image URI {uri!r} holds a NUL byte"
+    try:
+        uri.encode("utf-8")
+        urlsplit(uri).port  # noqa: B018 (parses the netloc's port)
+    except ValueError as exc:  # UnicodeEncodeError (a lone surrogate) is one
+        return f"image URI {uri!r} does not parse: {exc}"
+    return None
+
+
+def _each(rule, values) -> list[str]:
+    return [p for p in map(rule, values) if p]
+
+
 def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
     """``(kind, message)`` for each problem of one manifest row; ``duplicates`` holds the ids
     that appear more than once in the whole manifest."""
@@ -135,8 +199,11 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
         problems.append(("bad_id", "id is empty"))
     elif row_id in duplicates:
         problems.append(("duplicate_id", f"id {row_id!r} appears more than once in the manifest"))
-    if row.get(IMAGE) in (None, "", b""):
+    image = row.get(IMAGE)
+    if image in (None, "", b""):
         problems.append(("bad_image", "image is empty"))
+    elif isinstance(image, str) and uri_problem(image):
+        problems.append(("bad_uri", uri_problem(image)))
     targets = row.get(TARGET_PROMPTS)
     if targets is None and TARGET_PROMPT in row:
         targets = [] if row[TARGET_PROMPT] is None else [row[TARGET_PROMPT]]
@@ -144,10 +211,9 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
         problems.append(("no_targets", "the target prompt list is empty"))
     elif any(t is None or not str(t).strip() for t in targets):
         problems.append(("empty_target", "a target prompt is empty"))
-    for eta in row.get(ETA) or []:
-        if eta is None or not (0.0 <= eta <= 1.0) or math.isnan(eta):
-            problems.append(("bad_eta", f"eta must be in [0, 1], got {eta}"))
-    for name, same in same_etas(row.get(ETA) or []).items():
+    etas = row.get(ETA) or []
+    problems += [("bad_eta", p) for p in _each(eta_problem, etas)]
+    for name, same in same_etas(etas).items():
         listed = ", ".join(repr(e) for e in same)
         problems.append(
             (
@@ -155,19 +221,20 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
                 f"etas {listed} are one eta at the precision of image names ({name}): list it once",
             )
         )
-    guidance = row.get(GUIDANCE)
-    if guidance is not None and not math.isfinite(guidance):
-        problems.append(("bad_guidance", f"guidance must be a finite number, got {guidance}"))
+    if row.get(GUIDANCE) is not None:
+        problems += [("bad_guidance", p) for p in _each(guidance_problem, [row[GUIDANCE]])]
     factors = dict(row.get(REWEIGHT) or [])  # Arrow maps read back as (key, value) pairs
-    bad = {w: f for w, f in factors.items() if f is None or not (math.isfinite(f) and f >= 0)}
-    if bad:
-        problems.append(("bad_reweight", f"reweight factors must be finite numbers >= 0, got {bad}"))
+    problems += [("bad_reweight", p) for p in _each(reweight_problem, [factors])]
+    problems += [("bad_blend_words", p) for p in _each(blend_words_problem, [row.get(BLEND_WORDS) or []])]
     return problems
 
 
 def eta_name(eta: float) -> str:
-    """An eta as output file names write it (``images/{id}/{target_index}-{eta}.png``)."""
-    return f"{eta:g}"
+    """An eta as output file names write it (``images/{id}/{target_index}-{eta}.png``), and as
+    resuming matches an edit to the results table's: at float32 (what that table stores), to 6
+    significant digits. One name for all three, so two etas are one edit exactly when they write
+    one file (``duplicate_eta`` refuses a row that lists both)."""
+    return f"{float(np.float32(eta)):g}"
 
 
 def same_etas(etas) -> dict[str, list[float]]:
@@ -175,7 +242,7 @@ def same_etas(etas) -> dict[str, list[float]]:
     by that name: each pair would make one image twice, the second over the first."""
     by_name: dict[str, list[float]] = {}
     for eta in etas:
-        if eta is not None and not math.isnan(eta):
+        if not eta_problem(eta):
             by_name.setdefault(eta_name(eta), []).append(eta)
     return {name: same for name, same in by_name.items() if len(same) > 1}
 
@@ -202,7 +269,10 @@ def validate_rows(
         duplicates = duplicated_ids(r.get(ID) for r in rows)
     good, errors = [], []
     for position, row in enumerate(rows):
-        problems = row_problems(row, duplicates)
+        try:
+            problems = row_problems(row, duplicates)
+        except Exception as exc:  # noqa: BLE001 (a value no check foresaw: this row's error, not the job's)
+            problems = [("internal", f"the row cannot be checked: {type(exc).__name__}: {exc}")]
         if problems:
             message = "; ".join(m for _, m in problems)
             place = row.get(ROW, position)

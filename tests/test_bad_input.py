@@ -147,6 +147,11 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
         "web-forbidden": ("read", "access_denied"),
         "web-redirect": ("read", "not_allowed"),  # an allowed host cannot send us elsewhere
         "non-finite": ("tune", "non_finite"),
+        "long-prompt": None,  # 10,000 characters: the tokenizer keeps what the model reads
+        "negative-guidance": ("validate", "bad_guidance"),  # the config's own rule, per row (issue 30)
+        "nul-uri": ("validate", "bad_uri"),
+        "ipv6-uri": ("validate", "bad_uri"),
+        "bucket-uri": ("validate", "bad_uri"),
     }
     rows = [
         row("../../escape", str(images / "good.png")),
@@ -172,7 +177,13 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
         row("web-gone", f"{web.url}/public/gone.png"),
         row("web-forbidden", f"{web.url}/public/forbidden.png"),
         row("non-finite", str(images / "good.png"), guidance=1e30),  # the model's outputs overflow
+        row("long-prompt", str(images / "good.png"), target_prompts=["a cat " * 1666]),
+        row("negative-guidance", str(images / "good.png"), guidance=-5.0),
+        row("nul-uri", f"{images}/good.png\x00.png"),
+        row("ipv6-uri", "http://[::1/x.png"),
+        row("bucket-uri", "s3://[bucket/x.png"),
     ]
+    done = sorted(i for i, k in expected.items() if k is None)
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
@@ -193,20 +204,20 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
     errors = pq.read_table(out / "errors").to_pylist()
     got = {e["id"]: (e["stage"], e["kind"]) for e in errors}
     assert got == {i: k for i, k in expected.items() if k is not None}
-    assert len(errors) == len(rows) - 4  # both copies of "dup"
+    assert len(errors) == len(rows) - len(done)  # both copies of "dup"
     for e in errors:
         assert e["id"] is None or e["message"], e  # every error says what went wrong
         assert rows[e["row"]]["id"] == e["id"], e  # and names its manifest row: copies of "dup" apart
     assert "3000x3000" in next(e["message"] for e in errors if e["id"] == "bomb")
     results = pq.read_table(out / "results").to_pylist()
-    assert sorted(r["id"] for r in results) == sorted(i for i, k in expected.items() if k is None)
+    assert sorted(r["id"] for r in results) == done
     for r in results:  # odd ids never escape the output prefix
         path = Path(r["image_uri"]).resolve()
         assert path.is_file() and path.is_relative_to((out / "images").resolve()), r["image_uri"]
     assert (
         summary["rows_in"] == len(rows)
-        and summary["rows_done"] == 4
-        and summary["rows_failed"] == len(rows) - 4
+        and summary["rows_done"] == len(done)
+        and summary["rows_failed"] == len(rows) - len(done)
     )
     # Refused URIs are not read: the server never saw a request for the secret.
     assert web.requests["/secret.png"] == 0 and web.requests["/public/cat-flaky.png"] >= 3

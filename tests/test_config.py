@@ -62,7 +62,7 @@ def test_a_date_in_a_config_file_is_text_and_flags_override_set_which_overrides_
         ("steps", "override 'steps' is not KEY=VALUE"),
         ("pti.device=gpu", "pti: device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
         ("pti.lr=0", "pti: lr must be > 0, got 0.0"),
-        ("pti.guidance=-1", "pti: guidance must be >= 0, got -1.0"),
+        ("pti.guidance=-1", "pti: guidance must be a finite number >= 0, got -1.0"),
         ("results_flush_seconds=0", "results_flush_seconds must be > 0, got 0.0"),
         ("max_image_bytes=0", "max_image_bytes must be at least 1, got 0"),
     ],

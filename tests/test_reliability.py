@@ -213,7 +213,7 @@ def test_out_of_memory_splits_the_batch_before_a_row_fails(ray_cluster, tiny_mod
     calls.clear()
     stage.engine.invert_and_tune = device_that_holds(0)  # not even one image fits: the rows fail, named
     out = stage(prepared)
-    assert calls == [3, 1, 2, 1, 1] and out["kind"].to_pylist() == ["OutOfMemoryError"] * 3
+    assert calls == [3, 1, 2, 1, 1] and out["kind"].to_pylist() == ["out_of_memory"] * 3
     assert all("out of memory" in m for m in out["message"].to_pylist())
 
 

@@ -242,7 +242,8 @@ def run_tune(config: RunConfig, started: float, attempt: str) -> dict:
     ds = read_manifest(config, manifest)
     committed = read_committed(config.output_location, results=False)
     committed.check_model_family(config)  # before any work
-    already = sum(1 for i in ids if i in committed.tuned and i not in duplicates)
+    tuned = manifest_targets(config, set(committed.tuned) - duplicates)  # those still good: not read again
+    already = sum(1 for i in ids if i in tuned)
     todo = len(ids) - already
     if todo:
         ds = tune(ds, config, len(ids), duplicates, committed).select_columns(
@@ -310,9 +311,10 @@ def run_all(config: RunConfig, started: float, attempt: str) -> dict:
     )
 
 
-def targets_by_id(config: RunConfig) -> dict[str, dict]:
+def targets_by_id(config: RunConfig) -> tuple[dict[str, dict], list[dict]]:
     """id -> its ``schemas.stages.CARRIED`` values (target prompts, etas, attention words) from
-    the targets table, or from the manifest."""
+    the targets table, or from the manifest; and an error row for each row of it that fails the
+    manifest's checks (those rows are not edited, the others are)."""
     source = config.targets or config.manifest
     if not source:
         raise InputError("jobs.edit needs targets: set targets (a table of id, target_prompts) or manifest")
@@ -323,11 +325,8 @@ def targets_by_id(config: RunConfig) -> dict[str, dict]:
     for path, _, footer in parquet_input(location, "targets" if config.targets else "manifest"):
         columns = [c for c in wanted if c in footer.schema.to_arrow_schema().names]
         table_rows += pq.read_table(path, columns=columns, filesystem=fs).to_pylist()
-    rows, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in table_rows])
-    if errors:
-        listed = "; ".join(f"row {e[err.ROW]} ({e[err.ID]}): {e[err.MESSAGE]}" for e in errors[:20])
-        raise InputError(f"targets {source}: {listed}")
-    return {r[man.ID]: {f.name: r.get(f.name) for f in CARRIED} for r in rows}
+    rows, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in table_rows])  # images: not read
+    return {r[man.ID]: {f.name: r.get(f.name) for f in CARRIED} for r in rows}, errors
 
 
 def _edits(config: RunConfig, row: dict) -> tuple[list[str], list[float]]:
@@ -339,7 +338,7 @@ def _edits(config: RunConfig, row: dict) -> tuple[list[str], list[float]]:
 def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
     """``jobs.edit``: stored embeddings + targets -> edits. New targets reuse old tunings; edits
     already in the output's results are not made again."""
-    targets = targets_by_id(config)  # on the driver, before any Ray Data work
+    targets, refused = targets_by_id(config)  # on the driver, before any Ray Data work
     output = config.output_location
     committed = read_committed(output, results=True)
     committed.check_model_family(config)  # before any work
@@ -363,13 +362,14 @@ def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
             committed,
             frozenset(k for k in committed.edits if k[0] in todo),
         )
-    counts = driver.drain(ds, config, attempt, res.RESULTS_SCHEMA, len(targets) - already, no_embeddings)
+    rows_in = len(targets) + len(refused)
+    counts = driver.drain(ds, config, attempt, res.RESULTS_SCHEMA, rows_in - already, refused + no_embeddings)
     return driver.finish(
         config,
         "edit",
         started,
         {
-            **driver.account(len(targets), counts, already),
+            **driver.account(rows_in, counts, already),
             "edits": counts["result_rows"],
             "results": output.results.uri,
             "errors": output.errors.uri,

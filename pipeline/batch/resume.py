@@ -40,13 +40,10 @@ from schemas.stages import CARRIED
 JOBS = ("run", "tune", "edit")
 
 
-def eta_key(eta: float) -> float:
-    """An eta as the results table stores it (float32), for matching."""
-    return round(float(np.float32(eta)), 5)
-
-
 def edit_key(row_id: str, target_index: int, target: str, eta: float) -> tuple:
-    return (row_id, int(target_index), target, eta_key(eta))
+    """An edit as resuming matches it to the results table's: its eta by the name of its image
+    (``schemas.manifest.eta_name``), so an edit counts as made exactly when its image is."""
+    return (row_id, int(target_index), target, man.eta_name(eta))
 
 
 def check_same_settings(config: RunConfig, job: str) -> None:
@@ -148,7 +145,8 @@ def read_results(output: Output, columns: list[str]) -> pa.Table | None:
 
 def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
     """id -> what stage 2 needs of the manifest rows with these ids (few: only those that were
-    tuned before), read without their images: the ``schemas.stages.CARRIED`` columns."""
+    tuned before), read without their images: the ``schemas.stages.CARRIED`` columns. Only rows
+    that pass the manifest's checks: the read stage, which checks every row, reports the others."""
     import pyarrow.dataset as pads
 
     if not ids:
@@ -161,13 +159,7 @@ def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
     table = dataset.to_table(
         columns=columns, filter=pc.field(man.ID).isin(pa.array(sorted(ids), pa.string()))
     )
-    out = {}
-    for row in table.to_pylist():
-        targets = row.get(man.TARGET_PROMPTS)
-        if targets is None:
-            targets = [row[man.TARGET_PROMPT]] if row.get(man.TARGET_PROMPT) is not None else []
-        out[row[man.ID]] = {f.name: row.get(f.name) for f in CARRIED} | {
-            man.TARGET_PROMPTS: targets,
-            man.ETA: row.get(man.ETA) or list(config.pti.etas),
-        }
-    return out
+    good, _ = man.validate_rows([{man.IMAGE: "-", **r} for r in table.to_pylist()])  # images: not read
+    etas = list(config.pti.etas)
+    carried = [f.name for f in CARRIED]
+    return {r[man.ID]: {c: r.get(c) for c in carried} | {man.ETA: r.get(man.ETA) or etas} for r in good}

@@ -23,7 +23,7 @@ from pipeline.batch import metrics
 from pipeline.faults import failpoint
 from pipeline.batch.output import Output
 from pipeline.batch.resume import edit_key
-from pipeline.batch.rows import conform, good_rows, table_of, worker_id
+from pipeline.batch.rows import conform, failure, good_rows, out_of_memory, row_by_row, table_of, worker_id
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.attention import AttentionPlan
 from pipeline.errors import DeviceError, InputError, ModelError, PTIError
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
 
 
+@row_by_row("read", lambda **_: PREPARED_SCHEMA)
 def prepare_rows(
     table: pa.Table,
     *,
@@ -55,12 +56,11 @@ def prepare_rows(
     read_attempts: int = READ_ATTEMPTS,
 ) -> pa.Table:
     """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
-    An image URI outside the ``allowed`` prefixes is refused unread. Rows whose ids are in
-    ``skip`` (tuned by an earlier run) are dropped."""
+    An image URI outside the ``allowed`` prefixes is refused unread. Good rows whose ids are in
+    ``skip`` (tuned by an earlier run) are dropped: a tuned row is checked as every row is."""
     failpoint("read")
-    if skip:
-        table = table.filter(pa.array([i not in skip for i in table.column(man.ID).to_pylist()], pa.bool_()))
     good, out = man.validate_rows(table.to_pylist(), duplicates)
+    good = [row for row in good if row[man.ID] not in skip]
     for row in good:
         row_id, image = row[man.ID], row[man.IMAGE]
         name = f"{row_id}: {image if isinstance(image, str) else '<bytes>'}"
@@ -95,32 +95,32 @@ def prepare_rows(
 # --- stage 1: invert and tune (GPU actors) ---------------------------------------------------
 
 
-def _out_of_memory(exc: Exception) -> bool:
-    import torch
+def split_on_failure(run, items: list):
+    """``run(items)``; if it raises, ``run`` on parts of ``items`` down to single items, so only
+    an item that fails alone fails: halves on out-of-memory (a smaller batch may fit), each item
+    alone on any other failure (it may be one item's, e.g. one row's text that breaks a model).
 
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def split_on_oom(run, items: list):
-    """``run(items)``, and on out-of-memory ``run`` on each half, down to single items.
-
-    Yields ``(items, result)`` per call that ran, or ``(items, exception)`` for a call that failed
-    otherwise, or ran out of memory with one item: a batch too big for the device costs a retry,
-    not its rows."""
+    Yields ``(items, result)`` per call that ran, or ``(items, exception)`` for a single item that
+    failed: a batch too big for the device, or holding one bad row, costs retries, not its rows."""
     try:
         result = run(items)
-    except Exception as exc:
-        if len(items) == 1 or not _out_of_memory(exc):
+    except Exception as exc:  # noqa: BLE001 (retried on parts, then its items' errors)
+        if len(items) == 1:
             yield items, exc
             return
-        log.warning("out of memory on a batch of %d: splitting it", len(items))
-        import torch
+        if out_of_memory(exc):
+            log.warning("out of memory on a batch of %d: splitting it", len(items))
+            import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(items) // 2
-        yield from split_on_oom(run, items[:half])
-        yield from split_on_oom(run, items[half:])
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(items) // 2
+            parts = [items[:half], items[half:]]
+        else:
+            log.warning("a batch of %d failed (%s: %s): each runs alone", len(items), type(exc).__name__, exc)
+            parts = [[item] for item in items]
+        for part in parts:
+            yield from split_on_failure(run, part)
         return
     yield items, result
 
@@ -221,6 +221,7 @@ class TuneStage:
         extra = [*CARRIED, pa.field(res.TUNE_WORKER, pa.string())]
         return pa.schema([*(f.with_nullable(True) for f in base), *extra, *err.ERROR_FIELDS])
 
+    @row_by_row("tune", lambda self: self.schema())
     @metrics.timed_batches("tune")
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.engine.stored import inversion_to_arrow
@@ -237,19 +238,18 @@ class TuneStage:
             groups.setdefault(key, []).append(i)
         parts = []
         for (guidance, seed), members in groups.items():
-            engine = self._engine_for(guidance, seed)
             ids = [rows[i][man.ID] for i in members]
             places = [rows[i].get(err.ROW) for i in members]  # manifest rows, for the errors table
             sources = [rows[i][man.SOURCE_PROMPT] for i in members]
             pixels = _pixels([rows[i][PIXELS] for i in members], self.engine.resolution)
 
-            def tune(ks):
-                return engine.invert_and_tune(pixels[ks], [sources[k] for k in ks])
+            def tune(ks, guidance=guidance, seed=seed):
+                engine = self._engine_for(guidance, seed)
+                return engine, engine.invert_and_tune(pixels[ks], [sources[k] for k in ks])
 
-            for ks, inversion in split_on_oom(tune, list(range(len(members)))):
-                if isinstance(inversion, Exception):  # the call failed (one image, if out of memory)
-                    message = str(inversion)
-                    kind = type(inversion).__name__
+            for ks, ran in split_on_failure(tune, list(range(len(members)))):
+                if isinstance(ran, Exception):  # one image's failure (after the retries of split_on_failure)
+                    kind, message = failure(ran)
                     out += [
                         {
                             **err.error_row(ids[k], "tune", kind, message, row=places[k]),
@@ -258,6 +258,7 @@ class TuneStage:
                         for k in ks
                     ]
                     continue
+                engine, inversion = ran
                 # Non-finite after the engine's float32 retry (Engine.invert_and_tune): these fail alone.
                 finite = inversion.finite.tolist()
                 out += [
@@ -360,14 +361,14 @@ class EditStage:
                         dict(row.get(man.REWEIGHT) or []),
                         name=f"row {row[emb.ID]!r}, target {t}",
                     )
-                except InputError as exc:
-                    errors.append(
-                        err.error_row(row[emb.ID], "edit", "bad_control", str(exc), row=row.get(err.ROW))
-                    )
+                except Exception as exc:  # noqa: BLE001 (this target's edits fail, not the row's others)
+                    kind, message = ("bad_control", str(exc)) if isinstance(exc, InputError) else failure(exc)
+                    errors.append(err.error_row(row[emb.ID], "edit", kind, message, row=row.get(err.ROW)))
                     continue
                 edits += [Edit(b, t, target, float(eta), plan) for eta in todo]
         return edits, errors
 
+    @row_by_row("edit", lambda self: EDITED_SCHEMA)
     @metrics.timed_batches("edit")
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.engine.stored import inversion_from_arrow
@@ -398,14 +399,13 @@ class EditStage:
 
         chunks = (fan[start : start + self.max_edits] for start in range(0, len(fan), self.max_edits))
         began = time.perf_counter()
-        for chunk, pixels in (part for c in chunks for part in split_on_oom(edit, c)):
-            if isinstance(pixels, Exception):  # these edits fail; the batch's other edits go on
-                failed = {meta[e.image][emb.ID]: meta[e.image].get(err.ROW) for e in chunk}
-                kind, message = type(pixels).__name__, str(pixels)
-                out += [
-                    {**err.error_row(i, "edit", kind, message, row=place), res.EDIT_WORKER: worker}
-                    for i, place in failed.items()
-                ]
+        for chunk, pixels in (part for c in chunks for part in split_on_failure(edit, c)):
+            if isinstance(pixels, Exception):  # this edit fails (alone: split_on_failure); the others go on
+                (e,) = chunk
+                row, (kind, message) = meta[e.image], failure(pixels)
+                message = f"target {e.target_index} at eta {e.eta:g}: {message}"
+                error = err.error_row(row[emb.ID], "edit", kind, message, row=row.get(err.ROW))
+                out.append({**error, res.EDIT_WORKER: worker})
                 began = time.perf_counter()
                 continue
             seconds = (time.perf_counter() - began) / len(chunk)
@@ -443,18 +443,26 @@ class EditStage:
 
 def write_images(table: pa.Table, *, output: Output) -> pa.Table:
     """Encode each edit as PNG (on a CPU worker, not the GPU actor), write it under its
-    deterministic key, and keep only its URI."""
-    uris = []
-    columns = (table.column(c).to_pylist() for c in (res.ID, res.TARGET_INDEX, res.ETA, EDITED))
-    for row_id, t, eta, raw in zip(*columns):
+    deterministic key, and keep only its URI. An edit that cannot be encoded becomes that edit's
+    error (stage ``write``); a store that refuses a write is the output's, and ends the job."""
+    rows = table.select([res.ID, res.TARGET_INDEX, res.ETA, EDITED, *(f.name for f in err.ERROR_FIELDS)])
+    rows = rows.to_pylist()
+    for row in rows:
+        raw, row[res.IMAGE_URI] = row.pop(EDITED), None
         if raw is None:
-            uris.append(None)
             continue
-        side = int(round((len(raw) // 3) ** 0.5))
-        location = output.image(row_id, t, eta)
-        location.write_bytes(encode_png(np.frombuffer(raw, np.uint8).reshape(side, side, 3)))
-        uris.append(location.uri)
-    table = table.set_column(
-        table.schema.get_field_index(res.IMAGE_URI), res.IMAGE_URI, pa.array(uris, pa.string())
-    )
+        try:
+            side = int(round((len(raw) // 3) ** 0.5))
+            png = encode_png(np.frombuffer(raw, np.uint8).reshape(side, side, 3))
+        except Exception as exc:  # noqa: BLE001 (this edit's failure, not its batch's)
+            kind, message = failure(exc)
+            where = f"target {row[res.TARGET_INDEX]} at eta {row[res.ETA]:g}"
+            row |= {err.STAGE: "write", err.KIND: kind, err.MESSAGE: f"{where}: {message}"}
+            continue
+        location = output.image(row[res.ID], row[res.TARGET_INDEX], row[res.ETA])
+        location.write_bytes(png)
+        row[res.IMAGE_URI] = location.uri
+    for name in (res.IMAGE_URI, *(f.name for f in err.ERROR_FIELDS if f.name != err.ROW)):
+        column = pa.array([r[name] for r in rows], table.schema.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
     return table.drop_columns([EDITED])

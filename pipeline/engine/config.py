@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError
+# The rules of the values a manifest row may override too (eta_problem: also the engine's).
+from schemas.manifest import eta_problem, guidance_problem, reweight_problem  # noqa: F401
 
 if TYPE_CHECKING:  # the algorithm needs torch; a driver that reads configs must not
     from pipeline.engine.algorithm import TuningOptions
@@ -142,9 +144,10 @@ class PTIConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         problems += [
             f"{name} must be >= 0, got {getattr(self, name)}"
-            for name in ("guidance", "stop_eps", "stop_slack")
+            for name in ("stop_eps", "stop_slack")
             if not getattr(self, name) >= 0
         ]
+        problems += [p for p in (guidance_problem(self.guidance), *map(eta_problem, self.etas)) if p]
         if self.inner_steps < 0:
             problems.append(f"inner_steps must be 0 or more, got {self.inner_steps}")
         if self.inversion_guidance not in (0, 1):
@@ -157,7 +160,6 @@ class PTIConfig:
             problems.append(f"embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             problems.append(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        problems += [p for p in (check_eta(e) for e in self.etas) if p]
         problems += self._control_problems()
         if problems:
             raise InputError("invalid config: " + "; ".join(problems))
@@ -169,10 +171,7 @@ class PTIConfig:
         for name in ("cross_replace_steps", "self_replace_steps", "blend_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        bad = {w: f for w, f in (self.reweight or {}).items() if not (isinstance(f, (int, float)) and f >= 0)}
-        if bad:
-            problems.append(f"reweight factors must be numbers >= 0, got {bad}")
-        return problems
+        return problems + [p for p in [reweight_problem(self.reweight or {})] if p]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,10 +227,3 @@ def from_known_fields(cls, values: dict[str, Any], what: str):
     if unknown:
         raise InputError(f"unknown {what} field(s): {', '.join(unknown)}")
     return cls(**values)
-
-
-def check_eta(eta: float) -> str | None:
-    """The problem with an interpolation weight, or None."""
-    if not 0.0 <= eta <= 1.0:  # also refuses NaN
-        return f"eta must be in [0, 1], got {eta}"
-    return None

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pipeline.engine import algorithm, attention
 from pipeline.engine.attention import AttentionEdit, AttentionPlan
-from pipeline.engine.config import PTIConfig, check_eta
+from pipeline.engine.config import PTIConfig, eta_problem
 from pipeline.engine.metrics import psnr, ssim
 from pipeline.engine.models import (
     NoisePredictor,
@@ -221,7 +221,7 @@ class Engine:
             )
         if not targets:
             raise InputError("no edits asked for: give at least one target prompt")
-        problems = [p for p in (check_eta(e) for e in etas) if p]
+        problems = [p for p in (eta_problem(e) for e in etas) if p]
         problems += [f"target prompt {n} is empty" for n, t in enumerate(targets) if not (t or "").strip()]
         problems += [
             f"edit {n} asks for image {r}, not one of the {len(inversion)} inverted"
