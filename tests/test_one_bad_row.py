@@ -112,6 +112,34 @@ def test_the_validator_classifies_every_drawn_row_and_a_good_row_makes_a_valid_c
         assert len({edit_key("x", 0, "t", e) for e in etas}) == len(etas)  # each eta one edit
 
 
+@settings(PROPERTY, max_examples=max(1, EXAMPLES // 4))
+@given(st.lists(ROW, max_size=6))
+def test_the_read_stage_classifies_every_drawn_row_and_reads_only_allowed_ones(rows):
+    from pipeline.batch.stages import prepare_rows
+
+    arrow = [  # as a manifest holds them: text without lone surrogates, the image a URI
+        {**r, man.IMAGE: r[man.IMAGE] if isinstance(r[man.IMAGE], str) else None}
+        for r in rows
+        if not any(_surrogate(v) for v in r.values())
+    ]
+    schema = man.read_schema(pa.schema([f for f in man.MANIFEST_SCHEMA if f.name != man.TARGET_PROMPT]))
+    table = pa.Table.from_pylist(arrow, schema=schema)
+    table = table.append_column("row", pa.array(range(len(arrow)), pa.int64()))
+    read = dict(duplicates=man.duplicated_ids(r[man.ID] for r in arrow), endpoint_url=None, max_bytes=2**20)
+    out = prepare_rows(table, resolution=64, allowed=("/nonexistent-images/",), max_pixels=10**6, **read)
+    assert sorted(out["row"].to_pylist()) == list(range(len(arrow)))  # every row, once
+    assert all(k in KINDS for k in out["kind"].to_pylist())  # each an error of a named kind
+    assert out["pixels"].null_count == len(arrow)  # no image here: none was read
+
+
+def _surrogate(value) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, (list, tuple)):
+        return any(_surrogate(v) for v in value)
+    return False
+
+
 @PROPERTY
 @given(floats | st.integers(-(2**70), 2**70) | st.none())  # what a number column or a config holds
 def test_guidance_and_eta_have_one_rule_for_a_config_and_a_row(value):
@@ -351,7 +379,7 @@ def test_a_job_on_a_drawn_manifest_accounts_for_every_row_once(
     # the column's whole domain, so even Hypothesis's simplest draw mixes good rows and bad ones.
     columns = list(hostile)
     draws = st.tuples(*(st.fixed_dictionaries({c: h[k] for c, h in hostile.items()}) for k in (0, 1)))
-    drawn = data.draw(st.lists(st.tuples(draws, st.sets(st.sampled_from(columns))), min_size=24, max_size=36))
+    drawn = data.draw(st.lists(st.tuples(draws, st.sets(st.sampled_from(columns))), min_size=16, max_size=32))
     rows = []
     for i, ((usable, any_value), others) in enumerate(drawn):
         hostile_columns = set() if i % 3 == 0 else {columns[i % len(columns)], *others}
@@ -381,3 +409,19 @@ def test_the_readme_lists_every_kind_and_the_code_makes_only_those():
     made = set(re.findall(r'\(\s*"([a-z_]+)",\s*(?:f?"|p\)|uri_problem)', code))  # ("kind", message) pairs
     made |= set(re.findall(r'error_row\([^,]+, "[a-z]+", "([a-z_]+)"', code))
     assert made and made <= set(KINDS), made - set(KINDS)
+
+
+def test_a_bad_row_of_a_targets_table_is_its_error_and_the_others_are_edited(tmp_path):
+    from pipeline.batch.jobs import targets_by_id
+
+    rows = [
+        {"id": "a", "target_prompts": ["a dog"], "eta": None},
+        {"id": "b", "target_prompts": [""], "eta": None},
+        {"id": "c", "target_prompts": ["a cat"], "eta": [1.5]},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "targets.parquet")
+    config = RunConfig(targets=str(tmp_path / "targets.parquet"), output=str(tmp_path / "out"))
+    targets, refused = targets_by_id(config)  # jobs.edit's: it used to refuse the whole table
+    assert list(targets) == ["a"] and targets["a"][man.TARGET_PROMPTS] == ["a dog"]
+    refused = [(e["id"], e["row"], e["kind"]) for e in refused]
+    assert refused == [("b", 1, "empty_target"), ("c", 2, "bad_eta")]
