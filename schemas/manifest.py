@@ -186,10 +186,6 @@ def uri_problem(uri: str) -> str | None:
     return None
 
 
-def _each(rule, values) -> list[str]:
-    return [p for p in map(rule, values) if p]
-
-
 def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
     """``(kind, message)`` for each problem of one manifest row; ``duplicates`` holds the ids
     that appear more than once in the whole manifest."""
@@ -211,8 +207,14 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
         problems.append(("no_targets", "the target prompt list is empty"))
     elif any(t is None or not str(t).strip() for t in targets):
         problems.append(("empty_target", "a target prompt is empty"))
-    etas = row.get(ETA) or []
-    problems += [("bad_eta", p) for p in _each(eta_problem, etas)]
+    etas, guidance = row.get(ETA) or [], row.get(GUIDANCE)
+    overrides = [  # (kind, problem) of each value the row sets over the config's
+        *(("bad_eta", eta_problem(eta)) for eta in etas),
+        ("bad_guidance", None if guidance is None else guidance_problem(guidance)),
+        ("bad_reweight", reweight_problem(dict(row.get(REWEIGHT) or []))),  # Arrow maps: (key, value) pairs
+        ("bad_blend_words", blend_words_problem(row.get(BLEND_WORDS) or [])),
+    ]
+    problems += [(kind, problem) for kind, problem in overrides if problem]
     for name, same in same_etas(etas).items():
         listed = ", ".join(repr(e) for e in same)
         problems.append(
@@ -221,11 +223,6 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
                 f"etas {listed} are one eta at the precision of image names ({name}): list it once",
             )
         )
-    if row.get(GUIDANCE) is not None:
-        problems += [("bad_guidance", p) for p in _each(guidance_problem, [row[GUIDANCE]])]
-    factors = dict(row.get(REWEIGHT) or [])  # Arrow maps read back as (key, value) pairs
-    problems += [("bad_reweight", p) for p in _each(reweight_problem, [factors])]
-    problems += [("bad_blend_words", p) for p in _each(blend_words_problem, [row.get(BLEND_WORDS) or []])]
     return problems
 
 
