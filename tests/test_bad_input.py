@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.batch.jobs import run_all
 from pipeline.batch.config import RunConfig
-from pipeline.io.storage import default_image_prefixes, is_allowed
+from pipeline.io.storage import default_image_prefixes, is_allowed, key_for_id
 
 # device cpu: the test cluster's GPUs are fake (conftest), and a GPU actor refuses the CPU unasked
 PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[1.0], progress=False, device="cpu")
@@ -121,6 +121,7 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
             "image": image,
             "target_prompts": ["a photo of a cat"],
             "guidance": None,
+            "eta": None,
             **extra,
         }
 
@@ -155,7 +156,7 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
     }
     rows = [
         row("../../escape", str(images / "good.png")),
-        row("/absolute/id", str(images / "good.png")),
+        row("/absolute/id", str(images / "good.png"), eta=[1.2e-05]),
         row("odd name?*%.png", str(images / "good.png")),
         row("web-flaky", f"{web.url}/public/cat-flaky.png"),
         row("", str(images / "good.png")),
@@ -187,19 +188,18 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    summary = run_all(
-        RunConfig(
-            manifest=str(manifest),
-            output=str(out),
-            gpus_per_actor=1,
-            tune_batch_size=4,
-            max_image_bytes=300_000,
-            max_image_pixels=1_000_000,
-            allowed_image_prefixes=[str(images), f"{web.url}/public/"],
-            max_failed_fraction=1.0,  # nearly every row is bad on purpose
-            pti=dict(model=tiny_model_dir, **PTI),
-        )
+    config = RunConfig(
+        manifest=str(manifest),
+        output=str(out),
+        gpus_per_actor=1,
+        tune_batch_size=4,
+        max_image_bytes=300_000,
+        max_image_pixels=1_000_000,
+        allowed_image_prefixes=[str(images), f"{web.url}/public/"],
+        max_failed_fraction=1.0,  # nearly every row is bad on purpose
+        pti=dict(model=tiny_model_dir, **PTI),
     )
+    summary = run_all(config)
 
     errors = pq.read_table(out / "errors").to_pylist()
     got = {e["id"]: (e["stage"], e["kind"]) for e in errors}
@@ -221,6 +221,19 @@ def test_every_bad_input_becomes_its_error_and_the_rest_completes(
     )
     # Refused URIs are not read: the server never saw a request for the secret.
     assert web.requests["/secret.png"] == 0 and web.requests["/public/cat-flaky.png"] >= 3
+
+    # Resumed rows are checked and edited as new ones (issue 30): one eta more, which a resume key
+    # rounded to 5 decimals took for the first, is made; a done row's emptied target is its error.
+    rows[1]["eta"] = [1.2e-05, 1.4e-05]
+    rows[2]["target_prompts"] = [""]
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    again = run_all(config)
+    assert again["edits"] == 1 and again["already_done"] == len(done) - 2 and again["resumed"] == 1
+    made = sorted(p.name for p in (out / "images" / key_for_id("/absolute/id")).iterdir())
+    assert made == ["0-1.2e-05.png", "0-1.4e-05.png"]
+    errors = pq.read_table(out / "errors").to_pylist()
+    expected["odd name?*%.png"] = ("validate", "empty_target")
+    assert {e["id"]: (e["stage"], e["kind"]) for e in errors} == {i: k for i, k in expected.items() if k}
 
 
 def test_default_prefixes_are_the_manifest_bucket_or_the_local_filesystem(tmp_path):

@@ -326,32 +326,6 @@ def _job(tmp_path: Path, rows: list[dict], model: str, out: Path, **pti) -> dict
     return run_all(config)
 
 
-def test_resumed_rows_are_checked_and_edited_as_new_ones(ray_cluster, tiny_model_dir, photos, tmp_path):
-    image = tmp_path / "a.png"
-    image.write_bytes(_png(photos["astronaut"]))
-    out = tmp_path / "out"
-
-    def row(row_id, targets, eta):
-        return {"id": row_id, "image": str(image), "target_prompts": targets, "eta": eta}
-
-    rows = [row("small-eta", ["a cat"], [1.2e-05]), row("b", ["a dog"], None)]
-    first = _job(tmp_path, rows, tiny_model_dir, out)
-    assert first["rows_done"] == 2 and first["edits"] == 2
-    # Re-run: one eta more, which a key rounded to 5 decimals took for the first; b's target emptied.
-    again = [row("small-eta", ["a cat"], [1.2e-05, 1.4e-05]), row("b", [""], None)]
-    summary = _job(tmp_path, again, tiny_model_dir, out)
-    assert summary["edits"] == 1 and summary["rows_done"] == 1 and summary["rows_failed"] == 1
-    errors = pq.read_table(out / "errors").to_pylist()
-    assert [(e["id"], e["row"], e["kind"]) for e in errors] == [("b", 1, "empty_target")]
-    results = pq.read_table(out / "results").to_pylist()
-    assert sorted((r["id"], r["eta"]) for r in results if r["id"] == "small-eta") == [
-        ("small-eta", pytest.approx(1.2e-05)),
-        ("small-eta", pytest.approx(1.4e-05)),
-    ]
-    pngs = sorted(p.name for p in (out / "images" / "small-eta").iterdir())
-    assert pngs == ["0-1.2e-05.png", "0-1.4e-05.png"]
-
-
 # Not shrunk: each try is a Ray job; a failure reports the manifest as drawn.
 @settings(max_examples=JOBS, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
 @given(st.data())
