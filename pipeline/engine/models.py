@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -114,49 +115,69 @@ def check_checkpoint(folder: Path, ref: str) -> str:
     return family
 
 
-# The files a diffusers load of a Stable Diffusion checkpoint needs, for the hub and object stores
-# alike: no pickled or single-file checkpoints, fp16 or non-EMA variants, nor the safety checker.
-CHECKPOINT_FILES = [
-    "model_index.json",
-    "*/config.json",
-    "*/*.safetensors",
-    "tokenizer/*",
-    "tokenizer_2/*",
-    "scheduler/*",
-]
-NOT_CHECKPOINT_FILES = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*non_ema*", "*.fp16.*", "safety_checker/*"]
+@dataclass(frozen=True)
+class Layout:
+    """What one kind of checkpoint holds: the files a load needs (patterns, as
+    ``huggingface_hub.snapshot_download`` takes them, for the hub and object stores alike), the
+    files it never takes, a file every finished copy holds, and the check of a copied folder."""
+
+    files: tuple[str, ...]
+    not_files: tuple[str, ...]
+    marker: str
+    check: Callable[[Path, str], object]
+
+    def needs(self, relative: str) -> bool:
+        """Whether a load needs the file at ``relative`` (a path inside the checkpoint)."""
+        return any(fnmatch.fnmatch(relative, p) for p in self.files) and not any(
+            fnmatch.fnmatch(relative, p) for p in self.not_files
+        )
+
+
+# A diffusers Stable Diffusion checkpoint: no pickled or single-file checkpoints, fp16 or non-EMA
+# variants, nor the safety checker.
+STABLE_DIFFUSION = Layout(
+    files=(
+        "model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "tokenizer_2/*",
+        "scheduler/*",
+    ),
+    not_files=("*.bin", "*.ckpt", "*.pt", "*.pth", "*non_ema*", "*.fp16.*", "safety_checker/*"),
+    marker="model_index.json",
+    check=check_checkpoint,
+)
 
 
 def needed_file(relative: str) -> bool:
-    """Whether a diffusers load needs the file at ``relative`` (a path inside the checkpoint),
-    by the same patterns ``huggingface_hub.snapshot_download`` is given for the hub."""
-    return any(fnmatch.fnmatch(relative, p) for p in CHECKPOINT_FILES) and not any(
-        fnmatch.fnmatch(relative, p) for p in NOT_CHECKPOINT_FILES
-    )
+    """Whether a diffusers load of a Stable Diffusion checkpoint needs the file at ``relative``."""
+    return STABLE_DIFFUSION.needs(relative)
 
 
-def fetch_checkpoint(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> Path:
+def fetch_checkpoint(
+    ref: str,
+    cache_dir: Path | None = None,
+    storage_options: dict | None = None,
+    layout: Layout = STABLE_DIFFUSION,
+) -> Path:
     """A local folder for ``ref``: a folder path, an fsspec URI or a hub id."""
     cache_dir = Path(cache_dir or default_cache_dir())
     if Path(ref).expanduser().is_dir():
         return Path(ref).expanduser()
     if "://" in ref:
         dest = cache_dir / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
-        return _copy_from_uri(ref, dest, storage_options or {})
+        return _copy_from_uri(ref, dest, storage_options or {}, layout)
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise ModelError(f"model {ref!r} is neither an existing folder, a URI nor a hub id (owner/name)")
-    return _download_from_hub(ref, cache_dir)
+    return _download_from_hub(ref, cache_dir, layout)
 
 
-def _copy_from_uri(uri: str, dest: Path, storage_options: dict) -> Path:
+def _copy_from_uri(uri: str, dest: Path, storage_options: dict, layout: Layout) -> Path:
     """Copy a checkpoint from object storage once; a finished copy is renamed into place."""
-    if (dest / "model_index.json").is_file():
+    if (dest / layout.marker).is_file():
         return dest
     import fsspec
 
     try:
         fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-        files = [f for f in fs.find(root) if needed_file(os.path.relpath(f, root.rstrip("/")))]
+        files = [f for f in fs.find(root) if layout.needs(os.path.relpath(f, root.rstrip("/")))]
     except Exception as exc:
         raise ModelError(f"cannot reach model {uri!r}: {type(exc).__name__}: {exc}") from exc
     if not files:
@@ -168,19 +189,19 @@ def _copy_from_uri(uri: str, dest: Path, storage_options: dict) -> Path:
             local = staging / os.path.relpath(remote, root.rstrip("/"))
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote, str(local))
-        check_checkpoint(staging, uri)
+        layout.check(staging, uri)
         staging.rename(dest)
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, ModelError) or (dest / "model_index.json").is_file():
-            if (dest / "model_index.json").is_file():
+        if isinstance(exc, ModelError) or (dest / layout.marker).is_file():
+            if (dest / layout.marker).is_file():
                 return dest  # another process finished the same copy first
             raise
         raise ModelError(f"cannot copy model {uri!r}: {type(exc).__name__}: {exc}") from exc
     return dest
 
 
-def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
+def _download_from_hub(repo_id: str, cache_dir: Path, layout: Layout) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
@@ -189,8 +210,8 @@ def _download_from_hub(repo_id: str, cache_dir: Path) -> Path:
                 repo_id,
                 local_files_only=_hub_offline(),
                 cache_dir=cache_dir / "hub",
-                allow_patterns=CHECKPOINT_FILES,
-                ignore_patterns=NOT_CHECKPOINT_FILES,
+                allow_patterns=list(layout.files),
+                ignore_patterns=list(layout.not_files),
             )
         )
     except Exception as exc:

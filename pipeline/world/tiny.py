@@ -171,6 +171,39 @@ def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32, f
     return folder
 
 
+def build_tiny_clip(folder: Path | str, seed: int = 0, hidden_size: int = 32, side: int = 32) -> Path:
+    """Save a seeded random-weight CLIP of the real architecture (a text and a vision
+    transformer, each projected to a shared space), tiny, in transformers layout with
+    safetensors, with the tokenizer of the tiny SD and an image processor for ``side`` px: a
+    scorer that proves plumbing, never quality."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    tokenizer = clip_tokenizer(TINY_WORDS)
+    vocab = tokenizer.get_vocab()
+    layers = dict(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4
+    )
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            **layers,
+        ),
+        vision_config=dict(image_size=side, patch_size=side // 4, **layers),
+        projection_dim=hidden_size // 2,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_sdxl(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
     """A seeded random-weight SDXL of the real architecture, tiny: two CLIP text encoders (the
     second with a projection: the pooled embedding) sharing one tokenizer's vocabulary, a UNet with

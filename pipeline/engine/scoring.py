@@ -1,0 +1,155 @@
+"""Scoring edits for dataset curation (issue 24): CLIP similarities of each edit, as the public
+generators of instruction-editing sets score theirs, and a structure score that needs no weights.
+
+InstructPix2Pix's generator (timothybrooks/instruct-pix2pix, ``metrics/clip_similarity.py``)
+scores a candidate pair (input image 0, edited image 1; input caption 0, output caption 1) with
+L2-normalised CLIP features:
+
+- ``clip_sim_0`` = cos(image 0, caption 0), ``clip_sim_1`` = cos(image 1, caption 1),
+- ``clip_sim_dir`` = cos(image 1 - image 0, caption 1 - caption 0): the change of the image
+  against the change of the text,
+- ``clip_sim_image`` = cos(image 0, image 1),
+
+its images resized bicubic (no antialiasing) to the encoder's side and normalised by CLIP's mean
+and std, its text truncated at CLIP's 77 tokens. ``clip_similarities`` is that computation, from
+features, so a stage can encode each input and each prompt once however many edits share them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.engine.models import Layout, fetch_checkpoint, resolve_device, resolve_dtype
+from pipeline.errors import ModelError
+
+# The default scorer: the CLIP InstructPix2Pix and UltraEdit score with (ViT-L/14, 224 px).
+DEFAULT_SCORER = "openai/clip-vit-large-patch14"
+
+
+def check_scorer(folder: Path, ref: str) -> None:
+    """Refuse a folder that is not a transformers CLIP checkpoint with safetensors weights."""
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        missing.append("tokenizer.json or vocab.json")
+    if missing:
+        listed = ", ".join(missing)
+        raise ModelError(f"scorer {ref!r} is not a transformers CLIP checkpoint: missing {listed}")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(
+            f"scorer {ref!r} has no safetensors weights; pickled weights are never loaded "
+            "(convert them with transformers' save_pretrained(safe_serialization=True))"
+        )
+
+
+# A transformers CLIP checkpoint (hub, object store or folder): weights in safetensors only.
+CLIP_LAYOUT = Layout(
+    files=(
+        "config.json",
+        "preprocessor_config.json",
+        "*.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+    ),
+    not_files=("*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5"),
+    marker="config.json",
+    check=check_scorer,
+)
+
+
+def normalized(features: Tensor) -> Tensor:
+    """Features scaled to unit length, as the reference does before any similarity."""
+    return features / features.norm(dim=-1, keepdim=True)
+
+
+def clip_similarities(image_0: Tensor, image_1: Tensor, text_0: Tensor, text_1: Tensor) -> dict[str, Tensor]:
+    """The four scores of InstructPix2Pix's ``ClipSimilarity.forward`` per row, from normalised
+    features ``[B, D]`` of the input and edited images and of the input and output captions.
+    ``F.cosine_similarity`` as the reference: an edit that changes nothing has ``clip_sim_dir``
+    0 (its norm is clamped by eps), not NaN."""
+    return {
+        "clip_sim_0": F.cosine_similarity(image_0, text_0),
+        "clip_sim_1": F.cosine_similarity(image_1, text_1),
+        "clip_sim_dir": F.cosine_similarity(image_1 - image_0, text_1 - text_0),
+        "clip_sim_image": F.cosine_similarity(image_0, image_1),
+    }
+
+
+@dataclass
+class Scorer:
+    """A CLIP model and its tokenizer, on one device, encoding images and prompts as the
+    reference does (see the module's docstring)."""
+
+    model: "object"  # transformers.CLIPModel
+    tokenizer: "object"  # transformers.CLIPTokenizer
+    side: int  # the image encoder's input side (224 for ViT-L/14)
+    mean: Tensor  # [3, 1, 1], CLIP's normalisation
+    std: Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Normalised features ``[B, D]`` of RGB images ``[B, 3, H, W]`` in ``[0, 1]``: resized
+        bicubic to ``side`` (square, no antialiasing) and normalised, as the reference does. By
+        hand because transformers' ``CLIPImageProcessor`` resizes on the CPU through PIL, one
+        image at a time, and its fast variant needs torchvision."""
+        images = F.interpolate(pixels.to(self.device, torch.float32), size=self.side, mode="bicubic")
+        images = ((images - self.mean) / self.std).to(self.model.dtype)
+        return normalized(_projected(self.model.get_image_features(pixel_values=images)))
+
+    @torch.no_grad()
+    def encode_texts(self, prompts: list[str]) -> Tensor:
+        """Normalised features ``[B, D]`` of prompts, truncated at the encoder's 77 tokens."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        return normalized(_projected(self.model.get_text_features(**tokens)))
+
+
+def _projected(output) -> Tensor:
+    """The projected features of ``CLIPModel.get_*_features``, in float32: transformers 5 returns
+    them as the output's ``pooler_output``, earlier versions as a tensor."""
+    return (output if isinstance(output, Tensor) else output.pooler_output).float()
+
+
+def load_scorer(
+    ref: str = DEFAULT_SCORER,
+    device: str = "auto",
+    dtype: str = "auto",
+    storage_options: dict | None = None,
+    cache_dir: Path | None = None,
+) -> Scorer:
+    """A CLIP scorer from a hub id, a local folder or an object-store URI (transformers layout,
+    safetensors); a ``ModelError`` naming ``ref`` when it cannot be reached or is not one."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    folder = fetch_checkpoint(ref, cache_dir, storage_options, layout=CLIP_LAYOUT)
+    check_scorer(folder, ref)
+    torch_device = resolve_device(device)
+    try:
+        model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelError(f"cannot load scorer {ref!r}: {type(exc).__name__}: {exc}") from exc
+    model = model.to(torch_device, resolve_dtype(dtype, torch_device)).eval().requires_grad_(False)
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    side = processor.get("crop_size", model.config.vision_config.image_size)
+    side = side["height"] if isinstance(side, dict) else int(side)
+    mean = torch.tensor(processor.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), device=torch_device)
+    std = torch.tensor(processor.get("image_std", (0.26862954, 0.26130258, 0.27577711)), device=torch_device)
+    return Scorer(model, tokenizer, side, mean.reshape(3, 1, 1), std.reshape(3, 1, 1))
