@@ -29,6 +29,9 @@ MODEL_FINGERPRINT = "model_fingerprint"
 CONFIG_FINGERPRINT = "config_fingerprint"
 CONFIG = "config"  # the run's PTIConfig as JSON
 SECONDS = "seconds"  # this image's share of its batch's stage-1 time
+# The input image as stage 1 saw it (centre-cropped and resized to the model's side), uint8
+# [R, R, 3]: what edits are scored against. Written by the batch job; absent from older tables.
+IMAGE = "image"
 
 EMBEDDINGS_COLUMNS = (
     ID,
@@ -50,6 +53,7 @@ EMBEDDINGS_COLUMNS = (
     CONFIG_FINGERPRINT,
     CONFIG,
     SECONDS,
+    IMAGE,
 )
 TENSOR_COLUMNS = (
     Z_T,
@@ -57,6 +61,7 @@ TENSOR_COLUMNS = (
     UNCOND_EMBEDDINGS,
     POOLED_PROMPT_EMBEDDINGS,
     POOLED_UNCOND_EMBEDDINGS,
+    IMAGE,
 )
 SDXL_ONLY = (POOLED_PROMPT_EMBEDDINGS, POOLED_UNCOND_EMBEDDINGS)
 
@@ -65,6 +70,11 @@ def present(names) -> list[str]:
     """The embeddings columns a table of these column names holds, in schema order (SD 1.x
     tables have no pooled stacks; older tables no ``model_family``)."""
     return [c for c in EMBEDDINGS_COLUMNS if c in set(names)]
+
+
+def image_type(side: int) -> pa.DataType:
+    """The ``image`` column's type for ``side`` px images."""
+    return pa.fixed_shape_tensor(pa.uint8(), [side, side, 3])
 
 
 def family(table: pa.Table) -> str:

@@ -17,6 +17,18 @@ EDIT_SECONDS = "edit_seconds"  # the edit's share of its stage-2 call
 CONFIG_FINGERPRINT = "config_fingerprint"
 TUNE_WORKER = "tune_worker"  # the Ray actor that tuned the image
 EDIT_WORKER = "edit_worker"  # the Ray actor that made the edit
+# The edit's scores, with a scorer (RunConfig.scorer; null without one). The four CLIP
+# similarities are InstructPix2Pix's (pipeline/engine/scoring.py), cosines of L2-normalised CLIP
+# features in [-1, 1], higher is more alike:
+CLIP_SIM_0 = "clip_sim_0"  # the input image against the source prompt: does the caption fit the input?
+CLIP_SIM_1 = "clip_sim_1"  # the edit against its target prompt: does it show the target?
+CLIP_SIM_DIR = "clip_sim_dir"  # the image's change against the prompts' change: did it change as asked?
+CLIP_SIM_IMAGE = "clip_sim_image"  # the edit against the input: how much of the image it keeps
+# SSIM of the edit against the input, in [-1, 1] (1: unchanged), no weights: structure kept.
+INPUT_SSIM = "input_ssim"
+# clip_sim_0 and clip_sim_dir are null for a row without a source prompt; all but clip_sim_1 are
+# null for an image whose stored stage-1 row predates stored inputs (schemas/embeddings.py IMAGE).
+SCORES = (CLIP_SIM_0, CLIP_SIM_1, CLIP_SIM_DIR, CLIP_SIM_IMAGE, INPUT_SSIM)
 
 # What names one edit (its image is images/{id}/{target_index}-{eta}.png): one row per key.
 KEY = (ID, TARGET_INDEX, ETA)
@@ -36,5 +48,6 @@ RESULTS_SCHEMA = pa.schema(
         pa.field(CONFIG_FINGERPRINT, pa.string(), nullable=False),
         pa.field(TUNE_WORKER, pa.string()),
         pa.field(EDIT_WORKER, pa.string()),
+        *(pa.field(name, pa.float32()) for name in SCORES),
     ]
 )

@@ -180,8 +180,12 @@ def test_sdxl_flops_report_prices_the_stages_from_the_counted_pieces():
     assert report["embedding"] == (77 + 1, 2048) and report["pooled_dim"] == 1280
 
 
-def test_sd15_flops_report_reproduces_the_scaling_plan():
-    """docs/scaling.md's SD 1.5 figures are these counts."""
+def test_sd15_flops_report_reproduces_the_scaling_plan_and_prices_scoring():
+    """docs/scaling.md's SD 1.5 figures are these counts; scoring an edit costs a small part of it."""
+    import torch
+
+    from benchmarks.scoring import count_scoring, scorer_on
+
     report = flops_report(meta_model("sd15"), 50, 10)
     assert report["forward"] / 1e12 == pytest.approx(0.803, abs=5e-4)
     assert report["forward_backward"] / 1e12 == pytest.approx(1.72, abs=5e-3)
@@ -190,9 +194,30 @@ def test_sd15_flops_report_reproduces_the_scaling_plan():
     assert report["edit"] / 1e12 == pytest.approx(82.8, abs=0.1)
     assert report["embedding"] == (77, 768) and report["pooled_dim"] is None
 
+    # Issue 24's bound: CLIP ViT-L/14 scoring (two images and two prompts: an image with one edit)
+    # under 5 % of one edit. ViT-L/14 at 224 px: 257 tokens through 24 layers of width 1024.
+    scoring = count_scoring(scorer_on("vit-l-14", torch.device("meta")))
+    assert 1.4e11 < scoring["image"] < 1.8e11 and 1e10 < scoring["text"] < 3e10
+    assert 2 * (scoring["image"] + scoring["text"]) / report["edit"] < 0.05
+
 
 def test_edit_quality_writes_each_model_to_its_own_folder_unless_told():
     """One page per world model under docs/quality/ (docs/quality.md compares them by hand)."""
     assert edit_quality.parse_args(["--model", "models/sharp-sd"]).out == Path("docs/quality/sharp-sd")
     assert edit_quality.parse_args([]).out == Path("docs/quality") / Path(edit_quality.SHIPPED_MODEL).name
     assert edit_quality.parse_args(["--out", "/tmp/q"]).out == Path("/tmp/q")
+
+
+def test_scoring_flops_counted_on_the_meta_device_are_those_of_a_real_run(tmp_path):
+    import torch
+
+    from benchmarks.scoring import count_scoring, scorer_on, scoring_report
+    from pipeline.world.tiny import build_tiny_clip
+
+    clip = str(build_tiny_clip(tmp_path / "clip"))
+    meta, cpu = (count_scoring(scorer_on(clip, torch.device(d))) for d in ("meta", "cpu"))
+    assert meta == cpu
+    report = scoring_report(clip, "tiny", steps=5, repeat=1)
+    assert report["worst_flops"] == 2 * (report["image_flops"] + report["text_flops"])
+    assert report["shares"][1] == report["worst_share"] > report["shares"][4] > report["shares"][16]
+    assert report["image_seconds"] > 0 and report["text_seconds"] > 0

@@ -4,6 +4,8 @@ The tiny CLIP has random weights: these tests prove the computation and the load
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,104 @@ def test_a_scorer_that_cannot_be_loaded_is_one_clear_error(clip_dir, tmp_path, t
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     with pytest.raises(ModelError, match="no safetensors weights"):
         load_scorer(str(pickled), device="cpu")
+
+
+# --- scores in the pipeline -----------------------------------------------------------------------
+
+PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False, device="cpu")
+
+
+def _manifest(tmp_path, photos) -> str:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rows = []
+    for name, source in (("astronaut", "a photo of a man"), ("chelsea", None)):
+        buffer = io.BytesIO()
+        Image.fromarray(photos[name]).resize((80, 80)).save(buffer, format="PNG")
+        (tmp_path / f"{name}.png").write_bytes(buffer.getvalue())
+        image = str(tmp_path / f"{name}.png")
+        rows.append({"id": name, "image": image, "source_prompt": source, "target_prompts": ["a cat"]})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    return str(tmp_path / "manifest.parquet")
+
+
+def test_a_job_scores_every_edit_as_the_scorer_scores_its_written_image_and_stored_input(
+    ray_cluster, tiny_model_dir, photos, clip_dir, scorer, tmp_path
+):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.batch.config import RunConfig
+    from pipeline.batch.jobs import run_all
+    from pipeline.errors import InputError
+    from schemas import results as res
+
+    config = RunConfig(
+        manifest=_manifest(tmp_path, photos),
+        output=str(tmp_path / "out"),
+        gpus_per_actor=1,
+        scorer=str(clip_dir),
+        pti=dict(model=tiny_model_dir, **PTI),
+    )
+    summary = run_all(config)
+    assert summary["edits"] == 4
+    results = pq.read_table(tmp_path / "out" / "results").to_pylist()
+    stored = pq.read_table(tmp_path / "out" / "embeddings", columns=["id", "source_prompt", "image"])
+    inputs = dict(zip(stored["id"].to_pylist(), stored["image"].combine_chunks().to_numpy_ndarray()))
+    assert inputs["astronaut"].shape == (64, 64, 3)  # the input as stage 1 saw it
+    for row in results:
+        edited = np.asarray(Image.open(row["image_uri"]))
+        pixels = torch.from_numpy(np.stack([inputs[row["id"]], edited])).permute(0, 3, 1, 2).float() / 255
+        image_0, image_1 = scorer.encode_images(pixels)[:, None]
+        source = "a photo of a man" if row["id"] == "astronaut" else None
+        text_1 = scorer.encode_texts([row["target_prompt"]])
+        text_0 = scorer.encode_texts([source or ""])
+        want = {k: v.item() for k, v in clip_similarities(image_0, image_1, text_0, text_1).items()}
+        if source is None:  # no caption: nothing to compare the change of text with
+            want["clip_sim_0"] = want["clip_sim_dir"] = None
+        for name, value in want.items():
+            assert row[name] == (None if value is None else pytest.approx(value, abs=1e-5)), (row["id"], name)
+        assert -1 <= row[res.INPUT_SSIM] <= 1 and row[res.INPUT_SSIM] != 1  # the edit changed the image
+    # One results table holds one scorer's scores: another scorer is refused before any work.
+    other = build_tiny_clip(tmp_path / "other-clip", seed=1)
+    with pytest.raises(InputError, match="scorer was .*tiny-clip.*, now .*other-clip"):
+        run_all(dataclasses.replace(config, scorer=str(other)))
+    # A scorer that cannot be loaded is one clear error at start, not an actor's failure mid-job.
+    with pytest.raises(ModelError, match="not a transformers CLIP checkpoint"):
+        run_all(dataclasses.replace(config, output=str(tmp_path / "out2"), scorer=tiny_model_dir))
+    assert not (tmp_path / "out2" / "results").exists()
+
+
+def test_an_edit_whose_score_is_not_finite_fails_alone(
+    ray_cluster, tiny_model_dir, photos, clip_dir, tmp_path
+):
+    import pyarrow.parquet as pq
+
+    from pipeline.batch.stages import EditStage, TuneStage, prepare_rows
+    from pipeline.engine.config import PTIConfig
+    from pipeline.io.storage import Location
+
+    table = pq.read_table(_manifest(tmp_path, photos))
+    read = dict(resolution=64, duplicates=set(), endpoint_url=None, allowed=("/",), max_bytes=2**24)
+    prepared = prepare_rows(table, max_pixels=10**7, **read)
+    config = PTIConfig(model=tiny_model_dir, **PTI)
+    tuned = TuneStage(config, Location(tiny_model_dir))(prepared)
+    stage = EditStage(config, Location(tiny_model_dir), scorer=Location(str(clip_dir)))
+    real = stage.scorer.encode_images
+
+    def encode_images(pixels):
+        features = real(pixels)
+        if len(pixels) == 4:  # the batch's edits: the first one's features are NaN
+            features[0] = float("nan")
+        return features
+
+    stage.scorer.encode_images = encode_images
+    out = stage(tuned).to_pylist()
+    failed = [r for r in out if r["kind"]]
+    assert len(out) == 4 and len(failed) == 1 and failed[0]["kind"] == "non_finite"
+    assert "scores are not finite" in failed[0]["message"] and "clip_sim_1" in failed[0]["message"]
+    assert all(r["clip_sim_1"] is not None and np.isfinite(r["clip_sim_1"]) for r in out if not r["kind"])

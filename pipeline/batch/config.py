@@ -96,6 +96,9 @@ class RunConfig:
     # a dead job's lease expires after lock_ttl_s, and the next job takes the output over.
     lock_ttl_s: float = 600.0
     contact_sheet_images: int = 4  # jobs.run: inputs with their labelled edits in contact_sheet.png; 0: none
+    # The CLIP that scores every edit (the results' clip_sim_* and input_ssim, schemas/results.py):
+    # a hub id such as openai/clip-vit-large-patch14, a folder or a URI. None: edits are not scored.
+    scorer: str | None = None
     progress_every_s: float = 30.0  # a job log line with rows done, failed, rows/s and ETA
     pti: PTIConfig = field(default_factory=PTIConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)  # jobs.nightly only

@@ -224,9 +224,23 @@ def stored(config: RunConfig, committed: Committed, targets: dict):
     )
 
 
+def scorer(config: RunConfig) -> Location | None:
+    """The job's scorer, checked on the driver before any work (one clear error if it cannot be
+    reached or is no CLIP checkpoint; a hub id or URI is fetched into the cache the actors read)."""
+    if not config.scorer:
+        return None
+    from pipeline.engine.models import fetch_checkpoint
+    from pipeline.engine.scoring import CLIP_LAYOUT, check_scorer
+
+    location = Location(config.scorer, config.endpoint_url)
+    folder = fetch_checkpoint(config.scorer, storage_options=location.storage_options(), layout=CLIP_LAYOUT)
+    check_scorer(folder, config.scorer)
+    return location
+
+
 def edit(ds, config: RunConfig, committed: Committed, done=frozenset()):
-    """Stage-1 rows -> edited (actor pool) -> images written."""
-    extra = dict(max_edits_per_call=config.max_edits_per_call, done=done)
+    """Stage-1 rows -> edited and scored (actor pool) -> images written."""
+    extra = dict(max_edits_per_call=config.max_edits_per_call, done=done, scorer=scorer(config))
     ds = _on_actors(ds, EditStage, config, config.edit_batch_size, config.edit_actors, committed, **extra)
     output = config.output_location
     return ds.map_batches(

@@ -32,12 +32,14 @@ def table_of(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 def conform(table: pa.Table, schema: pa.Schema, extra: dict[str, list]) -> pa.Table:
-    """``table`` plus ``extra`` columns, in ``schema``'s order; fields neither has are null.
-    Column-wise, so tensor columns never pass through Python objects."""
+    """``table`` plus ``extra`` columns (lists, or Arrow arrays as they are), in ``schema``'s
+    order; fields neither has are null. Column-wise, so tensor columns never pass through Python
+    objects."""
     columns = []
     for f in schema:
         if f.name in extra:
-            columns.append(pa.array(extra[f.name], type=f.type))
+            value = extra[f.name]
+            columns.append(value if isinstance(value, pa.Array) else pa.array(value, type=f.type))
         elif f.name in table.column_names:
             columns.append(table.column(f.name).combine_chunks())
         elif isinstance(f.type, pa.ExtensionType):

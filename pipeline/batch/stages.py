@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import time
 from typing import NamedTuple
@@ -179,10 +180,30 @@ def _load_engine(config: PTIConfig, model: Location, expect_model: frozenset, cp
 
 def _pixels(raw: list[bytes], side: int):
     """Raw uint8 RGB rows to a ``[B, 3, side, side]`` float batch in ``[0, 1]``."""
+    return _as_pixels(np.stack([np.frombuffer(r, np.uint8).reshape(side, side, 3) for r in raw]))
+
+
+def _as_pixels(images: np.ndarray):
+    """uint8 RGB images ``[B, H, W, 3]`` as a float batch ``[B, 3, H, W]`` in ``[0, 1]``."""
     import torch
 
-    arrays = [np.frombuffer(r, np.uint8).reshape(side, side, 3) for r in raw]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255
+    writable = images if images.flags.writeable else images.copy()  # Arrow's arrays are read-only
+    return torch.from_numpy(writable).permute(0, 3, 1, 2).contiguous().float() / 255
+
+
+def _image_column(raw: list[bytes], side: int) -> pa.Array:
+    """Decoded input images (raw uint8 RGB rows) as the embeddings table's ``image`` column."""
+    type_ = emb.image_type(side)
+    values = pa.array(np.frombuffer(b"".join(raw), np.uint8))  # one row is side * side * 3 values
+    return pa.ExtensionArray.from_storage(type_, pa.FixedSizeListArray.from_arrays(values, side * side * 3))
+
+
+def _stored_inputs(table: pa.Table):
+    """The input images of stored stage-1 rows (``schemas.embeddings.IMAGE``) as a float batch,
+    or None for rows written before inputs were stored."""
+    if emb.IMAGE not in table.column_names or table.column(emb.IMAGE).null_count:
+        return None
+    return _as_pixels(table.column(emb.IMAGE).combine_chunks().to_numpy_ndarray())
 
 
 def _non_finite(engine, inversion, n: int) -> str:
@@ -218,7 +239,11 @@ class TuneStage:
             cfg.embedding_dtype,
             sd.pooled_dim,
         )
-        extra = [*CARRIED, pa.field(res.TUNE_WORKER, pa.string())]
+        extra = [
+            pa.field(emb.IMAGE, emb.image_type(self.engine.resolution)),
+            *CARRIED,
+            pa.field(res.TUNE_WORKER, pa.string()),
+        ]
         return pa.schema([*(f.with_nullable(True) for f in base), *extra, *err.ERROR_FIELDS])
 
     @row_by_row("tune", lambda self: self.schema())
@@ -275,6 +300,7 @@ class TuneStage:
                 stored = inversion_to_arrow(engine, inversion, [ids[k] for k in ks], [sources[k] for k in ks])
                 carried = {f.name: [rows[i][f.name] for i in kept] for f in CARRIED}
                 extra = {
+                    emb.IMAGE: _image_column([rows[i][PIXELS] for i in kept], self.engine.resolution),
                     **carried,
                     err.ROW: [rows[i].get(err.ROW) for i in kept],
                     res.TUNE_WORKER: [worker] * len(kept),
@@ -327,8 +353,9 @@ class Edit(NamedTuple):
 
 
 class EditStage:
-    """Holds one model; maps stage-1 rows to one row per (image, target, eta) with its pixels.
-    Edits in ``done`` (``resume.edit_key``s an earlier run committed) are not made again."""
+    """Holds one model (and a scorer, if given); maps stage-1 rows to one row per (image, target,
+    eta) with its pixels and scores. Edits in ``done`` (``resume.edit_key``s an earlier run
+    committed) are not made again."""
 
     def __init__(
         self,
@@ -338,9 +365,35 @@ class EditStage:
         cpus: float = 1.0,
         expect_model=frozenset(),
         done=frozenset(),
+        scorer: Location | None = None,
     ):
         self.engine = _load_engine(config, model, expect_model, cpus)
         self.max_edits, self.done = max_edits_per_call, done
+        self.scorer = None
+        if scorer is not None:  # on the engine's device: the edits are scored where they are made
+            from pipeline.engine.scoring import load_scorer
+
+            device = str(self.engine.sd.device)
+            self.scorer = load_scorer(scorer.uri, device, config.dtype, scorer.storage_options())
+
+    def _scores(self, chunk: list[Edit], written: list[np.ndarray], inputs, meta: list[dict]) -> list[dict]:
+        """Each edit's scores (``schemas.results.SCORES``; none without a scorer), from the images
+        as written (uint8) and the batch's stored inputs (None: an older table without them)."""
+        if self.scorer is None or not chunk:
+            return [{} for _ in chunk]
+        from pipeline.engine.scoring import edit_scores
+
+        edited = _as_pixels(np.stack(written))
+        images = sorted({e.image for e in chunk})
+        scores = edit_scores(
+            self.scorer,
+            edited,
+            [e.target for e in chunk],
+            inputs=None if inputs is None else inputs[images],
+            image_of=[images.index(e.image) for e in chunk],
+            sources=[meta[b][emb.SOURCE_PROMPT] for b in images],
+        )
+        return [{name: values[k] for name, values in scores.items()} for k in range(len(chunk))]
 
     def _fan_out(self, meta: list[dict]) -> tuple[list[Edit], list[dict]]:
         """Every edit of the batch's images still to make, with its attention plan; and an error
@@ -387,38 +440,44 @@ class EditStage:
         if not len(good):
             return table_of(out, EDITED_SCHEMA)
         inversion = inversion_from_arrow(good)
+        inputs = _stored_inputs(good)
         meta = good.drop_columns([c for c in emb.TENSOR_COLUMNS if c in good.column_names]).to_pylist()
         fan, refused = self._fan_out(meta)
         out += [{**e, res.EDIT_WORKER: worker} for e in refused]
 
         def edit(chunk: list[Edit]):
+            """The chunk's edits as written (uint8; None where the model made NaN or inf), with
+            their scores: retried on parts by split_on_failure, scoring included."""
             images = [e.image for e in chunk]
             guidance = [meta[b][emb.GUIDANCE] for b in images]
             targets, etas, plans = [e.target for e in chunk], [e.eta for e in chunk], [e.plan for e in chunk]
-            return self.engine.edit(inversion, images, targets, etas, guidance=guidance, plans=plans)
+            pixels = self.engine.edit(inversion, images, targets, etas, guidance=guidance, plans=plans)
+            written = [to_uint8(image) if bool(image.isfinite().all()) else None for image in pixels]
+            made = [k for k, image in enumerate(written) if image is not None]
+            scores = self._scores([chunk[k] for k in made], [written[k] for k in made], inputs, meta)
+            by_edit = dict(zip(made, scores))
+            return [(image, by_edit.get(k)) for k, image in enumerate(written)]
 
         chunks = (fan[start : start + self.max_edits] for start in range(0, len(fan), self.max_edits))
         began = time.perf_counter()
-        for chunk, pixels in (part for c in chunks for part in split_on_failure(edit, c)):
-            if isinstance(pixels, Exception):  # this edit fails (alone: split_on_failure); the others go on
+        for chunk, made in (part for c in chunks for part in split_on_failure(edit, c)):
+            if isinstance(made, Exception):  # this edit fails (alone: split_on_failure); the others go on
                 (e,) = chunk
-                row, (kind, message) = meta[e.image], failure(pixels)
+                row, (kind, message) = meta[e.image], failure(made)
                 message = f"target {e.target_index} at eta {e.eta:g}: {message}"
                 error = err.error_row(row[emb.ID], "edit", kind, message, row=row.get(err.ROW))
                 out.append({**error, res.EDIT_WORKER: worker})
                 began = time.perf_counter()
                 continue
             seconds = (time.perf_counter() - began) / len(chunk)
-            for e, image in zip(chunk, pixels):
-                row = meta[e.image]
-                if not bool(image.isfinite().all()):  # this edit fails, not its batch
-                    message = f"target {e.target_index} at eta {e.eta:g}: the model produced NaN or inf"
-                    out.append(
-                        {
-                            **err.error_row(row[emb.ID], "edit", "non_finite", message, row=row.get(err.ROW)),
-                            res.EDIT_WORKER: worker,
-                        }
-                    )
+            for e, (image, scores) in zip(chunk, made):
+                row, where = meta[e.image], f"target {e.target_index} at eta {e.eta:g}"
+                bad = {n: v for n, v in (scores or {}).items() if v is not None and not math.isfinite(v)}
+                if image is None or bad:  # this edit fails, not its batch
+                    what = f"its scores are not finite: {bad}" if bad else "the model produced NaN or inf"
+                    message = f"{where}: {what}"
+                    error = err.error_row(row[emb.ID], "edit", "non_finite", message, row=row.get(err.ROW))
+                    out.append({**error, res.EDIT_WORKER: worker})
                     continue
                 out.append(
                     {
@@ -434,7 +493,8 @@ class EditStage:
                         res.CONFIG_FINGERPRINT: row[emb.CONFIG_FINGERPRINT],
                         res.TUNE_WORKER: row.get(res.TUNE_WORKER),
                         res.EDIT_WORKER: worker,
-                        EDITED: to_uint8(image).tobytes(),
+                        **scores,
+                        EDITED: image.tobytes(),
                     }
                 )
             began = time.perf_counter()

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from pipeline.engine.models import Layout, fetch_checkpoint, resolve_device, resolve_dtype
 from pipeline.errors import ModelError
+from schemas.results import SCORES  # what each score means
 
 # The default scorer: the CLIP InstructPix2Pix and UltraEdit score with (ViT-L/14, 224 px).
 DEFAULT_SCORER = "openai/clip-vit-large-patch14"
@@ -110,15 +111,17 @@ class Scorer:
 
     @torch.no_grad()
     def encode_texts(self, prompts: list[str]) -> Tensor:
-        """Normalised features ``[B, D]`` of prompts, truncated at the encoder's 77 tokens."""
+        """Normalised features ``[B, D]`` of prompts, truncated at the encoder's 77 tokens and
+        padded to them without an attention mask, as the reference's ``clip.tokenize`` does: the
+        causal encoder's features at the end token never see the padding after it."""
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",
             truncation=True,
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
-        ).to(self.device)
-        return normalized(_projected(self.model.get_text_features(**tokens)))
+        ).input_ids.to(self.device)
+        return normalized(_projected(self.model.get_text_features(input_ids=tokens)))
 
 
 def _projected(output) -> Tensor:
@@ -153,3 +156,42 @@ def load_scorer(
     mean = torch.tensor(processor.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), device=torch_device)
     std = torch.tensor(processor.get("image_std", (0.26862954, 0.26130258, 0.27577711)), device=torch_device)
     return Scorer(model, tokenizer, side, mean.reshape(3, 1, 1), std.reshape(3, 1, 1))
+
+
+def edit_scores(
+    scorer: Scorer,
+    edited: Tensor,
+    targets: list[str],
+    inputs: Tensor | None = None,
+    image_of: list[int] | None = None,
+    sources: list[str | None] | None = None,
+) -> dict[str, list[float | None]]:
+    """The scores of a batch of edits (``schemas/results.py`` names them): ``edited`` ``[E, 3, H,
+    W]`` in ``[0, 1]`` with each edit's target prompt; ``inputs`` ``[B, 3, H, W]`` the input images
+    (None: not stored, so only ``clip_sim_1`` is defined), ``image_of[e]`` edit ``e``'s input and
+    ``sources[b]`` input ``b``'s source prompt (None: no caption, so no ``clip_sim_0`` or
+    ``clip_sim_dir``). Each image and prompt is encoded once however many edits share it. A score
+    that is not defined is None; one that is NaN or inf stays so, for the caller to refuse."""
+    from pipeline.engine.metrics import ssim
+
+    count = len(edited)
+    unique_targets = list(dict.fromkeys(targets))
+    target_features = scorer.encode_texts(unique_targets)
+    edit_features = scorer.encode_images(edited)
+    text_1 = target_features[[unique_targets.index(t) for t in targets]]
+    scores: dict[str, list] = {name: [None] * count for name in SCORES}
+    scores["clip_sim_1"] = F.cosine_similarity(edit_features, text_1).tolist()
+    if inputs is None:
+        return scores
+    image_0 = scorer.encode_images(inputs)[image_of]
+    scores["clip_sim_image"] = F.cosine_similarity(image_0, edit_features).tolist()
+    scores["input_ssim"] = ssim(edited.float().cpu(), inputs[image_of].float().cpu()).tolist()
+    captioned = [e for e in range(count) if sources[image_of[e]] is not None]
+    if captioned:
+        text_0 = scorer.encode_texts([sources[image_of[e]] for e in captioned])
+        pairs = clip_similarities(image_0[captioned], edit_features[captioned], text_0, text_1[captioned])
+        for name in ("clip_sim_0", "clip_sim_dir"):
+            for e, value in zip(captioned, pairs[name].tolist()):
+                scores[name][e] = value
+    return scores
+
