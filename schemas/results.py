@@ -29,6 +29,10 @@ INPUT_SSIM = "input_ssim"
 # clip_sim_0 and clip_sim_dir are null for a row without a source prompt; all but clip_sim_1 are
 # null for an image whose stored stage-1 row predates stored inputs (schemas/embeddings.py IMAGE).
 SCORES = (CLIP_SIM_0, CLIP_SIM_1, CLIP_SIM_DIR, CLIP_SIM_IMAGE, INPUT_SSIM)
+# The edit's verdict by the run's thresholds (RunConfig.curate, pipeline/batch/curate.py): kept
+# for a training set or not (null: no scores), and each score under its threshold when not.
+KEPT = "kept"
+REJECTED_BY = "rejected_by"  # e.g. "clip_sim_dir 0.13 < 0.2; clip_sim_image 0.62 < 0.7"
 
 # What names one edit (its image is images/{id}/{target_index}-{eta}.png): one row per key.
 KEY = (ID, TARGET_INDEX, ETA)
@@ -49,5 +53,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field(TUNE_WORKER, pa.string()),
         pa.field(EDIT_WORKER, pa.string()),
         *(pa.field(name, pa.float32()) for name in SCORES),
+        pa.field(KEPT, pa.bool_()),
+        pa.field(REJECTED_BY, pa.string()),
     ]
 )

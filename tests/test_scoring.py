@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.batch.config import RunConfig
+from pipeline.batch.curate import CurateConfig
 from pipeline.engine.scoring import clip_similarities, load_scorer, normalized
-from pipeline.errors import ModelError
+from pipeline.errors import InputError, ModelError
 from pipeline.world.tiny import build_tiny_clip
 
 
@@ -133,9 +135,7 @@ def test_a_job_scores_every_edit_as_the_scorer_scores_its_written_image_and_stor
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline.batch.config import RunConfig
     from pipeline.batch.jobs import run_all
-    from pipeline.errors import InputError
     from schemas import results as res
 
     config = RunConfig(
@@ -164,10 +164,17 @@ def test_a_job_scores_every_edit_as_the_scorer_scores_its_written_image_and_stor
         for name, value in want.items():
             assert row[name] == (None if value is None else pytest.approx(value, abs=1e-5)), (row["id"], name)
         assert -1 <= row[res.INPUT_SSIM] <= 1 and row[res.INPUT_SSIM] != 1  # the edit changed the image
+        thresholds = config.curate.thresholds()  # each edit judged by every defined score
+        under = [n for n, low in thresholds.items() if row[n] is not None and row[n] < low]
+        assert row[res.KEPT] == (not under) and (row[res.REJECTED_BY] is None) == (not under), row
+    kept = sum(r[res.KEPT] for r in results)  # the summary counts the verdicts
+    assert summary.get("kept", 0) == kept and summary.get("rejected", 0) == len(results) - kept
     # One results table holds one scorer's scores: another scorer is refused before any work.
     other = build_tiny_clip(tmp_path / "other-clip", seed=1)
     with pytest.raises(InputError, match="scorer was .*tiny-clip.*, now .*other-clip"):
         run_all(dataclasses.replace(config, scorer=str(other)))
+    with pytest.raises(InputError, match="curate was .*min_clip_sim_dir=0.2.*, now .*min_clip_sim_dir=0.3"):
+        run_all(dataclasses.replace(config, curate=CurateConfig(min_clip_sim_dir=0.3)))
     # A scorer that cannot be loaded is one clear error at start, not an actor's failure mid-job.
     with pytest.raises(ModelError, match="not a transformers CLIP checkpoint"):
         run_all(dataclasses.replace(config, output=str(tmp_path / "out2"), scorer=tiny_model_dir))
@@ -203,3 +210,29 @@ def test_an_edit_whose_score_is_not_finite_fails_alone(
     assert len(out) == 4 and len(failed) == 1 and failed[0]["kind"] == "non_finite"
     assert "scores are not finite" in failed[0]["message"] and "clip_sim_1" in failed[0]["message"]
     assert all(r["clip_sim_1"] is not None and np.isfinite(r["clip_sim_1"]) for r in out if not r["kind"])
+
+
+def test_each_scored_edit_is_judged_by_every_threshold_and_nulls_reject_nothing():
+    import pyarrow as pa
+
+    from pipeline.batch.curate import judge, tally
+    from schemas import results as res
+
+    rows = [
+        dict(clip_sim_0=None, clip_sim_1=None, clip_sim_dir=None, clip_sim_image=None, input_ssim=None),
+        dict(clip_sim_0=0.3, clip_sim_1=0.25, clip_sim_dir=0.4, clip_sim_image=0.9, input_ssim=0.8),
+        dict(clip_sim_0=0.3, clip_sim_1=0.25, clip_sim_dir=0.1, clip_sim_image=0.5, input_ssim=0.8),
+        dict(clip_sim_0=None, clip_sim_1=0.25, clip_sim_dir=None, clip_sim_image=0.9, input_ssim=0.4),
+    ]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([res.RESULTS_SCHEMA.field(n) for n in res.SCORES]))
+    judged = judge(table, CurateConfig())  # InstructPix2Pix's: 0.2, 0.2, 0.2, 0.7; no SSIM bound
+    assert judged[res.KEPT].to_pylist() == [None, True, False, True]
+    rejected = "clip_sim_dir 0.1 < 0.2; clip_sim_image 0.5 < 0.7"
+    assert judged[res.REJECTED_BY].to_pylist() == [None, None, rejected, None]
+    counts = {"kept": 2, "rejected": 1, "rejected_by_clip_sim_dir": 1, "rejected_by_clip_sim_image": 1}
+    assert tally(judged) == counts
+    strict = judge(table, CurateConfig(min_clip_sim_image=None, min_input_ssim=0.5))
+    assert strict[res.KEPT].to_pylist() == [None, True, False, False]
+    assert strict[res.REJECTED_BY].to_pylist()[3] == "input_ssim 0.4 < 0.5"
+    with pytest.raises(InputError, match=r"curate.min_clip_sim_dir must be a number in \[-1, 1\] or null"):
+        RunConfig.load(None, ["curate.min_clip_sim_dir=2"])

@@ -15,6 +15,7 @@ from typing import Any
 import pydantic
 import yaml
 
+from pipeline.batch.curate import CurateConfig
 from pipeline.batch.output import Output
 from pipeline.engine.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
@@ -53,7 +54,8 @@ class NightlyConfig:
             raise InputError("invalid run config: " + "; ".join(problems))
 
 
-SECTIONS = {"pti": PTIConfig, "nightly": NightlyConfig}  # nested parts of a run config, set as pti.steps=20
+# Nested parts of a run config, set as pti.steps=20.
+SECTIONS = {"pti": PTIConfig, "nightly": NightlyConfig, "curate": CurateConfig}
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class RunConfig:
     progress_every_s: float = 30.0  # a job log line with rows done, failed, rows/s and ETA
     pti: PTIConfig = field(default_factory=PTIConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)  # jobs.nightly only
+    curate: CurateConfig = field(default_factory=CurateConfig)  # with a scorer: which edits are kept
 
     def __post_init__(self):
         for name, kind in SECTIONS.items():

@@ -11,12 +11,13 @@ import logging
 import posixpath
 import time
 import uuid
+from collections import Counter
 from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.batch import lock, metrics
+from pipeline.batch import curate, lock, metrics
 from pipeline.batch.cluster import actor_wait_s, check_cpus, check_gpus, init_ray
 from pipeline.batch.config import RunConfig
 from pipeline.faults import failpoint
@@ -185,7 +186,7 @@ def drain(
     errors = RollingParquet(output.errors, err.ERRORS_SCHEMA, config.results_rows_per_file, attempt)
     errors.add(pa.Table.from_pylist(list(errors_before), schema=err.ERRORS_SCHEMA))
     ok_ids, early_ids, edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
-    early_errors, resumed_ids = len(errors_before), set()
+    early_errors, resumed_ids, verdicts = len(errors_before), set(), Counter()
     progress = Progress(attempt.partition("-")[0], todo, config.progress_every_s)
 
     def edit_only_failures() -> int:  # rows whose every edit failed, not failed before editing
@@ -208,6 +209,8 @@ def drain(
         if res.TUNE_WORKER in good.column_names:  # edited from stored embeddings: not tuned by this run
             resumed_ids.update(i for i, w in zip(ids, good.column(res.TUNE_WORKER).to_pylist()) if w is None)
         if results is not None:
+            good = curate.judge(good, config.curate)  # each edit's verdict, in its own row
+            verdicts += curate.tally(good)
             results.add(good)
         failed = early_errors + edit_only_failures()  # rows, as ``account`` counts them
         progress.update(len(ok_ids), failed, results.rows if results else 0)
@@ -223,6 +226,7 @@ def drain(
         "error_rows": errors.rows,
         "result_rows": results.rows if results else 0,
         "resumed": len(resumed_ids),
+        "curation": dict(sorted(verdicts.items())),  # kept and rejected edits, by reason (with a scorer)
     }
 
 

@@ -316,6 +316,7 @@ def run_all(config: RunConfig, started: float, attempt: str) -> dict:
             **accounted,
             "resumed": counts["resumed"],
             "edits": counts["result_rows"],
+            **counts["curation"],
             "embeddings": output.embeddings.uri,
             "images": output.images.uri,
             "results": output.results.uri,
@@ -385,6 +386,7 @@ def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
         {
             **driver.account(rows_in, counts, already),
             "edits": counts["result_rows"],
+            **counts["curation"],
             "results": output.results.uri,
             "errors": output.errors.uri,
         },

@@ -59,8 +59,11 @@ def check_same_settings(config: RunConfig, job: str) -> None:
             for n in names
             if getattr(before.pti, n) != getattr(config.pti, n)
         ]
-        if "tune" not in (job, other) and before.scorer != config.scorer:  # one scorer per results table
-            changed.append(f"scorer was {before.scorer!r}, now {config.scorer!r}")
+        if "tune" not in (job, other):  # one scorer and one set of thresholds per results table
+            if before.scorer != config.scorer:
+                changed.append(f"scorer was {before.scorer!r}, now {config.scorer!r}")
+            if before.curate != config.curate:
+                changed.append(f"curate was {before.curate}, now {config.curate}")
         if changed:
             raise InputError(
                 f"output {config.output} holds a {other} job's outputs made with other settings "
