@@ -236,3 +236,35 @@ def test_each_scored_edit_is_judged_by_every_threshold_and_nulls_reject_nothing(
     assert strict[res.REJECTED_BY].to_pylist()[3] == "input_ssim 0.4 < 0.5"
     with pytest.raises(InputError, match=r"curate.min_clip_sim_dir must be a number in \[-1, 1\] or null"):
         RunConfig.load(None, ["curate.min_clip_sim_dir=2"])
+
+
+def test_the_nights_report_counts_each_outputs_verdicts_and_older_results_have_none(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.batch.output import Output
+    from pipeline.batch.report import report_markdown, verdicts
+
+    judged, older = Output.at(str(tmp_path / "judged")), Output.at(str(tmp_path / "older"))
+    rows = {
+        "id": ["a", "a", "b"],
+        "target_index": pa.array([0, 0, 0], pa.int32()),
+        "eta": pa.array([0.5, 1.0, 0.5], pa.float32()),
+    }
+    (tmp_path / "judged" / "results").mkdir(parents=True)
+    rejected_by = [None, "clip_sim_dir 0.1 < 0.2", "clip_sim_1 0 < 0.2"]
+    verdict = {"kept": [True, False, False], "rejected_by": rejected_by}
+    pq.write_table(pa.table({**rows, **verdict}), tmp_path / "judged" / "results" / "run-1-0-00000.parquet")
+    (tmp_path / "older" / "results").mkdir(parents=True)
+    pq.write_table(pa.table(rows), tmp_path / "older" / "results" / "run-1-0-00000.parquet")
+    counts = verdicts(judged)
+    assert counts == {"kept": 1, "rejected": 2, "rejected_by_clip_sim_1": 1, "rejected_by_clip_sim_dir": 1}
+    assert verdicts(older) == {}
+    totals = {
+        **dict(manifests=1, manifests_done=1, manifests_failed=0, manifests_skipped=0),
+        **dict(rows_in=2, rows_done=2, rows_failed=0, edits=3, error_kinds={}, verdicts=counts),
+        **dict(seconds=1.0, rows_per_second=2.0, gpu_hours=0.0, gpu_hour_price=None, cost_estimate=None),
+    }
+    night = {"run_id": "n", "manifests_prefix": "m", "manifests": [], "totals": totals, "contact_sheet": None}
+    page = report_markdown(night)
+    assert "- scored edits: kept 1, rejected 2 (clip_sim_1 1, clip_sim_dir 1)" in page

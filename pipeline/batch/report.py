@@ -21,6 +21,7 @@ from pipeline.io.images import (
     read_bytes,
     to_tensor,
 )
+from pipeline.batch.curate import tally
 from pipeline.batch.output import Output
 from pipeline.batch.resume import read_results
 from pipeline.io.storage import Location
@@ -116,6 +117,18 @@ def error_kinds(output: Output) -> dict[str, int]:
     return dict(Counter(errors[err.KIND].to_pylist() if errors is not None else []).most_common())
 
 
+def verdicts(output: Output) -> dict[str, int]:
+    """An output's scored edits counted as a job's summary counts them (``curate.tally``): kept,
+    rejected and rejected by each score; none for results without verdicts (no scorer)."""
+    import pyarrow as pa
+
+    try:
+        results = read_results(output, [res.KEPT, res.REJECTED_BY])
+    except (pa.ArrowInvalid, KeyError):  # results written before verdicts existed
+        return {}
+    return dict(sorted(tally(results).items())) if results is not None else {}
+
+
 def count_edits(output: Output) -> int:
     """Rows of an output's results table: every edit made, by any attempt, once."""
     results = read_results(output, [res.ID])
@@ -142,8 +155,10 @@ def night_report(
     gpu_hours = sum(m["gpu_hours"] for m in manifests)
     seconds = sum(m["seconds"] for m in manifests)
     kinds: Counter = Counter()
+    judged: Counter = Counter()
     for m in manifests:
         kinds.update(m["error_kinds"])
+        judged.update(m["verdicts"])
     totals = {
         "manifests": len(manifests),
         "manifests_done": len(done),
@@ -151,6 +166,7 @@ def night_report(
         "manifests_skipped": skipped,
         **{key: sum(m[key] for m in manifests if m[key] is not None) for key in COUNTS},
         "error_kinds": dict(kinds.most_common()),
+        "verdicts": dict(sorted(judged.items())),  # scored edits kept and rejected, by reason
         "seconds": round(seconds, 3),
         "rows_per_second": round(sum(m["rows_per_second"] * m["seconds"] for m in manifests) / seconds, 4)
         if seconds
@@ -172,6 +188,7 @@ def _manifest_report(entry: dict, endpoint_url: str | None) -> dict:
         "error": entry.get("error"),
         **counts,
         "error_kinds": error_kinds(Output.at(entry[led.OUTPUT], endpoint_url)),
+        "verdicts": verdicts(Output.at(entry[led.OUTPUT], endpoint_url)),
         "seconds": round(entry[led.SECONDS], 3),
         "rows_per_second": entry.get(led.ROWS_PER_SECOND, 0.0),
         "gpu_hours": round(entry[led.SECONDS] * entry[led.GPUS] / 3600, 4),
@@ -191,6 +208,13 @@ def write_night_report(root: Location, report: dict, sheet_rows: list[SheetRow])
     return (root / "report.json").uri
 
 
+def _verdict_line(counts: dict[str, int]) -> str:
+    """``kept 12, rejected 3 (clip_sim_dir 2, clip_sim_image 1)``."""
+    by = [f"{k.removeprefix('rejected_by_')} {n}" for k, n in counts.items() if k.startswith("rejected_by_")]
+    line = f"kept {counts.get('kept', 0)}, rejected {counts.get('rejected', 0)}"
+    return line + (f" ({', '.join(by)})" if by else "")
+
+
 def report_markdown(report: dict) -> str:
     """The report in a page: totals, cost, error kinds, a table of manifests, the contact sheet."""
     t = report["totals"]
@@ -198,6 +222,8 @@ def report_markdown(report: dict) -> str:
     if t["cost_estimate"] is not None:
         cost = f"{t['cost_estimate']:.2f} at {t['gpu_hour_price']:g} per GPU hour"
     kinds = ", ".join(f"{kind} {n}" for kind, n in t["error_kinds"].items()) or "none"
+    verdicts = t.get("verdicts") or {}  # reports written before verdicts existed have none
+    scored = [f"- scored edits: {_verdict_line(verdicts)} (results' `kept`, `rejected_by`)"][: bool(verdicts)]
     lines = [
         f"# Nightly run {report['run_id']}",
         "",
@@ -209,6 +235,7 @@ def report_markdown(report: dict) -> str:
         f"- throughput: {t['rows_per_second']:g} rows/s over {t['seconds']:g} s of jobs",
         f"- GPU hours: {t['gpu_hours']:g}; estimated cost: {cost}",
         f"- error kinds: {kinds} (each output's `errors/` table)",
+        *scored,
         "",
         "| manifest | status | rows in | done | failed | edits | seconds | rows/s | GPU h | output |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
