@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from pipeline.batch import driver
 from pipeline.batch.config import RunConfig
 from pipeline.batch.report import write_contact_sheet
-from pipeline.batch.resume import Committed, manifest_targets, read_committed
+from pipeline.batch.resume import TARGET_COLUMNS, Committed, checked_targets, manifest_targets, read_committed
 from pipeline.batch.stages import (
     EditStage,
     TuneStage,
@@ -29,7 +29,6 @@ from pipeline.io.storage import Location, default_image_prefixes
 from schemas import errors as err
 from schemas import manifest as man
 from schemas import results as res
-from schemas.stages import CARRIED
 
 log = logging.getLogger(__name__)
 
@@ -229,12 +228,10 @@ def scorer(config: RunConfig) -> Location | None:
     reached or is no CLIP checkpoint; a hub id or URI is fetched into the cache the actors read)."""
     if not config.scorer:
         return None
-    from pipeline.engine.models import fetch_checkpoint
-    from pipeline.engine.scoring import CLIP_LAYOUT, check_scorer
+    from pipeline.engine.scoring import scorer_folder
 
     location = Location(config.scorer, config.endpoint_url)
-    folder = fetch_checkpoint(config.scorer, storage_options=location.storage_options(), layout=CLIP_LAYOUT)
-    check_scorer(folder, config.scorer)
+    scorer_folder(config.scorer, location.storage_options())
     return location
 
 
@@ -335,13 +332,11 @@ def targets_by_id(config: RunConfig) -> tuple[dict[str, dict], list[dict]]:
         raise InputError("jobs.edit needs targets: set targets (a table of id, target_prompts) or manifest")
     location = Location(source, config.endpoint_url)
     fs, _ = location.filesystem()
-    wanted = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))  # not the images
     table_rows = []
     for path, _, footer in parquet_input(location, "targets" if config.targets else "manifest"):
-        columns = [c for c in wanted if c in footer.schema.to_arrow_schema().names]
+        columns = [c for c in TARGET_COLUMNS if c in footer.schema.to_arrow_schema().names]
         table_rows += pq.read_table(path, columns=columns, filesystem=fs).to_pylist()
-    rows, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in table_rows])  # images: not read
-    return {r[man.ID]: {f.name: r.get(f.name) for f in CARRIED} for r in rows}, errors
+    return checked_targets(table_rows)
 
 
 def _edits(config: RunConfig, row: dict) -> tuple[list[str], list[float]]:

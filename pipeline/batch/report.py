@@ -223,7 +223,9 @@ def report_markdown(report: dict) -> str:
         cost = f"{t['cost_estimate']:.2f} at {t['gpu_hour_price']:g} per GPU hour"
     kinds = ", ".join(f"{kind} {n}" for kind, n in t["error_kinds"].items()) or "none"
     verdicts = t.get("verdicts") or {}  # reports written before verdicts existed have none
-    scored = [f"- scored edits: {_verdict_line(verdicts)} (results' `kept`, `rejected_by`)"][: bool(verdicts)]
+    scored = []
+    if verdicts:
+        scored.append(f"- scored edits: {_verdict_line(verdicts)} (results' `kept`, `rejected_by`)")
     lines = [
         f"# Nightly run {report['run_id']}",
         "",

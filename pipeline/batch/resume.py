@@ -159,12 +159,22 @@ def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
     fs, _ = config.manifest_location.filesystem()
     files, _ = config.manifest_location.parquet_input()  # checked by the job before
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    wanted = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))
-    columns = [c for c in wanted if c in dataset.schema.names]
+    columns = [c for c in TARGET_COLUMNS if c in dataset.schema.names]
     table = dataset.to_table(
         columns=columns, filter=pc.field(man.ID).isin(pa.array(sorted(ids), pa.string()))
     )
-    good, _ = man.validate_rows([{man.IMAGE: "-", **r} for r in table.to_pylist()])  # images: not read
+    good, _ = checked_targets(table.to_pylist())
     etas = list(config.pti.etas)
-    carried = [f.name for f in CARRIED]
-    return {r[man.ID]: {c: r.get(c) for c in carried} | {man.ETA: r.get(man.ETA) or etas} for r in good}
+    return {i: row | {man.ETA: row[man.ETA] or etas} for i, row in good.items()}
+
+
+# What a job that edits reads of a manifest or targets table: never the images.
+TARGET_COLUMNS = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))
+
+
+def checked_targets(rows: list[dict]) -> tuple[dict[str, dict], list[dict]]:
+    """Rows of a table of targets (a manifest read without its images) checked as manifest rows
+    are: id -> its ``schemas.stages.CARRIED`` values for each good row, and an error row for
+    each bad one."""
+    good, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in rows])  # images are not read
+    return {r[man.ID]: {f.name: r.get(f.name) for f in CARRIED} for r in good}, errors

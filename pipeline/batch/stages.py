@@ -206,6 +206,11 @@ def _stored_inputs(table: pa.Table):
     return _as_pixels(table.column(emb.IMAGE).combine_chunks().to_numpy_ndarray())
 
 
+def _edit_name(target_index: int, eta: float) -> str:
+    """An edit of a row, as its error messages name it."""
+    return f"target {target_index} at eta {eta:g}"
+
+
 def _non_finite(engine, inversion, n: int) -> str:
     """What the errors table says of image ``n`` of a stage-1 batch that stayed non-finite."""
     dtype = str(engine.sd.dtype).removeprefix("torch.")
@@ -464,14 +469,14 @@ class EditStage:
             if isinstance(made, Exception):  # this edit fails (alone: split_on_failure); the others go on
                 (e,) = chunk
                 row, (kind, message) = meta[e.image], failure(made)
-                message = f"target {e.target_index} at eta {e.eta:g}: {message}"
+                message = f"{_edit_name(e.target_index, e.eta)}: {message}"
                 error = err.error_row(row[emb.ID], "edit", kind, message, row=row.get(err.ROW))
                 out.append({**error, res.EDIT_WORKER: worker})
                 began = time.perf_counter()
                 continue
             seconds = (time.perf_counter() - began) / len(chunk)
             for e, (image, scores) in zip(chunk, made):
-                row, where = meta[e.image], f"target {e.target_index} at eta {e.eta:g}"
+                row, where = meta[e.image], _edit_name(e.target_index, e.eta)
                 bad = {n: v for n, v in (scores or {}).items() if v is not None and not math.isfinite(v)}
                 if image is None or bad:  # this edit fails, not its batch
                     what = f"its scores are not finite: {bad}" if bad else "the model produced NaN or inf"
@@ -516,7 +521,7 @@ def write_images(table: pa.Table, *, output: Output) -> pa.Table:
             png = encode_png(np.frombuffer(raw, np.uint8).reshape(side, side, 3))
         except Exception as exc:  # noqa: BLE001 (this edit's failure, not its batch's)
             kind, message = failure(exc)
-            where = f"target {row[res.TARGET_INDEX]} at eta {row[res.ETA]:g}"
+            where = _edit_name(row[res.TARGET_INDEX], row[res.ETA])
             row |= {err.STAGE: "write", err.KIND: kind, err.MESSAGE: f"{where}: {message}"}
             continue
         location = output.image(row[res.ID], row[res.TARGET_INDEX], row[res.ETA])

@@ -130,6 +130,14 @@ def _projected(output) -> Tensor:
     return (output if isinstance(output, Tensor) else output.pooler_output).float()
 
 
+def scorer_folder(ref: str, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
+    """The local folder of scorer ``ref`` (fetched into the cache once), checked to be a CLIP
+    checkpoint; a ``ModelError`` naming ``ref`` otherwise. The driver calls it before any work."""
+    folder = fetch_checkpoint(ref, cache_dir, storage_options, layout=CLIP_LAYOUT)
+    check_scorer(folder, ref)
+    return folder
+
+
 def load_scorer(
     ref: str = DEFAULT_SCORER,
     device: str = "auto",
@@ -141,8 +149,7 @@ def load_scorer(
     safetensors); a ``ModelError`` naming ``ref`` when it cannot be reached or is not one."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    folder = fetch_checkpoint(ref, cache_dir, storage_options, layout=CLIP_LAYOUT)
-    check_scorer(folder, ref)
+    folder = scorer_folder(ref, storage_options, cache_dir)
     torch_device = resolve_device(device)
     try:
         model = CLIPModel.from_pretrained(folder, use_safetensors=True)
@@ -175,10 +182,8 @@ def edit_scores(
     from pipeline.engine.metrics import ssim
 
     count = len(edited)
-    unique_targets = list(dict.fromkeys(targets))
-    target_features = scorer.encode_texts(unique_targets)
     edit_features = scorer.encode_images(edited)
-    text_1 = target_features[[unique_targets.index(t) for t in targets]]
+    text_1 = _encode_each_once(scorer, targets)
     scores: dict[str, list] = {name: [None] * count for name in SCORES}
     scores["clip_sim_1"] = F.cosine_similarity(edit_features, text_1).tolist()
     if inputs is None:
@@ -188,10 +193,15 @@ def edit_scores(
     scores["input_ssim"] = ssim(edited.float().cpu(), inputs[image_of].float().cpu()).tolist()
     captioned = [e for e in range(count) if sources[image_of[e]] is not None]
     if captioned:
-        text_0 = scorer.encode_texts([sources[image_of[e]] for e in captioned])
+        text_0 = _encode_each_once(scorer, [sources[image_of[e]] for e in captioned])
         pairs = clip_similarities(image_0[captioned], edit_features[captioned], text_0, text_1[captioned])
         for name in ("clip_sim_0", "clip_sim_dir"):
             for e, value in zip(captioned, pairs[name].tolist()):
                 scores[name][e] = value
     return scores
 
+
+def _encode_each_once(scorer: Scorer, prompts: list[str]) -> Tensor:
+    """Features of ``prompts`` in order, each distinct prompt encoded once."""
+    distinct = list(dict.fromkeys(prompts))
+    return scorer.encode_texts(distinct)[[distinct.index(p) for p in prompts]]
