@@ -12,6 +12,7 @@ import typer
 
 from jobs import common
 from pipeline.batch.config import RunConfig
+from pipeline.batch.dataset import run_dataset
 from pipeline.batch.jobs import run_all, run_edit, run_tune
 from pipeline.batch.nightly import run_nightly
 from pipeline.engine.config import PRESETS, PTIConfig
@@ -172,6 +173,12 @@ _job(
     run_nightly,
     "Every new manifest under a prefix through jobs.run, then a report (jobs.nightly).",
     common.NIGHTLY_FLAGS,
+)
+_job(
+    "dataset",
+    run_dataset,
+    "An output's kept edits as a training set for datasets.load_dataset (jobs.dataset).",
+    common.DATASET_FLAGS,
 )
 
 

@@ -21,6 +21,7 @@ FLAGS = {  # flag -> config key, for the settings people change most
     "--model": "pti.model",
 }
 NIGHTLY_FLAGS = {**FLAGS, "--manifests": "nightly.manifests", "--run-id": "nightly.run_id"}  # jobs.nightly
+DATASET_FLAGS = {**FLAGS, "--to": "dataset.output", "--best-of": "dataset.best_of"}  # jobs.dataset
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every line timestamped

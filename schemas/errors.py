@@ -36,6 +36,7 @@ KINDS = {
     "bad_guidance": "guidance is not a finite number >= 0",
     "bad_reweight": "reweight does not map words to finite numbers >= 0",
     "bad_blend_words": "a blend word is empty or holds a space",
+    "bad_instructions": "instructions do not give one text (or null) per target prompt, or one is empty",
     # read: the image
     "not_allowed": "the image URI is outside the allowed prefixes (refused unread)",
     "not_found": "no image at the URI",

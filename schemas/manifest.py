@@ -2,8 +2,10 @@
 
 A manifest row: ``id`` (unique string), ``image`` (a URI string, or raw bytes in a binary column),
 ``source_prompt`` (nullable), ``target_prompts`` (list of strings; a single ``target_prompt``
-string column is accepted too), and optional per-row overrides ``eta`` (list of floats),
-``guidance`` (float) and ``seed`` (int).
+string column is accepted too), optional per-row overrides ``eta`` (list of floats),
+``guidance`` (float) and ``seed`` (int), and optional ``instructions``: an instruction-style text
+per target prompt ("make it a cat"; null where there is none), which the results and the
+training set carry beside the target prompt.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SEED = "seed"
 # Attention control (ALGORITHM.md, stage 2b), when the config turns it on: per-row words.
 BLEND_WORDS = "blend_words"  # local blend on these words (default: the words the prompts do not share)
 REWEIGHT = "reweight"  # word -> factor on its cross-attention in the edits
+INSTRUCTIONS = "instructions"  # one instruction (or null) per target prompt, in their order
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -41,11 +44,13 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(SEED, pa.int64()),
         pa.field(BLEND_WORDS, pa.list_(pa.string())),
         pa.field(REWEIGHT, pa.map_(pa.string(), pa.float64())),
+        pa.field(INSTRUCTIONS, pa.list_(pa.string())),
     ]
 )
 
 
-OPTIONAL = (SOURCE_PROMPT, ETA, GUIDANCE, SEED, BLEND_WORDS, REWEIGHT)  # all null is fine: not given
+# All null is fine: not given.
+OPTIONAL = (SOURCE_PROMPT, ETA, GUIDANCE, SEED, BLEND_WORDS, REWEIGHT, INSTRUCTIONS)
 
 
 def _decoded(t: pa.DataType) -> pa.DataType:
@@ -85,6 +90,7 @@ EXPECTED = {  # column -> (what it must be, check)
         "a map of word to number",
         lambda t: pa.types.is_map(t) and _is_string(t.key_type) and _is_number(t.item_type),
     ),
+    INSTRUCTIONS: ("a list of strings", lambda t: _is_list_of(t, _is_string)),
 }
 
 
@@ -173,6 +179,21 @@ def blend_words_problem(words) -> str | None:
     return None
 
 
+def instructions_problem(instructions, targets) -> str | None:
+    """Instructions of a row's targets: one per target prompt, each a non-empty text or null."""
+    if len(instructions) != len(targets):
+        return f"instructions must give one per target prompt ({len(targets)}), got {len(instructions)}"
+    if any(i is not None and not str(i).strip() for i in instructions):
+        return "an instruction is empty (null: the target has none)"
+    return None
+
+
+def instruction(row: dict, target_index: int) -> str | None:
+    """The instruction a row gives for one of its targets, or None."""
+    instructions = row.get(INSTRUCTIONS)
+    return instructions[target_index] if instructions else None
+
+
 def uri_problem(uri: str) -> str | None:
     """Why an image URI cannot name anything, or None: a NUL byte, or a URL that does not parse
     (``http://[::1/x.png``, a port out of range). Whether it may be read is the read stage's."""
@@ -207,12 +228,13 @@ def row_problems(row: dict, duplicates: set) -> list[tuple[str, str]]:
         problems.append(("no_targets", "the target prompt list is empty"))
     elif any(t is None or not str(t).strip() for t in targets):
         problems.append(("empty_target", "a target prompt is empty"))
-    etas, guidance = row.get(ETA) or [], row.get(GUIDANCE)
+    etas, guidance, instructions = row.get(ETA) or [], row.get(GUIDANCE), row.get(INSTRUCTIONS)
     overrides = [  # (kind, problem) of each value the row sets over the config's
         *(("bad_eta", eta_problem(eta)) for eta in etas),
         ("bad_guidance", None if guidance is None else guidance_problem(guidance)),
         ("bad_reweight", reweight_problem(dict(row.get(REWEIGHT) or []))),  # Arrow maps: (key, value) pairs
         ("bad_blend_words", blend_words_problem(row.get(BLEND_WORDS) or [])),
+        ("bad_instructions", instructions and targets and instructions_problem(instructions, targets)),
     ]
     problems += [(kind, problem) for kind, problem in overrides if problem]
     for name, same in same_etas(etas).items():

@@ -7,6 +7,7 @@ import pyarrow as pa
 ID = "id"
 TARGET_INDEX = "target_index"
 TARGET_PROMPT = "target_prompt"
+INSTRUCTION = "instruction"  # the manifest's instruction for this target (its instructions); null: none
 ETA = "eta"
 GUIDANCE = "guidance"
 IMAGE_URI = "image_uri"
@@ -42,6 +43,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field(ID, pa.string(), nullable=False),
         pa.field(TARGET_INDEX, pa.int32(), nullable=False),
         pa.field(TARGET_PROMPT, pa.string(), nullable=False),
+        pa.field(INSTRUCTION, pa.string()),
         pa.field(ETA, pa.float32(), nullable=False),
         pa.field(GUIDANCE, pa.float32(), nullable=False),
         pa.field(IMAGE_URI, pa.string(), nullable=False),

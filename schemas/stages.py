@@ -23,12 +23,16 @@ PREPARED_SCHEMA = pa.schema(
         pa.field(man.SEED, pa.int64()),
         pa.field(man.BLEND_WORDS, pa.list_(pa.string())),
         pa.field(man.REWEIGHT, pa.map_(pa.string(), pa.float64())),
+        pa.field(man.INSTRUCTIONS, pa.list_(pa.string())),
         pa.field(PIXELS, pa.binary()),
         *ERROR_FIELDS,
     ]
 )
 # Manifest columns stage 2 needs, carried past stage 1 beside the stored embeddings.
-CARRIED = [PREPARED_SCHEMA.field(c) for c in (man.TARGET_PROMPTS, man.ETA, man.BLEND_WORDS, man.REWEIGHT)]
+CARRIED = [
+    PREPARED_SCHEMA.field(c)
+    for c in (man.TARGET_PROMPTS, man.ETA, man.BLEND_WORDS, man.REWEIGHT, man.INSTRUCTIONS)
+]
 
 EDITED_SCHEMA = pa.schema(
     [*(f.with_nullable(True) for f in res.RESULTS_SCHEMA), pa.field(EDITED, pa.binary()), *ERROR_FIELDS]

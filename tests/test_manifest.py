@@ -55,12 +55,15 @@ def test_each_bad_row_becomes_an_error_with_its_reason_and_good_rows_pass():
         {"id": "eta", "image": "g.png", "target_prompts": ["a cat"], "eta": [0.5, 1.5, float("nan")]},
         {"id": "noimage", "image": None, "target_prompts": ["a cat"]},
         {"id": "single", "image": "h.png", "target_prompt": "a tiger"},
+        {"id": "told", "image": "i.png", "target_prompts": ["a cat", "a b"], "instructions": ["cat", None]},
+        {"id": "short", "image": "j.png", "target_prompts": ["a cat", "a dog"], "instructions": ["cat it"]},
+        {"id": "blank_instruction", "image": "k.png", "target_prompts": ["a cat"], "instructions": [" "]},
     ]
     good, errors = validate_rows(rows)
-    assert [r["id"] for r in good] == ["ok", "single"]
+    assert [r["id"] for r in good] == ["ok", "single", "told"]
     assert good[1]["target_prompts"] == ["a tiger"]
     by_row = {e["row"]: e for e in errors}
-    assert sorted(by_row) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(by_row) == [1, 2, 3, 4, 5, 6, 7, 10, 11]
     assert len(good) + len(errors) == len(rows)  # every row accounted for
     assert by_row[1]["kind"] == "bad_id"
     assert by_row[2]["kind"] == by_row[3]["kind"] == "duplicate_id" and "'dup'" in by_row[2]["message"]
@@ -68,6 +71,8 @@ def test_each_bad_row_becomes_an_error_with_its_reason_and_good_rows_pass():
     assert by_row[5]["kind"] == "empty_target"
     assert by_row[6]["kind"] == "bad_eta" and "1.5" in by_row[6]["message"] and "nan" in by_row[6]["message"]
     assert by_row[7]["kind"] == "bad_image"
+    assert by_row[10]["kind"] == "bad_instructions" and "prompt (2), got 1" in by_row[10]["message"]
+    assert by_row[11]["kind"] == "bad_instructions" and "an instruction is empty" in by_row[11]["message"]
     pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)  # the errors fit their schema
 
 

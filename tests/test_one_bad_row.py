@@ -87,6 +87,7 @@ ROW = st.fixed_dictionaries(
         man.SEED: nullable(st.integers(-(2**63), 2**63 - 1)),
         man.BLEND_WORDS: nullable(words),
         man.REWEIGHT: nullable(st.lists(st.tuples(text, st.none() | floats), max_size=3)),  # a map, read back
+        man.INSTRUCTIONS: nullable(words),
     },
     optional={man.TARGET_PROMPT: nullable(text)},
 )
@@ -109,6 +110,9 @@ def test_the_validator_classifies_every_drawn_row_and_a_good_row_makes_a_valid_c
             reweight=dict(row[man.REWEIGHT] or []),
         )
         assert row[man.TARGET_PROMPTS] and all(t.strip() for t in row[man.TARGET_PROMPTS])
+        instructions = row[man.INSTRUCTIONS] or [None] * len(row[man.TARGET_PROMPTS])  # one per target
+        assert len(instructions) == len(row[man.TARGET_PROMPTS])
+        assert all(i is None or i.strip() for i in instructions)
         assert len({edit_key("x", 0, "t", e) for e in etas}) == len(etas)  # each eta one edit
 
 
@@ -347,9 +351,10 @@ def test_a_job_on_a_drawn_manifest_accounts_for_every_row_once(
         man.GUIDANCE: (nullable(st.floats(0, 10)), floats),
         man.BLEND_WORDS: (st.none(), st.lists(nullable(arrow_text), max_size=2)),
         man.REWEIGHT: (st.none(), st.lists(st.tuples(arrow_text, nullable(floats)), max_size=2)),
+        man.INSTRUCTIONS: (st.none(), st.lists(nullable(arrow_text), max_size=2)),
     }
 
-    # Every third row usable; each other row takes its column i % 8 (and any drawn others) from
+    # Every third row usable; each other row takes its column i % 9 (and any drawn others) from
     # the column's whole domain, so even Hypothesis's simplest draw mixes good rows and bad ones.
     columns = list(hostile)
     draws = st.tuples(*(st.fixed_dictionaries({c: h[k] for c, h in hostile.items()}) for k in (0, 1)))

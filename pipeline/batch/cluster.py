@@ -183,7 +183,7 @@ def actor_wait_s(config: RunConfig, pools: tuple[int, ...], have: dict[str, floa
     no blocks to share. Without the wait they load at once (a 6-row job of two one-actor pools on
     the test cluster, 2 cores: 12.7 s instead of 15.9 s; see docs/benchmarks.md, "Pipeline
     overhead")."""
-    if max(pools) <= 1:
+    if max(pools, default=0) <= 1:  # a job of Ray tasks (jobs.dataset) has no pools
         return -1
     actors = sum(pools)
     gpus_fit = config.gpus_per_actor * actors <= have.get("GPU", 0)

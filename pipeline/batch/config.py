@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from pipeline.batch.curate import CurateConfig
+from pipeline.batch.curate import CurateConfig, DatasetConfig
 from pipeline.batch.output import Output
 from pipeline.engine.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
@@ -55,7 +55,7 @@ class NightlyConfig:
 
 
 # Nested parts of a run config, set as pti.steps=20.
-SECTIONS = {"pti": PTIConfig, "nightly": NightlyConfig, "curate": CurateConfig}
+SECTIONS = {"pti": PTIConfig, "nightly": NightlyConfig, "curate": CurateConfig, "dataset": DatasetConfig}
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class RunConfig:
     pti: PTIConfig = field(default_factory=PTIConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)  # jobs.nightly only
     curate: CurateConfig = field(default_factory=CurateConfig)  # with a scorer: which edits are kept
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # jobs.dataset: the training set
 
     def __post_init__(self):
         for name, kind in SECTIONS.items():
@@ -149,6 +150,13 @@ class RunConfig:
     def output_location(self) -> Output:
         """The output prefix and its parts, with the endpoint that reaches them."""
         return Output.at(self.output, self.endpoint_url, self.embeddings)
+
+    @property
+    def dataset_location(self) -> Location:
+        """Where ``jobs.dataset`` writes the training set: ``dataset.output`` or ``{output}/dataset``."""
+        if self.dataset.output:
+            return Location(self.dataset.output, self.endpoint_url)
+        return self.output_location.root / "dataset"
 
     @property
     def manifest_location(self) -> Location:

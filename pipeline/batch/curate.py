@@ -15,8 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import InputError
+from schemas import dataset as ds
 from schemas import results as res
 
 
@@ -86,3 +88,51 @@ def tally(table: pa.Table) -> Counter:
             if reason:
                 counts[f"rejected_by_{reason.split()[0]}"] += 1
     return counts
+
+
+RANKS = tuple(res.SCORES)  # the scores a training set may rank kept edits by
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """``jobs.dataset``: which kept edits make the training set, and where it goes."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # for RunConfig.from_dict's validator
+
+    output: str | None = None  # the set's folder (any fsspec URI); default {output}/dataset
+    # Kept edits per (id, target_index), best first by rank_by: InstructPix2Pix keeps 4 of its
+    # candidates (--max-out-samples), "one good edit per target" is 1. None: every kept edit.
+    best_of: int | None = 1
+    rank_by: str = res.CLIP_SIM_DIR  # InstructPix2Pix's sort; clip_sim_1 where it is null (no source)
+    rows_per_file: int = 1_000  # edits per Parquet file of the set (each holds both images' PNGs)
+
+    def __post_init__(self):
+        problems = []
+        if self.best_of is not None and self.best_of < 1:
+            problems.append(f"best_of must be at least 1 or null (every kept edit), got {self.best_of}")
+        if self.rank_by not in RANKS:
+            problems.append(f"rank_by must be one of {', '.join(RANKS)}, got {self.rank_by!r}")
+        if self.rows_per_file < 1:
+            problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
+        if problems:
+            raise InputError("invalid run config: dataset." + "; dataset.".join(problems))
+
+
+def select_best(table: pa.Table, dataset: DatasetConfig) -> pa.Table:
+    """The kept edits of judged results rows, ranked within their (id, target_index) by
+    ``dataset.rank_by`` (higher first; ``clip_sim_1`` where it is null; the smaller eta on a
+    tie), each with its ``rank`` (1: best), at most ``dataset.best_of`` per (id, target_index).
+    Sorted by id, target_index and rank."""
+    kept = table.filter(pc.fill_null(table.column(res.KEPT), False))
+    score = pc.coalesce(kept.column(dataset.rank_by), kept.column(res.CLIP_SIM_1))
+    keys = [(res.ID, "ascending"), (res.TARGET_INDEX, "ascending"), ("_score", "descending")]
+    order = pc.sort_indices(kept.append_column("_score", score), [*keys, (res.ETA, "ascending")])
+    ranked = kept.take(order)
+    groups = list(zip(ranked.column(res.ID).to_pylist(), ranked.column(res.TARGET_INDEX).to_pylist()))
+    ranks = [1] * len(groups)
+    for k in range(1, len(groups)):
+        ranks[k] = ranks[k - 1] + 1 if groups[k] == groups[k - 1] else 1
+    ranked = ranked.append_column(pa.field(ds.RANK, pa.int32()), pa.array(ranks, pa.int32()))
+    if dataset.best_of is not None:
+        ranked = ranked.filter(pc.less_equal(ranked.column(ds.RANK), dataset.best_of))
+    return ranked

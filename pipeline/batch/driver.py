@@ -128,6 +128,7 @@ def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
         "run": (config.tune_actors, config.edit_actors),
         "tune": (config.tune_actors,),
         "edit": (config.edit_actors,),
+        "dataset": (),  # Ray tasks only
     }[job]
     init_ray(config)
     check_gpus(config, sum(pools))
@@ -141,7 +142,8 @@ def start(config: RunConfig, job: str) -> Iterator[tuple[float, str]]:
             "write under that prefix"
         ) from None
     with lease:
-        check_same_settings(config, job)
+        if job != "dataset":  # it reads results as they are: any run's settings
+            check_same_settings(config, job)
         # The context is per process: set it both ways, a driver may run several jobs.
         wait = actor_wait_s(config, pools, ray.cluster_resources())
         DataContext.get_current().wait_for_min_actors_s = wait

@@ -120,12 +120,7 @@ def error_kinds(output: Output) -> dict[str, int]:
 def verdicts(output: Output) -> dict[str, int]:
     """An output's scored edits counted as a job's summary counts them (``curate.tally``): kept,
     rejected and rejected by each score; none for results without verdicts (no scorer)."""
-    import pyarrow as pa
-
-    try:
-        results = read_results(output, [res.KEPT, res.REJECTED_BY])
-    except (pa.ArrowInvalid, KeyError):  # results written before verdicts existed
-        return {}
+    results = read_results(output, [res.KEPT, res.REJECTED_BY])  # null in results older than verdicts
     return dict(sorted(tally(results).items())) if results is not None else {}
 
 

@@ -136,13 +136,15 @@ def written_order(path: str) -> str:
 def read_results(output: Output, columns: list[str]) -> pa.Table | None:
     """Columns of an output's results table, one row per edit (``schemas.results.KEY``), or None
     if it has none. A results table an older version wrote may hold an edit twice: the row the
-    latest attempt wrote is kept, as its image is the one on disk."""
+    latest attempt wrote is kept, as its image is the one on disk. A column that files an older
+    version wrote lack (scores, instructions) reads as null there."""
     files = sorted(output.results.parquet_files(), key=written_order)
     if not files:
         return None
     fs, _ = output.results.filesystem()
     key = list(res.KEY)
-    table = pq.ParquetDataset(files, filesystem=fs).read(columns=list(dict.fromkeys([*key, *columns])))
+    dataset = pq.ParquetDataset(files, filesystem=fs, schema=res.RESULTS_SCHEMA)
+    table = dataset.read(columns=list(dict.fromkeys([*key, *columns])))
     order = table.select(key).append_column("order", pa.array(np.arange(len(table))))
     last = order.group_by(key, use_threads=False).aggregate([("order", "max")])
     return table.take(np.sort(last.column("order_max").to_numpy())).select(columns)

@@ -489,6 +489,7 @@ class EditStage:
                         res.ID: row[emb.ID],
                         res.TARGET_INDEX: e.target_index,
                         res.TARGET_PROMPT: e.target,
+                        res.INSTRUCTION: man.instruction(row, e.target_index),
                         res.ETA: e.eta,
                         res.GUIDANCE: row[emb.GUIDANCE],
                         res.RECONSTRUCTION_PSNR: row[emb.RECONSTRUCTION_PSNR],
