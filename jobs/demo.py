@@ -1,9 +1,11 @@
-"""``make demo``: the main job (``jobs.run``) on embedded defaults, then its tunings edited again
-under attention control (``jobs.edit``), side by side.
+"""``make demo``: the main job (``jobs.run``) on embedded defaults, its kept edits as a training
+set (``jobs.dataset``), then its tunings edited again under attention control (``jobs.edit``),
+side by side.
 
-The shipped model of the rendered world (``models/shapes-sd``, trained here on the CPU), a bundled
-manifest of held-out scenes with a colour edit and a shape edit each, local Ray and local files;
-prints the run summary and where the outputs and a contact sheet are.
+The shipped model of the rendered world (``models/shapes-sd``) and the world's CLIP that scores
+its edits (``models/shapes-clip``), both trained here on the CPU; a bundled manifest of held-out
+scenes with a colour edit and a shape edit each, local Ray and local files. Prints the summaries and
+where the outputs, the training set and a contact sheet are.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from PIL import Image
 
 from jobs.common import print_summary
 from pipeline.batch.config import RunConfig
+from pipeline.batch.curate import CurateConfig
+from pipeline.batch.dataset import run_dataset
 from pipeline.batch.jobs import run_all, run_edit
 from pipeline.batch.output import Output
 from pipeline.batch.report import edit_rows, labelled_sheet
@@ -27,6 +31,12 @@ from pipeline.io.storage import Location
 from pipeline.world import scenes as world
 
 SCENES = 4
+SCORER = "models/shapes-clip"  # the world's CLIP (pipeline/world/clip.py): scores mean something here
+# Thresholds for that CLIP, fitted against the world's truth (docs/quality/curation.md): a CLIP's
+# cosines have its own scale, and InstructPix2Pix's (fitted to ViT-L/14) keep this one's wrong edits.
+WORLD_CLIP_CURATE = CurateConfig(
+    min_clip_sim_0=None, min_clip_sim_1=0.85, min_clip_sim_dir=0.75, min_clip_sim_image=None
+)
 
 
 def write_manifest(folder: Path, resolution: int) -> Path:
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/shapes-sd")
     parser.add_argument("--out", default="outputs/demo")
+    parser.add_argument("--scorer", default=SCORER, help="the CLIP that scores every edit")
     args = parser.parse_args(argv)
     output = Path(args.out)
     if (output / "config-run.yaml").is_file() and (output / "inputs").is_dir():
@@ -80,9 +91,15 @@ def main(argv: list[str] | None = None) -> None:
         gpus_per_actor=0,
         tune_actors=1,
         edit_actors=1,
+        scorer=args.scorer,
+        curate=WORLD_CLIP_CURATE if args.scorer == SCORER else CurateConfig(),
         pti=pti,
     )
     print_summary(run_all(config))
+    # The kept edits (InstructPix2Pix's thresholds on the world CLIP's scores), the best of each
+    # (scene, target), as a dataset that datasets.load_dataset reads.
+    dataset = run_dataset(config)
+    print_summary(dataset)
     # The same tunings edited again under attention control (Prompt-to-Prompt), beside the plain
     # edits: a stage-2 choice, so jobs.edit reuses the stored embeddings.
     controlled = output / "controlled"
@@ -101,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     sheet = write_contact_sheet(output, controlled, manifest)
     print(f"contact sheet (a row per scene: input, plain edits, controlled edits, captioned): {sheet}")
+    print(
+        f"training set: {dataset['rows']} kept edits under {dataset['dataset']}; read it with "
+        f"datasets.load_dataset({dataset['dataset']!r}, split='train') (README, A training set)"
+    )
 
 
 if __name__ == "__main__":

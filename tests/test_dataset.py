@@ -100,6 +100,9 @@ def test_a_scored_output_becomes_a_dataset_that_load_dataset_and_pyarrow_read(
     run_all(config)
     results = pq.read_table(out / "results").to_pylist()
     assert len(results) == 12
+    again = run_all(config)  # resumed: nothing is edited or scored again
+    assert (again["edits"], again["already_done"]) == (0, 2)
+    assert pq.read_table(out / "results").to_pylist() == results
     for r in results:  # each edit carries its target's instruction
         given = (r["id"], r["target_index"]) == ("astronaut", 0)
         assert r[res.INSTRUCTION] == ("turn him into a cat" if given else None)

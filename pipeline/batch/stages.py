@@ -337,7 +337,7 @@ def attach_targets(table: pa.Table, *, targets: dict) -> pa.Table:
         table = table.append_column(pa.field(emb.MODEL_FAMILY, pa.string()), pa.array(["sd"] * len(table)))
     ids = table.column(emb.ID).to_pylist()
     for f in CARRIED:
-        table = table.append_column(f, pa.array([targets[i][f.name] for i in ids], f.type))
+        table = table.append_column(f, pa.array([targets[i].get(f.name) for i in ids], f.type))
     table = table.append_column(pa.field(res.TUNE_WORKER, pa.string()), pa.nulls(len(table), pa.string()))
     for f in err.ERROR_FIELDS:
         table = table.append_column(f, pa.nulls(len(table), f.type))

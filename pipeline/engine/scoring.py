@@ -31,6 +31,8 @@ from schemas.results import SCORES  # what each score means
 
 # The default scorer: the CLIP InstructPix2Pix and UltraEdit score with (ViT-L/14, 224 px).
 DEFAULT_SCORER = "openai/clip-vit-large-patch14"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def check_scorer(folder: Path, ref: str) -> None:
@@ -95,33 +97,58 @@ class Scorer:
     mean: Tensor  # [3, 1, 1], CLIP's normalisation
     std: Tensor
 
+    @classmethod
+    def of(cls, model, tokenizer, processor: dict) -> Scorer:
+        """A scorer of a CLIP model on its device, with the side, mean and std of its image
+        processor's config (``preprocessor_config.json``)."""
+        side = processor.get("crop_size", model.config.vision_config.image_size)
+        side = side["height"] if isinstance(side, dict) else int(side)
+        mean, std = (
+            torch.tensor(processor.get(key, default), device=model.device).reshape(3, 1, 1)
+            for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD))
+        )
+        return cls(model, tokenizer, side, mean, std)
+
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        """Normalised features ``[B, D]`` of RGB images ``[B, 3, H, W]`` in ``[0, 1]``: resized
-        bicubic to ``side`` (square, no antialiasing) and normalised, as the reference does. By
-        hand because transformers' ``CLIPImageProcessor`` resizes on the CPU through PIL, one
-        image at a time, and its fast variant needs torchvision."""
+    def pixel_values(self, pixels: Tensor) -> Tensor:
+        """The encoder's input for RGB images ``[B, 3, H, W]`` in ``[0, 1]``: resized bicubic to
+        ``side`` (square, no antialiasing) and normalised, as the reference does. By hand because
+        transformers' ``CLIPImageProcessor`` resizes on the CPU through PIL, one image at a time,
+        and its fast variant needs torchvision. (The world's CLIP trains on exactly this.)"""
         images = F.interpolate(pixels.to(self.device, torch.float32), size=self.side, mode="bicubic")
-        images = ((images - self.mean) / self.std).to(self.model.dtype)
-        return normalized(_projected(self.model.get_image_features(pixel_values=images)))
+        return ((images - self.mean) / self.std).to(self.model.dtype)
 
-    @torch.no_grad()
-    def encode_texts(self, prompts: list[str]) -> Tensor:
-        """Normalised features ``[B, D]`` of prompts, truncated at the encoder's 77 tokens and
-        padded to them without an attention mask, as the reference's ``clip.tokenize`` does: the
-        causal encoder's features at the end token never see the padding after it."""
-        tokens = self.tokenizer(
+    def input_ids(self, prompts: list[str]) -> Tensor:
+        """Prompts' tokens, truncated at the encoder's 77 tokens and padded to them, for use
+        without an attention mask, as the reference's ``clip.tokenize``: the causal encoder's
+        features at the end token never see the padding after it."""
+        return self.tokenizer(
             list(prompts),
             padding="max_length",
             truncation=True,
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return normalized(_projected(self.model.get_text_features(input_ids=tokens)))
+
+    def image_features(self, pixels: Tensor) -> Tensor:
+        """Normalised features ``[B, D]`` of RGB images ``[B, 3, H, W]`` in ``[0, 1]`` (with
+        gradients: what the world's CLIP trains on)."""
+        return normalized(_projected(self.model.get_image_features(pixel_values=self.pixel_values(pixels))))
+
+    def text_features(self, input_ids: Tensor) -> Tensor:
+        """Normalised features ``[B, D]`` of tokenised prompts (``input_ids``)."""
+        return normalized(_projected(self.model.get_text_features(input_ids=input_ids)))
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        return self.image_features(pixels)
+
+    @torch.no_grad()
+    def encode_texts(self, prompts: list[str]) -> Tensor:
+        return self.text_features(self.input_ids(prompts))
 
 
 def _projected(output) -> Tensor:
@@ -157,12 +184,7 @@ def load_scorer(
     except Exception as exc:
         raise ModelError(f"cannot load scorer {ref!r}: {type(exc).__name__}: {exc}") from exc
     model = model.to(torch_device, resolve_dtype(dtype, torch_device)).eval().requires_grad_(False)
-    processor = json.loads((folder / "preprocessor_config.json").read_text())
-    side = processor.get("crop_size", model.config.vision_config.image_size)
-    side = side["height"] if isinstance(side, dict) else int(side)
-    mean = torch.tensor(processor.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), device=torch_device)
-    std = torch.tensor(processor.get("image_std", (0.26862954, 0.26130258, 0.27577711)), device=torch_device)
-    return Scorer(model, tokenizer, side, mean.reshape(3, 1, 1), std.reshape(3, 1, 1))
+    return Scorer.of(model, tokenizer, json.loads((folder / "preprocessor_config.json").read_text()))
 
 
 def edit_scores(

@@ -171,18 +171,19 @@ def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32, f
     return folder
 
 
-def build_tiny_clip(folder: Path | str, seed: int = 0, hidden_size: int = 32, side: int = 32) -> Path:
-    """Save a seeded random-weight CLIP of the real architecture (a text and a vision
-    transformer, each projected to a shared space), tiny, in transformers layout with
-    safetensors, with the tokenizer of the tiny SD and an image processor for ``side`` px: a
-    scorer that proves plumbing, never quality."""
+def small_clip(hidden_size: int, layers: int, side: int, patch_size: int, projection_dim: int):
+    """A CLIP of the real architecture (a text and a vision transformer, each projected to a
+    shared space), small, initialised from torch's current seed; the tiny SD's tokenizer; and an
+    image processor for ``side`` px with OpenAI CLIP's mean and std."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    folder = Path(folder)
     tokenizer = clip_tokenizer(TINY_WORDS)
     vocab = tokenizer.get_vocab()
-    layers = dict(
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4
+    sizes = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
     )
     config = CLIPConfig(
         text_config=dict(
@@ -191,15 +192,24 @@ def build_tiny_clip(folder: Path | str, seed: int = 0, hidden_size: int = 32, si
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
-            **layers,
+            **sizes,
         ),
-        vision_config=dict(image_size=side, patch_size=side // 4, **layers),
-        projection_dim=hidden_size // 2,
+        vision_config=dict(image_size=side, patch_size=patch_size, **sizes),
+        projection_dim=projection_dim,
     )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return CLIPModel(config), tokenizer, processor
+
+
+def build_tiny_clip(folder: Path | str, seed: int = 0, hidden_size: int = 32, side: int = 32) -> Path:
+    """Save a seeded random-weight CLIP of the real architecture, tiny, in transformers layout
+    with safetensors, with the tokenizer of the tiny SD and an image processor for ``side`` px: a
+    scorer that proves plumbing, never quality."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model, tokenizer, processor = small_clip(hidden_size, 2, side, side // 4, hidden_size // 2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
