@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,18 @@ def test_selection_ranks_kept_edits_within_each_image_and_target():
 def test_bad_selection_settings_are_refused(settings, problem):
     with pytest.raises(InputError, match=problem):
         RunConfig.from_dict({"dataset": settings})
+
+
+def test_edits_are_read_from_an_object_store_in_one_batch_and_a_missing_one_is_none(s3_server):
+    import fsspec
+
+    from pipeline.batch.dataset import read_edits
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("edits-bucket")
+    fs.pipe({f"edits-bucket/out/images/{k}/0-0.8.png": f"png {k}".encode() for k in ("a", "b")})
+    uris = [f"s3://edits-bucket/out/images/{k}/0-0.8.png" for k in ("b", "gone", "a")]
+    assert read_edits(uris, s3_server) == [b"png b", None, b"png a"]
 
 
 def _manifest(tmp_path, photos) -> str:
@@ -145,10 +158,16 @@ def test_a_scored_output_becomes_a_dataset_that_load_dataset_and_pyarrow_read(
     assert Image.open(io.BytesIO(image["bytes"])).size == (64, 64) and image["path"].endswith(".png")
     assert (out / "dataset" / "config.yaml").exists()
 
-    # A re-run with other selection settings replaces the set: every kept edit, in one file.
+    # A re-run with other selection settings replaces the set: every kept edit, in one file; an
+    # edit whose image is gone from the output is left out and counted.
+    gone = kept[0][res.IMAGE_URI]
+    Path(gone).unlink()
     summary = run_dataset(dataclasses.replace(config, dataset=DatasetConfig(best_of=None)))
     assert [f.name for f in (out / "dataset" / "data").glob("*.parquet")] == ["train-00000-of-00001.parquet"]
-    assert summary["rows"] == len(pq.read_table(out / "dataset" / "data")) == len(kept)
+    assert summary["rows"] == len(pq.read_table(out / "dataset" / "data")) == len(kept) - 1
+    assert summary["missing_images"] == 1
+    written = pq.read_table(out / "dataset" / "data")[ds.EDITED_IMAGE].to_pylist()
+    assert gone not in [image["path"] for image in written]
 
     unscored = dataclasses.replace(config, output=str(tmp_path / "unscored"), scorer=None)
     run_all(dataclasses.replace(unscored, pti=dataclasses.replace(unscored.pti, etas=(1.0,))))

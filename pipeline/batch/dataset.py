@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.batch import driver
 from pipeline.batch.config import RunConfig
 from pipeline.batch.curate import select_best
-from pipeline.batch.resume import read_results, written_order
+from pipeline.batch.resume import read_results
 from pipeline.errors import InputError
 from pipeline.io.storage import Location
 from schemas import dataset as ds
@@ -37,7 +37,7 @@ from schemas import results as res
 log = logging.getLogger(__name__)
 
 FILE = "_file"  # the embeddings file that holds an edit's input (a path inside its filesystem)
-READ_THREADS = 16  # concurrent PNG reads per task: object-store reads are latency-bound
+INDEX_THREADS = 16  # embeddings files whose small columns the driver reads at once
 RESULT_COLUMNS = [
     res.ID,
     res.TARGET_INDEX,
@@ -54,19 +54,24 @@ RESULT_COLUMNS = [
 
 def stored_inputs_index(embeddings: Location) -> pa.Table:
     """id, source prompt, method and model of every stored stage-1 row, with the file that holds
-    its input image (the last written where an id was stored twice)."""
+    its input image (the first file in name order, should an id be stored twice). The files are
+    read concurrently: a store's reads are latency-bound, and pyarrow's dataset reader does not
+    say which file a row came from."""
     fs, _ = embeddings.filesystem()
     columns = [emb.ID, emb.SOURCE_PROMPT, emb.METHOD, emb.MODEL]
-    parts = []
-    for path in sorted(embeddings.parquet_files(), key=written_order):
+
+    def read(path: str) -> pa.Table:
         part = pq.read_table(path, columns=columns, filesystem=fs)
-        parts.append(part.append_column(FILE, pa.array([path] * len(part), pa.string())))
+        return part.append_column(FILE, pa.array([path] * len(part), pa.string()))
+
+    with ThreadPoolExecutor(INDEX_THREADS) as pool:
+        parts = list(pool.map(read, sorted(embeddings.parquet_files())))
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in (*columns, FILE)})
     table = pa.concat_tables(parts)
     order = table.select([emb.ID]).append_column("_order", pa.array(np.arange(len(table))))
-    last = order.group_by([emb.ID], use_threads=False).aggregate([("_order", "max")])
-    return table.take(np.sort(last.column("_order_max").to_numpy()))
+    first = order.group_by([emb.ID], use_threads=False).aggregate([("_order", "min")])
+    return table.take(np.sort(first.column("_order_min").to_numpy()))
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -94,16 +99,33 @@ def read_inputs(embeddings: Location, files: list[str], ids: list[str]) -> dict[
     return inputs
 
 
-def write_part(rows: pa.Table, *, embeddings: Location, to: Location, endpoint_url: str | None) -> int:
+def read_edits(uris: list[str], endpoint_url: str | None) -> list[bytes | None]:
+    """The PNGs of edits (None where one is missing), read in one fsspec ``cat``: s3fs fetches
+    them concurrently through one client."""
+    import fsspec
+
+    if not uris:
+        return []
+    fs, _ = fsspec.core.url_to_fs(uris[0], **Location(uris[0], endpoint_url).storage_options())
+    paths = [fs._strip_protocol(uri) for uri in uris]  # fsspec's own key for each path in cat's answer
+    found = fs.cat(paths, on_error="return")
+    return [None if isinstance(found[p], Exception) else found[p] for p in paths]
+
+
+def write_part(
+    rows: pa.Table, *, embeddings: Location, to: Location, endpoint_url: str | None
+) -> tuple[int, list[str]]:
     """One file of the set: ``rows`` (selected edits with their stored row's prompts and file) with
-    both images as PNG bytes, written to ``to``. Returns the rows written."""
+    both images as PNG bytes, written to ``to``. Returns the rows written, and the URIs of the edits
+    left out because their image is gone from the output."""
     ids = sorted(set(rows.column(res.ID).to_pylist()))
-    inputs = read_inputs(embeddings, sorted(set(rows.column(FILE).to_pylist())), ids)
+    inputs = read_inputs(embeddings, sorted(set(filter(None, rows.column(FILE).to_pylist()))), ids)
     uris = rows.column(res.IMAGE_URI).to_pylist()
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        edited = list(pool.map(lambda uri: Location(uri, endpoint_url).read_bytes(), uris))
-    records = []
-    for row, edit, uri in zip(rows.to_pylist(), edited, uris):
+    records, missing = [], []
+    for row, edit, uri in zip(rows.to_pylist(), read_edits(uris, endpoint_url), uris):
+        if edit is None:
+            missing.append(uri)
+            continue
         instruction = row.get(ds.INSTRUCTION)
         records.append(
             {
@@ -118,7 +140,7 @@ def write_part(rows: pa.Table, *, embeddings: Location, to: Location, endpoint_u
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     to.write_bytes(buffer.getvalue())
-    return len(table)
+    return len(table), missing
 
 
 def selected_edits(config: RunConfig) -> tuple[pa.Table, dict]:
@@ -160,19 +182,20 @@ def run_dataset(config: RunConfig, started: float, attempt: str) -> dict:
     names = [f"train-{k:05d}-of-{files:05d}.parquet" for k in range(files)]
     write = ray.remote(num_cpus=1)(write_part)
     per_file = config.dataset.rows_per_file
-    written = sum(
-        ray.get(
-            [
-                write.remote(
-                    rows.slice(k * per_file, per_file),
-                    embeddings=config.output_location.embeddings,
-                    to=data / name,
-                    endpoint_url=config.endpoint_url,
-                )
-                for k, name in enumerate(names)
-            ]
-        )
+    parts = ray.get(
+        [
+            write.remote(
+                rows.slice(k * per_file, per_file),
+                embeddings=config.output_location.embeddings,
+                to=data / name,
+                endpoint_url=config.endpoint_url,
+            )
+            for k, name in enumerate(names)
+        ]
     )
+    written, missing = sum(n for n, _ in parts), [uri for _, gone in parts for uri in gone]
+    if missing:
+        log.warning("dataset: %d edits left out, their images are gone: %s", len(missing), missing[:5])
     stale = [p for p in data.parquet_files() if posixpath.basename(p) not in names]
     data.delete(stale)  # an earlier set's files, once every file of this one is written
     summary = {
@@ -182,6 +205,7 @@ def run_dataset(config: RunConfig, started: float, attempt: str) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
         **counts,
         "rows": written,
+        "missing_images": len(missing),  # results rows whose image is no longer in the output
         "files": files,
         "best_of": config.dataset.best_of,
         "rank_by": config.dataset.rank_by,
