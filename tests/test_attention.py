@@ -433,3 +433,131 @@ def test_processors_are_restored_after_sampling_and_after_an_error(setup, mixed)
     controlled(setup, [1], plans[1:2], setup.c_t, setup.null, setup.encode(targets[1:2]))
     after = unet.attn_processors
     assert all(after[k] is before[k] for k in before)
+
+
+# --- local blend as the reference reads it (issue 28) -----------------------------------------------
+
+
+def test_the_blend_maps_are_recorded_after_control_and_never_from_the_mid_block(tokenizer):
+    """During the cross-replace steps a replace edit's recorded map is the source's map carried
+    through the replacement mapper (the reference's store is a view that control overwrites)."""
+    edit = ptp.AttentionEdit(mode="replace", cross_replace_steps=0.5, blend_words=(("cat",), ("dog",)))
+    plan = ptp.plan_attention_edit(tokenizer, "a photo of a cat", "a photo of a dog", edit, num_steps=4)
+    control = ptp.AttentionControl([0, 0], [None, plan], 4, (8, 8), blend_positions=16)
+    probs = torch.softmax(torch.randn(2, 2, 16, L, dtype=torch.float64), dim=-1)  # [rows, heads, Q, L]
+    for step in range(4):
+        control.step = step
+        assert control.controls(True, 16, "down") and control.controls(True, 16, "up")
+        assert not control.controls(True, 16, "mid") or bool(plan.cross_alpha[step].any())
+        control.edit_attention(probs, True, "down")
+        control.edit_attention(probs, True, "mid")  # the mid block's maps are never recorded
+    mapper = ptp.replacement_mapper(tokenizer, "a photo of a cat", "a photo of a dog").double()
+    mapped_source, own = (probs[0] @ mapper).mean(0), probs[1].mean(0)
+    replaced = int(plan.cross_alpha[:4, 0].sum())  # steps whose cross-attention is the source's
+    assert replaced == 2
+    torch.testing.assert_close(control.blend_maps[0], 4 * probs[0].mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(control.blend_maps[1], 2 * mapped_source + 2 * own, rtol=0, atol=1e-12)
+
+
+class ReferenceP2P:
+    """google/prompt-to-prompt's controller written out from its notebooks for one image and one
+    replace edit, in float64: ``AttentionStore.forward`` keeps the conditional half's cross maps of
+    the blend layers (a view: what ``AttentionControlEdit.forward`` then writes into it is what is
+    kept), ``between_steps`` adds the step's maps to the store, and ``LocalBlend`` reads the store
+    after each step (down and up layers only: the reference's ``down_cross[2:4] + up_cross[:3]``)."""
+
+    def __init__(self, plan, blend_positions: int, self_max_positions: int):
+        self.plan, self.blend_positions, self.self_max = plan, blend_positions, self_max_positions
+        self.step, self.step_store, self.store = 0, [], None
+
+    def processor(self, place: str):
+        control = self
+
+        class Processor:
+            def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None, **kwargs):
+                is_cross = encoder_hidden_states is not None
+                context = encoder_hidden_states if is_cross else hidden
+                h, d = attn.heads, attn.to_q.out_features // attn.heads
+
+                def split(t):
+                    return t.view(t.shape[0], -1, h, d).transpose(1, 2)
+
+                q, k, v = split(attn.to_q(hidden)), split(attn.to_k(context)), split(attn.to_v(context))
+                probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+                cond = probs[probs.shape[0] // 2 :]  # a view: [source, edit]
+                positions = probs.shape[2]
+                if is_cross and positions == control.blend_positions and place != "mid":
+                    control.step_store.append(cond)  # AttentionStore.forward, before the edit
+                plan, j = control.plan, control.step
+                if is_cross:
+                    alpha = plan.cross_alpha[j].double()
+                    replaced = cond[0] @ plan.mapper.double()
+                    cond[1] = replaced * alpha + (1 - alpha) * cond[1]  # attn[1:] = ... in place
+                elif positions <= control.self_max and bool(plan.self_steps[j]):
+                    cond[1] = cond[0]
+                out = (probs @ v).transpose(1, 2).reshape(hidden.shape[0], -1, h * d)
+                return attn.to_out[1](attn.to_out[0](out))
+
+        return Processor()
+
+    def between_steps(self):
+        maps = torch.stack(self.step_store)  # [layers, 2, heads, Q, L]
+        self.store = maps if self.store is None else self.store + maps
+        self.step_store = []
+
+    def local_blend(self, z, latent_size):
+        plan = self.plan
+        words = torch.stack([plan.blend_source, plan.blend_target]).double()  # alpha_layers
+        side = int(self.blend_positions**0.5)
+        maps = (self.store * words[None, :, None, None, :]).sum(-1).mean(dim=(0, 2))  # [2, Q]
+        maps = maps.view(2, 1, side, side)
+        mask = torch.nn.functional.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+        mask = torch.nn.functional.interpolate(mask, size=latent_size)
+        mask = mask / mask.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
+        mask = mask.gt(plan.blend_threshold)
+        mask = (mask[:1] + mask[1:]).double()
+        return torch.cat([z[:1], z[:1] + mask * (z[1:] - z[:1])])
+
+
+def test_a_blend_edit_equals_the_references_controller_step_by_step(setup, tokenizer):
+    source, target = SOURCES[1], "a photo of a dog"
+    edit = ptp.AttentionEdit(mode="replace", blend_words=(("cat",), ("dog",)), blend_threshold=0.999)
+    plan = ptp.plan_attention_edit(tokenizer, source, target, edit, STEPS)
+    edit_cond = setup.encode([target])
+    options = dict(blend_positions=64, self_max_positions=16)
+    ours = controlled(setup, [1], [plan], setup.c_t, setup.null, edit_cond, **options)
+
+    reference = ReferenceP2P(plan, **options)
+    unet, s = setup.sd.unet, setup.schedule
+    original = dict(unet.attn_processors)
+    places = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+    unet.set_attn_processor({name: reference.processor(places[name.split(".")[0]]) for name in original})
+    z = setup.z_T[[1, 1]]
+    try:
+        with torch.no_grad():
+            for j, i in enumerate(range(STEPS, 0, -1)):
+                reference.step = j
+                cond = torch.cat([setup.c_t[1:2, j], edit_cond])
+                uncond = setup.null[[1, 1]]
+                e_u, e_c = setup.eps(torch.cat([z, z]), s.timesteps[i], torch.cat([uncond, cond])).chunk(2)
+                z = ddim_move(z, guided_noise(e_u, e_c, 7.5), s.alphas[i], s.alphas[i - 1])
+                reference.between_steps()
+                if j + 1 > plan.blend_start:  # LocalBlend's counter > start_blend
+                    z = reference.local_blend(z, tuple(z.shape[-2:]))
+    finally:
+        unet.set_attn_processor(original)
+    torch.testing.assert_close(ours.sources[0], z[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours.edits[0], z[1], rtol=0, atol=1e-10)
+    assert 0 < float(ours.blend_masks.float().mean()) < 1  # the mask is partial: the test can fail
+
+
+def test_the_blend_layers_are_the_down_and_up_blocks_at_the_blend_resolution(setup, tokenizer, make_engine):
+    """The tiny UNet has cross-attention at 8x8 (down and up) and at 4x4 only in its mid block: the
+    engine blends at 8x8 and injects self-attention up to 4x4, and a blend asked at 4x4 finds no
+    layer, since the mid block's maps never count."""
+    assert make_engine()._controlled_positions() == (16, 64)
+    edit = ptp.AttentionEdit(mode="replace", blend_words=(("cat",), ("dog",)))
+    plan = ptp.plan_attention_edit(tokenizer, SOURCES[1], "a photo of a dog", edit, STEPS)
+    with pytest.raises(InputError, match="no cross-attention layer with 16 positions"):
+        dog = setup.encode(["a photo of a dog"])
+        controlled(setup, [1], [plan], setup.c_t, setup.null, dog, blend_positions=16)

@@ -230,6 +230,11 @@ class AttentionPlan:
     ``P_e`` (``AttentionControlEdit.forward`` with ``AttentionReplace``/``Refine``/``Reweight``):
     ``C = ((P_s @ mapper) * mapped + P_e * (1 - mapped)) * weights`` and then
     ``cross_alpha[j] * C + (1 - cross_alpha[j]) * P_e``.
+
+    Reweighting alone (``mode`` None, the config's ``control=reweight``) has ``mapped`` 0, so it
+    scales the edit's own attention ``P_e``. The reference's ``AttentionReweight`` scales the
+    source's, mapped onto the target (its examples reweight a prompt against itself): that is what
+    reweighting does here under ``replace`` or ``refine`` (``control=auto`` with ``reweight``).
     """
 
     mapper: Tensor  # [L, L] source token -> target token
@@ -424,32 +429,45 @@ class AttentionControl:
             self._moved[key] = tuple(t.to(like) for t in (self.mapper, self.mapped, self.weights))
         return self._moved[key]
 
-    def controls(self, is_cross: bool, positions: int) -> bool:
-        """Whether an attention call with ``positions`` queries needs explicit probabilities now."""
+    def records(self, positions: int, place: str) -> bool:
+        """Whether a cross-attention layer's maps make the local-blend mask: the down and up
+        blocks' layers with ``blend_positions`` queries, never the mid block's. The reference
+        sums the 16x16 down and up layers of SD 1.x (``LocalBlend``: ``down_cross[2:4]``,
+        ``up_cross[:3]``), where the mid block (8x8) is never at the blend resolution; SDXL's
+        mid block and a small UNet's are, and this rule leaves them out as the reference's
+        choice of layers would."""
+        return self.blending and positions == self.blend_positions and place != "mid"
+
+    def controls(self, is_cross: bool, positions: int, place: str = "down") -> bool:
+        """Whether an attention call with ``positions`` queries in a ``place`` of the UNet
+        (``down``, ``mid`` or ``up``) needs explicit probabilities now."""
         if is_cross:
             self.cross_positions.add(positions)
-            recorded = self.blending and positions == self.blend_positions
-            return recorded or bool(self.cross_alpha[self.step].any())
+            return self.records(positions, place) or bool(self.cross_alpha[self.step].any())
         return positions <= self.self_max_positions and bool(self.self_steps[self.step].any())
 
-    def edit_attention(self, probs: Tensor, is_cross: bool) -> Tensor:
-        """The conditional half's probabilities ``[R, H, Q, K]`` after recording and control."""
+    def edit_attention(self, probs: Tensor, is_cross: bool, place: str = "down") -> Tensor:
+        """The conditional half's probabilities ``[R, H, Q, K]`` after control, recorded for local
+        blend after control (``records``)."""
         self.explicit_calls += 1
         source_of = self.source_of.to(probs.device)
         base = probs[source_of]
         if not is_cross:
             rows = self.self_steps[self.step].to(probs.device)
             return torch.where(rows[:, None, None, None], base, probs)
-        if self.blending and probs.shape[2] == self.blend_positions:
-            # Recorded before control, as the reference's AttentionStore does.
-            maps = probs.mean(1).to(torch.promote_types(probs.dtype, torch.float32))
-            self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
         alpha = self.cross_alpha[self.step].to(probs)
         edited = alpha.ne(0).any(1)
-        if not bool(edited.any()):
-            return probs
-        controlled = control_cross_attention(probs, base, *self._token_tensors(probs), alpha)
-        return torch.where(edited.to(probs.device)[:, None, None, None], controlled, probs)
+        if bool(edited.any()):
+            controlled = control_cross_attention(probs, base, *self._token_tensors(probs), alpha)
+            probs = torch.where(edited.to(probs.device)[:, None, None, None], controlled, probs)
+        if self.records(probs.shape[2], place):
+            # After control, as the reference's LocalBlend reads them: its AttentionStore keeps a
+            # view of the conditional half, which AttentionControlEdit then overwrites in place
+            # (attn[1:] = ...). So during the cross-replace steps a replace edit's target word is
+            # masked by the source word's attention mapped onto it.
+            maps = probs.mean(1).to(torch.promote_types(probs.dtype, torch.float32))
+            self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
+        return probs
 
     def blend(self, z: Tensor) -> Tensor:
         """Local blend after the current step (the reference's ``LocalBlend.__call__``): each
@@ -490,8 +508,9 @@ class ControlledAttnProcessor:
     ``control`` records and replaces; the unconditional half stays fused and untouched.
     """
 
-    def __init__(self, control: AttentionControl):
+    def __init__(self, control: AttentionControl, place: str = "down"):
         self.control = control
+        self.place = place  # down, mid or up: the UNet part of the layers it serves
 
     def __call__(
         self,
@@ -538,14 +557,14 @@ class ControlledAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.control.controls(is_cross, query.shape[2]):
+        if self.control.controls(is_cross, query.shape[2], self.place):
             half = batch // 2
             masks = (None, None) if attention_mask is None else (attention_mask[:half], attention_mask[half:])
             uncond = F.scaled_dot_product_attention(
                 query[:half], key[:half], value[:half], attn_mask=masks[0], scale=attn.scale
             )
             probs = self.attention_probabilities(attn, query[half:], key[half:], masks[1])
-            probs = self.control.edit_attention(probs, is_cross)
+            probs = self.control.edit_attention(probs, is_cross, self.place)
             out = torch.cat([uncond, probs.to(value.dtype) @ value[half:]])
         else:
             out = F.scaled_dot_product_attention(
@@ -570,13 +589,25 @@ class ControlledAttnProcessor:
         return probs.view(b, h, q, -1)
 
 
+def unet_place(processor_name: str) -> str:
+    """``down``, ``mid`` or ``up``: where a diffusers attention processor's layer lies
+    (``down_blocks.2.attentions.0.transformer_blocks.0.attn2.processor`` is ``down``), as the
+    reference's ``register_attention_control`` names them."""
+    head = processor_name.split(".", 1)[0]
+    places = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+    if head not in places:
+        raise ValueError(f"attention layer {processor_name!r} is in no down, mid or up block")
+    return places[head]
+
+
 @contextmanager
 def attention_control(unet, control: AttentionControl) -> Iterator[AttentionControl]:
     """Install ``ControlledAttnProcessor`` in every attention layer of ``unet`` through diffusers'
-    ``set_attn_processor``, and restore the original processors afterwards, even on error."""
+    ``set_attn_processor``, each knowing its part of the UNet (``unet_place``), and restore the
+    original processors afterwards, even on error."""
     original = dict(unet.attn_processors)
-    processor = ControlledAttnProcessor(control)
-    unet.set_attn_processor({name: processor for name in original})
+    processors = {place: ControlledAttnProcessor(control, place) for place in ("down", "mid", "up")}
+    unet.set_attn_processor({name: processors[unet_place(name)] for name in original})
     try:
         yield control
     finally:

@@ -295,7 +295,7 @@ class Engine:
             self.schedule.num_steps,
             self.sd.text_encoder.config.max_position_embeddings,
         )  # an uncontrolled edit in a controlled batch
-        positions = self._controlled_positions()
+        self_positions, blend_positions = self._controlled_positions()
         latents = attention.sample_with_attention_control(
             self.eps,
             self.sd.unet,
@@ -308,24 +308,31 @@ class Engine:
             self.schedule,
             guidance=w,
             source_guidance=source_w,
-            self_max_positions=positions,
-            blend_positions=positions,
+            self_max_positions=self_positions,
+            blend_positions=blend_positions,
             progress=self.config.progress,
         )
         return latents.edits
 
-    def _controlled_positions(self) -> int:
-        """Query positions of the attention layers whose self-attention is injected (at most) and
-        whose cross-attention makes the local-blend mask: the paper's 16x16 at SD's 64x64 latents
-        (1/16 of the latent), or the finest layer coarser than that in a smaller UNet."""
+    def _controlled_positions(self) -> tuple[int, int]:
+        """Query positions of the attention layers whose self-attention is injected (at most), and
+        of the down and up blocks' cross-attention layers that make the local-blend mask (the mid
+        block's never do: ``AttentionControl.records``). Each is the paper's 16x16 at SD's 64x64
+        latents (1/16 of the latent), or the finest level coarser than that in a smaller UNet: for
+        self-attention among the levels with attention, the mid block's included (the reference
+        injects it too); for the blend among the down and up blocks' levels with cross-attention.
+        SD 1.x and 2.x: 256 and 256; SDXL at 1024 px: 1024 and 1024 (its mid block, at 1024 too,
+        is injected but not blended); models/shapes-sd: 16 and 16."""
         side = self.resolution // self.sd.vae_scale_factor
         blocks = self.sd.unet.config.down_block_types
-        levels = [n for n, kind in enumerate(blocks) if "CrossAttn" in kind] + [
-            len(blocks) - 1
-        ]  # + mid block
-        layers = {(side >> level) ** 2 for level in levels}
+        cross = [n for n, kind in enumerate(blocks) if "CrossAttn" in kind]
         rule = side * side // attention.LATENT_POSITIONS_PER_CONTROLLED_POSITION
-        return min((p for p in layers if p >= rule), default=max(layers))
+
+        def finest_at_least_rule(levels: list[int]) -> int:
+            layers = {(side >> level) ** 2 for level in levels}
+            return min((p for p in layers if p >= rule), default=max(layers))
+
+        return finest_at_least_rule([*cross, len(blocks) - 1]), finest_at_least_rule(cross)
 
     def edit_grid(
         self,
