@@ -195,6 +195,30 @@ def test_every_method_with_attention_control_edits_toward_the_source_to_its_reco
     assert float((edited - plain).abs().max()) > 1e-3
 
 
+def test_sdxl_blends_with_its_down_and_up_layers_and_never_its_mid_block(make_xl, pixels, monkeypatch):
+    """The tiny SDXL's mid block has cross-attention at the blend resolution (4x4), as SDXL's at 32x32
+    does: it is injected but never makes the blend mask (issue 28's rule)."""
+    from pipeline.engine import attention
+
+    engine = make_xl(steps=4, inner_steps=2, control="auto", local_blend=True)
+    assert engine._controlled_positions() == (16, 16)
+    seen = set()
+    records = attention.AttentionControl.records
+
+    def spy(self, positions, place):
+        recorded = records(self, positions, place)
+        seen.add((positions, place, recorded))
+        return recorded
+
+    monkeypatch.setattr(attention.AttentionControl, "records", spy)
+    source, target = "a photo of a cat", "a photo of a dog"
+    inversion = engine.invert_and_tune(pixels[:1], [source])
+    edited = engine.edit(inversion, [0], [target], [0.8], plans=[engine.attention_plan(source, target)])
+    assert {(p, place) for p, place, recorded in seen if recorded} == {(16, "down"), (16, "up")}
+    assert (16, "mid", False) in seen
+    assert bool(edited.isfinite().all())
+
+
 @pytest.mark.parametrize("method", ["pti", "nti"])
 def test_stored_sdxl_stage_one_reads_back_with_plain_pyarrow_and_edits_the_same(
     make_xl, pixels, method, sdxl
