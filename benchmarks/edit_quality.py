@@ -334,6 +334,7 @@ def run(args) -> dict:
                 guidance=guidance,
                 inner_steps=args.inner_steps,
                 lr=args.lr,
+                blend_threshold=args.blend_threshold,
                 progress=False,
             )
             engine = Engine(sd, config)
@@ -549,7 +550,8 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "",
         f"Measured by `python -m benchmarks.edit_quality {' '.join(args.argv)}` on {platform.machine()} "
         f"({torch.get_num_threads()} CPU threads, torch {torch.__version__}), model `{args.model}`, "
-        f"{args.images} held-out scenes, T={args.steps}, K={args.inner_steps}, lr={args.lr}.",
+        f"{args.images} held-out scenes, T={args.steps}, K={args.inner_steps}, lr={args.lr}, "
+        f"blend threshold {args.blend_threshold:g}.",
         "",
         "Editability: share of edits whose object has the target colour / shape. Object IoU: the "
         "object's region after the edit against the truth (the source shape for colour edits). "
@@ -625,6 +627,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--controls", nargs="+", default=["none", "auto"], help="PTIConfig.control values")
     parser.add_argument(
         "--blend", nargs="+", choices=["off", "on"], default=["off", "on"], help="local blend"
+    )
+    parser.add_argument(
+        "--blend-threshold", type=float, default=PTIConfig.blend_threshold, help="local blend's threshold"
     )
     parser.add_argument(
         "--cross-replace-steps", nargs="+", type=float, default=[PTIConfig.cross_replace_steps]
