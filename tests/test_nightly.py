@@ -3,6 +3,7 @@ failed night resumed by its run id, and a report whose numbers match the outputs
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from datetime import datetime, timezone
@@ -17,6 +18,8 @@ from pipeline.batch import lock, nightly
 from pipeline.errors import InputError
 from pipeline.batch.nightly import NightFailed, run_nightly
 from pipeline.batch.config import RunConfig
+from pipeline.batch.curate import CurateConfig
+from pipeline.world.tiny import build_tiny_clip
 
 # device cpu: the test cluster's GPUs are fake (conftest), and a GPU actor refuses the CPU unasked
 PTI = dict(steps=3, inner_steps=2, lr=0.1, etas=[0.5, 1.0], progress=False, device="cpu")
@@ -96,7 +99,13 @@ def test_a_second_night_processes_only_the_manifest_added_since(
     write_manifest(
         manifests / "2026-11-25" / "b.parquet", [photo_row(tmp_path, photos, "chelsea", "a photo of a tiger")]
     )
-    second = run_nightly(night(tmp_path, tiny_model_dir, "night-2", gpu_hour_price=2.0, sample_images=3))
+    # The second night scores its edits and writes each manifest's training set (nightly.dataset).
+    scored = dict(scorer=str(build_tiny_clip(tmp_path / "clip")), curate=CurateConfig(*[None] * 5))
+    second_night = night(tmp_path, tiny_model_dir, "night-2", gpu_hour_price=2.0, sample_images=3)
+    second_night = dataclasses.replace(
+        second_night, nightly=dataclasses.replace(second_night.nightly, dataset=True)
+    )
+    second = run_nightly(dataclasses.replace(second_night, **scored))
     written = report(tmp_path, "night-2")
     assert [m["manifest"] for m in written["manifests"]] == [str(manifests / "2026-11-25" / "b.parquet")]
     assert written["totals"]["manifests_skipped"] == 1 and second["manifests_done"] == 1
@@ -109,6 +118,10 @@ def test_a_second_night_processes_only_the_manifest_added_since(
         "report.md",
     ]
     assert files(night_one / "a" / "results") == results_before, "the first night's manifest is not run again"
+    trained = pq.read_table(tmp_path / "out" / "night-2" / "2026-11-25%2Fb" / "dataset" / "data")
+    assert trained.column("id").to_pylist() == ["chelsea"]  # the better of its two edits (etas)
+    with pytest.raises(InputError, match="nightly.dataset .* set scorer"):
+        nightly.resolve(second_night)
     assert pq.read_table(tmp_path / "out" / "night-2" / "2026-11-25%2Fb" / "results")["id"].to_pylist() == [
         "chelsea",
         "chelsea",
@@ -236,6 +249,7 @@ def test_pti_nightly_is_jobs_nightly_with_its_own_flags():
         "ledger": None,
         "gpu_hour_price": None,
         "sample_images": 4,
+        "dataset": False,
     }
     assert (
         CliRunner().invoke(app, ["run", "--manifests", "s3://b/in/", "--print-config"]).exit_code == 2

@@ -39,6 +39,9 @@ class NightlyConfig:
         None  # price of one GPU hour, for the report's cost estimate; None: no cost
     )
     sample_images: int = 4  # images on the report's contact sheet, each with its input and edits
+    # With a scorer: each manifest's kept edits as a training set (jobs.dataset, the dataset
+    # section's settings) under its output's dataset/, once its run succeeded.
+    dataset: bool = False
 
     def __post_init__(self):
         problems = []

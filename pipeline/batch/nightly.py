@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.batch import lock
+from pipeline.batch.dataset import run_dataset
 from pipeline.batch.jobs import run_all
 from pipeline.batch.output import Output
 from pipeline.errors import InputError, PTIError, TooManyFailures
@@ -61,6 +62,11 @@ def resolve(config: RunConfig) -> RunConfig:
                 f"{name} {uri} lies under nightly.manifests {night.manifests}: "
                 "its files would be taken for manifests"
             )
+    if night.dataset and not config.scorer:
+        raise InputError(
+            "nightly.dataset writes each manifest's kept edits as a training set, and edits are kept "
+            "by their scores: set scorer (README, Scores)"
+        )
     run_id = night.run_id or datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return dataclasses.replace(config, nightly=dataclasses.replace(night, run_id=run_id))
 
@@ -137,8 +143,11 @@ def run_manifest(config: RunConfig, manifest: str, relative: str) -> dict:
     """One manifest through jobs.run: its ledger row if it succeeded; else what failed (with the
     counts, when it ran to the end but too many of its rows failed)."""
     output, began = manifest_output(config, relative), time.perf_counter()
+    run = dataclasses.replace(config, manifest=manifest, output=output)
     try:
-        summary = run_all(dataclasses.replace(config, manifest=manifest, output=output))
+        row = ledger_row(config, manifest, output, run_all(run), began)  # the run's time, not the set's
+        if config.nightly.dataset:  # its training set, once its run succeeded (a re-run writes it again)
+            run_dataset(run)
     except TooManyFailures as exc:  # it ran to the end: its counts go in the report, not the ledger
         log.error("manifest %s failed: %s", manifest, exc)
         failed = ledger_row(config, manifest, output, exc.summary, began)
@@ -152,7 +161,7 @@ def run_manifest(config: RunConfig, manifest: str, relative: str) -> dict:
             led.GPUS: gpus_held(config),
             "error": f"{type(exc).__name__}: {exc}",
         }
-    return ledger_row(config, manifest, output, summary, began)
+    return row
 
 
 def ledger_row(config: RunConfig, manifest: str, output: str, summary: dict, began: float) -> dict:
