@@ -7,7 +7,7 @@ import pyarrow as pa
 
 ID = "id"  # null when the row had no usable id
 ROW = "row"  # position in its manifest (0-based, files in name order); null for no manifest row
-STAGE = "stage"  # validate, read, tune, edit, write
+STAGE = "stage"  # one of STAGES
 KIND = "kind"  # one of KINDS (README, "Bad input")
 MESSAGE = "message"
 
@@ -61,6 +61,17 @@ ERROR_FIELDS = [
     pa.field(KIND, pa.string()),
     pa.field(MESSAGE, pa.string()),
 ]
+
+
+# The stages, in a row's order: its values checked, its image read, tuned, each edit made and written.
+VALIDATE, READ, TUNE, EDIT, WRITE = STAGES = ("validate", "read", "tune", "edit", "write")
+
+
+def fails_one_edit(stage: str) -> bool:
+    """Whether an error of this stage is one edit's (made or written): the row's other edits
+    may be done, so the row is done if any edit of it is. Errors of the earlier stages are the
+    whole row's."""
+    return stage in (EDIT, WRITE)
 
 
 def error_row(row_id, stage: str, kind: str, message: str, row: int | None = None) -> dict:

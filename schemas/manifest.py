@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 
-from schemas.errors import ROW, error_row
+from schemas.errors import ROW, VALIDATE, error_row
 
 ID = "id"
 IMAGE = "image"
@@ -272,7 +272,7 @@ def duplicated_ids(ids) -> set:
 
 
 def validate_rows(
-    rows: list[dict], duplicates: set | None = None, stage: str = "validate"
+    rows: list[dict], duplicates: set | None = None, stage: str = VALIDATE
 ) -> tuple[list[dict], list[dict]]:
     """Split manifest rows into usable ones (``target_prompts`` filled in) and error rows.
 

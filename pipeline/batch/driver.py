@@ -200,7 +200,7 @@ def drain(
         if len(bad):
             errors.add(bad.select([err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]))
             for row_id, stage in zip(bad.column(err.ID).to_pylist(), bad.column(err.STAGE).to_pylist()):
-                if stage in ("edit", "write"):  # one edit's error: the row's other edits may be done
+                if err.fails_one_edit(stage):
                     edit_error_ids.add(row_id)
                 else:
                     early_ids.add(row_id)

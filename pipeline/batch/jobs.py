@@ -360,7 +360,7 @@ def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
     already = sum(1 for i in targets if i in committed.tuned and i not in todo)
     no_embeddings = [
         err.error_row(
-            i, "edit", "no_embeddings", f"no stored embeddings for id {i!r} under {output.embeddings}"
+            i, err.EDIT, "no_embeddings", f"no stored embeddings for id {i!r} under {output.embeddings}"
         )
         for i in sorted(set(targets) - set(committed.tuned))
     ]

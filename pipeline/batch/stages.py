@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
 
 
-@row_by_row("read", lambda **_: PREPARED_SCHEMA)
+@row_by_row(err.READ, lambda **_: PREPARED_SCHEMA)
 def prepare_rows(
     table: pa.Table,
     *,
@@ -59,7 +59,7 @@ def prepare_rows(
     """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
     An image URI outside the ``allowed`` prefixes is refused unread. Good rows whose ids are in
     ``skip`` (tuned by an earlier run) are dropped: a tuned row is checked as every row is."""
-    failpoint("read")
+    failpoint(err.READ)
     good, out = man.validate_rows(table.to_pylist(), duplicates)
     good = [row for row in good if row[man.ID] not in skip]
     for row in good:
@@ -70,7 +70,7 @@ def prepare_rows(
                 f"image {name!r}: outside the allowed prefixes ({', '.join(allowed)}); "
                 "list its prefix in allowed_image_prefixes to read it"
             )
-            out.append(err.error_row(row_id, "read", "not_allowed", message, row=row.get(err.ROW)))
+            out.append(err.error_row(row_id, err.READ, "not_allowed", message, row=row.get(err.ROW)))
             continue
         options = Location(image, endpoint_url).storage_options() if isinstance(image, str) else {}
         try:
@@ -86,7 +86,7 @@ def prepare_rows(
             )
         except PTIError as exc:
             kind = getattr(exc, "kind", "bad_image")
-            out.append(err.error_row(row_id, "read", kind, str(exc), row=row.get(err.ROW)))
+            out.append(err.error_row(row_id, err.READ, kind, str(exc), row=row.get(err.ROW)))
             continue
         array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         out.append({**{k: row.get(k) for k in PREPARED_SCHEMA.names if k in row}, PIXELS: array.tobytes()})
@@ -251,12 +251,12 @@ class TuneStage:
         ]
         return pa.schema([*(f.with_nullable(True) for f in base), *extra, *err.ERROR_FIELDS])
 
-    @row_by_row("tune", lambda self: self.schema())
-    @metrics.timed_batches("tune")
+    @row_by_row(err.TUNE, lambda self: self.schema())
+    @metrics.timed_batches(err.TUNE)
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.engine.stored import inversion_to_arrow
 
-        failpoint("tune")
+        failpoint(err.TUNE)
         schema, worker, cfg = self.schema(), worker_id(), self.engine.config
         ok = good_rows(table)
         rows = table.to_pylist()
@@ -282,7 +282,7 @@ class TuneStage:
                     kind, message = failure(ran)
                     out += [
                         {
-                            **err.error_row(ids[k], "tune", kind, message, row=places[k]),
+                            **err.error_row(ids[k], err.TUNE, kind, message, row=places[k]),
                             res.TUNE_WORKER: worker,
                         }
                         for k in ks
@@ -294,7 +294,7 @@ class TuneStage:
                 out += [
                     {
                         **err.error_row(
-                            ids[k], "tune", "non_finite", _non_finite(engine, inversion, n), row=places[k]
+                            ids[k], err.TUNE, "non_finite", _non_finite(engine, inversion, n), row=places[k]
                         ),
                         res.TUNE_WORKER: worker,
                     }
@@ -421,17 +421,17 @@ class EditStage:
                     )
                 except Exception as exc:  # noqa: BLE001 (this target's edits fail, not the row's others)
                     kind, message = ("bad_control", str(exc)) if isinstance(exc, InputError) else failure(exc)
-                    errors.append(err.error_row(row[emb.ID], "edit", kind, message, row=row.get(err.ROW)))
+                    errors.append(err.error_row(row[emb.ID], err.EDIT, kind, message, row=row.get(err.ROW)))
                     continue
                 edits += [Edit(b, t, target, float(eta), plan) for eta in todo]
         return edits, errors
 
-    @row_by_row("edit", lambda self: EDITED_SCHEMA)
-    @metrics.timed_batches("edit")
+    @row_by_row(err.EDIT, lambda self: EDITED_SCHEMA)
+    @metrics.timed_batches(err.EDIT)
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipeline.engine.stored import inversion_from_arrow
 
-        failpoint("edit")
+        failpoint(err.EDIT)
         worker = worker_id()
         ok = good_rows(table)
         out = [
@@ -470,7 +470,7 @@ class EditStage:
                 (e,) = chunk
                 row, (kind, message) = meta[e.image], failure(made)
                 message = f"{_edit_name(e.target_index, e.eta)}: {message}"
-                error = err.error_row(row[emb.ID], "edit", kind, message, row=row.get(err.ROW))
+                error = err.error_row(row[emb.ID], err.EDIT, kind, message, row=row.get(err.ROW))
                 out.append({**error, res.EDIT_WORKER: worker})
                 began = time.perf_counter()
                 continue
@@ -481,7 +481,7 @@ class EditStage:
                 if image is None or bad:  # this edit fails, not its batch
                     what = f"its scores are not finite: {bad}" if bad else "the model produced NaN or inf"
                     message = f"{where}: {what}"
-                    error = err.error_row(row[emb.ID], "edit", "non_finite", message, row=row.get(err.ROW))
+                    error = err.error_row(row[emb.ID], err.EDIT, "non_finite", message, row=row.get(err.ROW))
                     out.append({**error, res.EDIT_WORKER: worker})
                     continue
                 out.append(
@@ -523,7 +523,7 @@ def write_images(table: pa.Table, *, output: Output) -> pa.Table:
         except Exception as exc:  # noqa: BLE001 (this edit's failure, not its batch's)
             kind, message = failure(exc)
             where = _edit_name(row[res.TARGET_INDEX], row[res.ETA])
-            row |= {err.STAGE: "write", err.KIND: kind, err.MESSAGE: f"{where}: {message}"}
+            row |= {err.STAGE: err.WRITE, err.KIND: kind, err.MESSAGE: f"{where}: {message}"}
             continue
         location = output.image(row[res.ID], row[res.TARGET_INDEX], row[res.ETA])
         location.write_bytes(png)
