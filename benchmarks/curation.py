@@ -77,7 +77,8 @@ def make_edits(args) -> tuple[list[dict], dict]:
         chunk = grid[first : first + args.max_rows]
         targets = [scenes.truths[b][kind].caption() for b, kind, _ in chunk]
         pixels = engine.edit(inversion, [b for b, _, _ in chunk], targets, [eta for _, _, eta in chunk])
-        written = torch.from_numpy(np.stack([to_uint8(p) for p in pixels])).permute(0, 3, 1, 2).float() / 255
+        edits = [to_uint8(p) for p in pixels]  # as written: what is scored and judged
+        written = torch.from_numpy(np.stack(edits)).permute(0, 3, 1, 2).float() / 255
         images = sorted({b for b, _, _ in chunk})
         scores = edit_scores(
             scorer,
@@ -88,14 +89,13 @@ def make_edits(args) -> tuple[list[dict], dict]:
             sources=[scenes.sources[b] for b in images],
         )
         for k, (b, kind, eta) in enumerate(chunk):
-            edit = to_uint8(pixels[k])
             rows.append(
                 {
                     res.ID: f"scene-{b:03d}",
                     res.TARGET_INDEX: KINDS.index(kind),
                     res.ETA: eta,
                     "kind": kind,
-                    "right": is_right(edit, scenes.scenes[b], scenes.truths[b][kind], kind),
+                    "right": is_right(edits[k], scenes.scenes[b], scenes.truths[b][kind], kind),
                     **{name: scores[name][k] for name in res.SCORES},
                 }
             )

@@ -19,7 +19,6 @@ import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,8 +26,9 @@ import pyarrow.parquet as pq
 from pipeline.batch import driver
 from pipeline.batch.config import RunConfig
 from pipeline.batch.curate import select_best
-from pipeline.batch.resume import read_results
+from pipeline.batch.resume import one_per_key, read_results
 from pipeline.errors import InputError
+from pipeline.io.images import encode_png
 from pipeline.io.storage import Location
 from schemas import dataset as ds
 from schemas import embeddings as emb
@@ -68,18 +68,7 @@ def stored_inputs_index(embeddings: Location) -> pa.Table:
         parts = list(pool.map(read, sorted(embeddings.parquet_files())))
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in (*columns, FILE)})
-    table = pa.concat_tables(parts)
-    order = table.select([emb.ID]).append_column("_order", pa.array(np.arange(len(table))))
-    first = order.group_by([emb.ID], use_threads=False).aggregate([("_order", "min")])
-    return table.take(np.sort(first.column("_order_min").to_numpy()))
-
-
-def png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return one_per_key(pa.concat_tables(parts), [emb.ID], "min")
 
 
 def read_inputs(embeddings: Location, files: list[str], ids: list[str]) -> dict[str, bytes | None]:
@@ -95,7 +84,8 @@ def read_inputs(embeddings: Location, files: list[str], ids: list[str]) -> dict[
         table = pq.read_table(path, columns=[emb.ID, emb.IMAGE], filesystem=fs, filters=wanted)
         images = table.column(emb.IMAGE).combine_chunks()
         for k, row_id in enumerate(table.column(emb.ID).to_pylist()):
-            inputs[row_id] = png(images[k : k + 1].to_numpy_ndarray()[0]) if images[k].is_valid else None
+            pixels = images[k : k + 1].to_numpy_ndarray()[0] if images[k].is_valid else None
+            inputs[row_id] = None if pixels is None else encode_png(pixels)
     return inputs
 
 
@@ -210,8 +200,9 @@ def run_dataset(config: RunConfig, started: float, attempt: str) -> dict:
         "best_of": config.dataset.best_of,
         "rank_by": config.dataset.rank_by,
     }
+    written_summary = json.dumps(summary, indent=2).encode()
     (target / "config.yaml").write_bytes(config.to_yaml().encode())
-    (target / "summary.json").write_bytes(json.dumps(summary, indent=2).encode())
-    config.output_location.summary_file("dataset").write_bytes(json.dumps(summary, indent=2).encode())
+    (target / "summary.json").write_bytes(written_summary)
+    config.output_location.summary_file("dataset").write_bytes(written_summary)
     log.info("dataset: %d of %d kept edits written to %s, %d file(s)", written, counts["kept"], target, files)
     return summary

@@ -145,9 +145,15 @@ def read_results(output: Output, columns: list[str]) -> pa.Table | None:
     key = list(res.KEY)
     dataset = pq.ParquetDataset(files, filesystem=fs, schema=res.RESULTS_SCHEMA)
     table = dataset.read(columns=list(dict.fromkeys([*key, *columns])))
-    order = table.select(key).append_column("order", pa.array(np.arange(len(table))))
-    last = order.group_by(key, use_threads=False).aggregate([("order", "max")])
-    return table.take(np.sort(last.column("order_max").to_numpy())).select(columns)
+    return one_per_key(table, key, "max").select(columns)
+
+
+def one_per_key(table: pa.Table, key: list[str], which: str = "max") -> pa.Table:
+    """One row per value of ``key``: the last of its rows in table order (``which`` ``max``) or
+    the first (``min``), in table order."""
+    order = table.select(key).append_column("_order", pa.array(np.arange(len(table))))
+    kept = order.group_by(key, use_threads=False).aggregate([("_order", which)])
+    return table.take(np.sort(kept.column(f"_order_{which}").to_numpy()))
 
 
 def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:

@@ -23,14 +23,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.engine.scoring import Scorer
-from pipeline.world import scenes as world
 from pipeline.world.tiny import small_clip
-from pipeline.world.training import curve
+from pipeline.world.training import curve, render_scenes
 
 
 @dataclass(frozen=True)
@@ -87,14 +85,13 @@ def train_world_clip(out: Path | str, config: ClipConfig = ClipConfig(), progres
     out = Path(out)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    rng = np.random.default_rng(config.seed)
-    scenes = [world.random_scene(rng, config.resolution) for _ in range(config.scenes)]
-    pixels = torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2).contiguous()
-    captions = [s.caption() for s in scenes]
-    caption_ids = torch.tensor([sorted(set(captions)).index(c) for c in captions])
+    pixels, captions = render_scenes(config.scenes, config.resolution, config.seed)
+    distinct = sorted(set(captions))
+    index = {caption: k for k, caption in enumerate(distinct)}
+    caption_ids = torch.tensor([index[c] for c in captions])
     model, tokenizer, processor = build_clip(config)
     scorer = Scorer.of(model, tokenizer, processor.to_dict())
-    tokens = scorer.input_ids(sorted(set(captions)))  # every caption once: [captions, 77]
+    tokens = scorer.input_ids(distinct)  # every caption once: [captions, 77]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, config.steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(config.seed)

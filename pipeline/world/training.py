@@ -123,13 +123,16 @@ def build_components(config: TrainingConfig):
     return tokenizer, text_encoder, vae, unet
 
 
-def render_scenes(config: TrainingConfig) -> tuple[torch.Tensor, list[str]]:
-    """The training scenes: pixels ``[N, 3, H, W]`` uint8 (a quarter of float32's memory) and captions."""
-    rng = np.random.default_rng(config.seed)
+def render_scenes(
+    count: int, resolution: int, seed: int, max_objects: int = 1, size_jitter: float = 0.0
+) -> tuple[torch.Tensor, list[str]]:
+    """Training scenes (the world SD's and the world CLIP's): pixels ``[N, 3, H, W]`` uint8 (a
+    quarter of float32's memory) and captions."""
+    rng = np.random.default_rng(seed)
     scenes = []
-    for _ in range(config.scenes):
-        objects = 1 if config.max_objects == 1 else int(rng.integers(1, config.max_objects + 1))
-        scenes.append(world.random_scene(rng, config.resolution, objects, config.size_jitter))
+    for _ in range(count):
+        objects = 1 if max_objects == 1 else int(rng.integers(1, max_objects + 1))
+        scenes.append(world.random_scene(rng, resolution, objects, size_jitter))
     pixels = torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2)
     return pixels.contiguous(), [s.caption() for s in scenes]
 
@@ -326,7 +329,9 @@ def train_world_model(
     store = Checkpoints(checkpoints or folder.with_name(folder.name + ".checkpoints"), config)
     run = Training(config, store, max_seconds, progress)
     vae, unet, text_encoder = run.parts["vae"], run.parts["unet"], run.parts["text_encoder"]
-    pixels, captions = render_scenes(config)
+    pixels, captions = render_scenes(
+        config.scenes, config.resolution, config.seed, config.max_objects, config.size_jitter
+    )
 
     def vae_batch(g):
         return vae_loss(vae, pixels[torch.randint(len(pixels), (config.vae_batch,), generator=g)], config, g)
