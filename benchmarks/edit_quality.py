@@ -31,21 +31,20 @@ import json
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.engine import algorithm, attention
+from pipeline.engine import algorithm
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
 from pipeline.engine.models import load_stable_diffusion
 from pipeline.engine.text import encode_prompts, null_embedding
-from pipeline.io.images import contact_sheet, to_pil, to_tensor
+from pipeline.io.images import to_pil, to_tensor
+from pipeline.io.sheets import contact_sheet
 from pipeline.world import scenes as world
 
 SHIPPED_MODEL = "models/shapes-sd"
@@ -203,24 +202,6 @@ def stage_one(engine: Engine, scenes: World) -> tuple[Inversion, dict]:
 # --- stage 2 ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def recorded_blend_masks() -> Iterator[list]:
-    """The local-blend masks of the controlled sampling runs inside (``[N, 1, h, w]``, or None for
-    a run without blend), in order: ``Engine.edit`` returns only the pixels."""
-    masks, sample = [], attention.sample_with_attention_control
-
-    def recording(*args, **kwargs):
-        latents = sample(*args, **kwargs)
-        masks.append(latents.blend_masks)
-        return latents
-
-    attention.sample_with_attention_control = recording
-    try:
-        yield masks
-    finally:
-        attention.sample_with_attention_control = sample
-
-
 def blend_coverage(mask: torch.Tensor, scene, truth) -> dict:
     """One edit's blend mask ``[1, h, w]`` (True: the edit's own latent): its share of the latent,
     and the share of the latent cells that the source or target object touches inside it."""
@@ -247,11 +228,11 @@ def edit_scenes(
         planners[c].attention_plan(scenes.sources[b], t) if c in planners else None
         for (b, _, _, c), t in zip(edits, targets)
     ]
-    evaluations, started = engine.eps.evaluations, time.perf_counter()
-    with recorded_blend_masks() as masks:
-        pixels = engine.edit(inversion, [e[0] for e in edits], targets, [e[2] for e in edits], plans=plans)
+    evaluations, started, last = engine.eps.evaluations, time.perf_counter(), {}
+    rows, etas = [e[0] for e in edits], [e[2] for e in edits]
+    pixels = engine.edit(inversion, rows, targets, etas, plans=plans, callback=last.update)  # the last step's
     seconds = time.perf_counter() - started
-    return pixels, (masks[0] if masks else None), seconds, engine.eps.evaluations - evaluations
+    return pixels, last.get("blend_masks"), seconds, engine.eps.evaluations - evaluations
 
 
 def stage_two(

@@ -134,7 +134,7 @@ def build_modules(name: str) -> dict:
             text_encoder=_clip_text(CLIPTextModel, 768, 12, 12, "quick_gelu", 768),  # ViT-L
             text_encoder_2=_clip_text(CLIPTextModelWithProjection, 1280, 32, 20, "gelu", 1280),  # bigG
         )
-    from pipeline.engine.models import check_checkpoint
+    from pipeline.engine.checkpoints import check_checkpoint
 
     folder = Path(name)
     modules = dict(
@@ -874,10 +874,13 @@ def control_cases(base: dict, batch: int, edits: list[int]) -> list[dict]:
 
 def control_table(rows: list[dict], steps: int) -> str:
     """Stage 2's cost under attention control, each case against plain editing at its edits per image."""
+    from pipeline.engine.config import PTIConfig
+
     for row in rows:
         n, plain = row["edits"], row["control"] == "none"
         row["control_label"] = row["control"] + (" + blend" if row["local_blend"] else "")
-        row["expected_evals_per_edit"] = 2 * steps if plain else 2 * steps * (n + 1) / n
+        cost = PTIConfig(steps=steps).unet_evaluations(edits=n, controlled=not plain)["stage_two"]
+        row["expected_evals_per_edit"] = cost / n
         baseline = next(r for r in rows if r["edits"] == n and r["control"] == "none")
         row["against_plain"] = f"x{row['stage2_s_per_edit'] / baseline['stage2_s_per_edit']:.2f}"
     return markdown_table(rows, CONTROL_COLUMNS)

@@ -51,12 +51,6 @@ CONTROLS = (
 )
 
 
-def evaluation_bound(config: PTIConfig) -> int:
-    """UNet evaluations per image of PTI's stage 1 without early stop (ALGORITHM.md): T to invert,
-    then per timestep one for ``e_null``, at most K inner steps and one for the step itself."""
-    return config.steps + config.steps * (1 + config.inner_steps + 1)
-
-
 def setting_of(text: str) -> dict:
     """``steps=25,inner_steps=5`` as PTIConfig overrides, each value converted to its field's type."""
     types = {f.name: f.type for f in dataclasses.fields(PTIConfig)}
@@ -93,7 +87,7 @@ def measure(sd, scenes: World, config: PTIConfig, eta: float, max_rows: int) -> 
     n = len(scenes)
     row = {
         "evaluations_per_image": engine.eps.evaluations / n,
-        "evaluation_bound": evaluation_bound(config),
+        "evaluation_bound": config.unet_evaluations()["stage_one"],
         "calls": engine.eps.calls,
         "seconds_per_image": seconds / n,
         "inner_steps_per_timestep": float(inversion.inner_steps.float().mean()),

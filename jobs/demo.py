@@ -26,7 +26,7 @@ from pipeline.batch.dataset import run_dataset
 from pipeline.batch.jobs import run_all, run_edit
 from pipeline.batch.output import Output
 from pipeline.batch.report import edit_rows, labelled_sheet
-from pipeline.engine.models import model_resolution
+from pipeline.engine.checkpoints import model_resolution
 from pipeline.io.storage import Location
 from pipeline.world import scenes as world
 

@@ -10,16 +10,9 @@ from typing import Sequence
 from pipeline.engine.config import PTIConfig, eta_problem
 from pipeline.engine.engine import Engine
 from pipeline.errors import InputError, NonFiniteError
-from pipeline.io.images import (
-    SHEET_TILE,
-    center_square,
-    contact_sheet,
-    decode_rgb,
-    edit_caption,
-    read_bytes,
-    save_png,
-    to_tensor,
-)
+from pipeline.io.fetch import read_bytes
+from pipeline.io.images import center_square, decode_rgb, save_png, to_tensor
+from pipeline.io.sheets import SHEET_TILE, contact_sheet, edit_caption
 from pipeline.engine.metrics import psnr, ssim
 
 

@@ -77,3 +77,8 @@ def fails_one_edit(stage: str) -> bool:
 def error_row(row_id, stage: str, kind: str, message: str, row: int | None = None) -> dict:
     """One row of the errors table (and the error columns of a row in flight)."""
     return {ID: row_id, ROW: row, STAGE: stage, KIND: kind, MESSAGE: message}
+
+
+def error_of(row: dict, stage: str, kind: str, message: str) -> dict:
+    """``error_row`` of a row in flight: its id, and its manifest row where it has one."""
+    return error_row(row.get(ID), stage, kind, message, row=row.get(ROW))

@@ -3,7 +3,8 @@
 A manifest row: ``id`` (unique string), ``image`` (a URI string, or raw bytes in a binary column),
 ``source_prompt`` (nullable), ``target_prompts`` (list of strings; a single ``target_prompt``
 string column is accepted too), optional per-row overrides ``eta`` (list of floats),
-``guidance`` (float) and ``seed`` (int), and optional ``instructions``: an instruction-style text
+``guidance`` (float) and ``seed`` (int: accepted, and shapes nothing, as the config's does not:
+both stages are deterministic), and optional ``instructions``: an instruction-style text
 per target prompt ("make it a cat"; null where there is none), which the results and the
 training set carry beside the target prompt.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -272,9 +274,11 @@ def duplicated_ids(ids) -> set:
 
 
 def validate_rows(
-    rows: list[dict], duplicates: set | None = None, stage: str = VALIDATE
+    rows: list[dict], duplicates: set | None = None, stage: str = VALIDATE, etas: Sequence[float] = ()
 ) -> tuple[list[dict], list[dict]]:
-    """Split manifest rows into usable ones (``target_prompts`` filled in) and error rows.
+    """Split manifest rows into usable ones and error rows. A usable row has its ``target_prompts``
+    (from a ``target_prompt`` column too) and its ``eta`` (``etas``, the config's, where it lists
+    none): every later step reads them from the row.
 
     Every bad row is reported, each with all of its problems; every copy of a duplicated id is an
     error, since none of them can be told apart in the outputs. A row whose etas repeat at the
@@ -299,5 +303,7 @@ def validate_rows(
             continue
         if row.get(TARGET_PROMPTS) is None:
             row = {**row, TARGET_PROMPTS: [row[TARGET_PROMPT]]}
+        if not row.get(ETA) and etas:
+            row = {**row, ETA: list(etas)}
         good.append(row)
     return good, errors

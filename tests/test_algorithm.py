@@ -173,12 +173,14 @@ def test_unet_calls_match_the_costs_in_algorithm_md(make_engine, pixels):
     T, K = engine.config.steps, engine.config.inner_steps
     engine.eps.calls = engine.eps.evaluations = 0
     inversion = engine.invert_and_tune(pixels[:2], [None, None])
-    assert engine.eps.calls == T + T * (1 + K + 1)  # one call serves the whole batch
+    cost = engine.config.unet_evaluations(edits=2)  # the library's formula, checked against the count
+    assert engine.eps.calls == T + T * (1 + K + 1) == cost["stage_one"]  # one call serves the whole batch
     assert engine.eps.evaluations == 2 * engine.eps.calls  # ... and evaluates each image once
     engine.eps.calls = engine.eps.evaluations = 0
     engine.edit(inversion, [0, 1, 1], ["a", "b", "c"], [0.5, 0.5, 1.0])
     assert engine.eps.calls == T  # both guidance branches of all edits in one call per step
     assert engine.eps.evaluations == 2 * T * 3  # 2T evaluations per edit
+    assert cost["stage_two"] + engine.config.unet_evaluations(edits=1)["stage_two"] == 2 * T * 3
 
 
 def test_tuning_gives_gradients_only_to_the_embeddings(pti, tuned):

@@ -11,9 +11,13 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from pipeline.engine import attention as ptp
-from pipeline.engine.algorithm import ddim_move, guided_noise
+from pipeline.engine.algorithm import ddim_move, guided_noise, sample
+from pipeline.engine.alignment import refinement_mapper, replacement_mapper, token_indices, word_token_indices
+from pipeline.engine.attention import AttentionControl, local_blend_mask, sample_with_attention_control
+from pipeline.engine.config import PTIConfig
 from pipeline.engine.models import NoisePredictor
+from pipeline.engine.plan import AttentionEdit, plan_attention_edit
+from pipeline.engine.processor import ControlledAttnProcessor
 from pipeline.engine.text import encode_prompts
 from pipeline.errors import InputError
 
@@ -33,19 +37,19 @@ def tokenizer(tiny_sd):
 
 
 def test_word_token_indices_follow_the_tokenizer_including_split_words(tokenizer):
-    assert ptp.word_token_indices(tokenizer, "a zebra sitting") == [[1], [2, 3, 4, 5], [6]]
-    assert ptp.word_token_indices(tokenizer, "a red cat.") == [[1], [2], [3, 4]]  # "cat." is cat + "."
-    assert ptp.token_indices(tokenizer, "a zebra sitting", "zebra") == [2, 3, 4, 5]
+    assert word_token_indices(tokenizer, "a zebra sitting") == [[1], [2, 3, 4, 5], [6]]
+    assert word_token_indices(tokenizer, "a red cat.") == [[1], [2], [3, 4]]  # "cat." is cat + "."
+    assert token_indices(tokenizer, "a zebra sitting", "zebra") == [2, 3, 4, 5]
     # The word "a", not the "a" piece that ends "zebra"; every occurrence.
-    assert ptp.token_indices(tokenizer, "a zebra sitting", "a") == [1]
-    assert ptp.token_indices(tokenizer, "a photo of a cat", "a") == [1, 4]
+    assert token_indices(tokenizer, "a zebra sitting", "a") == [1]
+    assert token_indices(tokenizer, "a photo of a cat", "a") == [1, 4]
     with pytest.raises(InputError, match="'dog' is not in prompt"):
-        ptp.token_indices(tokenizer, "a photo of a cat", "dog")
+        token_indices(tokenizer, "a photo of a cat", "dog")
 
 
 def test_replacement_mapper_maps_a_split_word_to_each_of_its_tokens(tokenizer):
     # "a cat sitting": BOS a cat sitting EOS; "a zebra sitting": BOS a z e br a sitting EOS.
-    mapper = ptp.replacement_mapper(tokenizer, "a cat sitting", "a zebra sitting")
+    mapper = replacement_mapper(tokenizer, "a cat sitting", "a zebra sitting")
     expected = torch.zeros(L, L)
     expected[0, 0] = expected[1, 1] = 1
     expected[2, 2:6] = 1 / 4  # cat's attention spread over zebra's four tokens
@@ -53,7 +57,7 @@ def test_replacement_mapper_maps_a_split_word_to_each_of_its_tokens(tokenizer):
         expected[3 + k, 6 + k] = 1
     torch.testing.assert_close(mapper, expected, rtol=0, atol=0)
 
-    back = ptp.replacement_mapper(tokenizer, "a zebra sitting", "a cat sitting")
+    back = replacement_mapper(tokenizer, "a zebra sitting", "a cat sitting")
     expected = torch.zeros(L, L)
     expected[0, 0] = expected[1, 1] = 1
     expected[2:6, 2] = 1  # zebra's four tokens all go to cat
@@ -67,49 +71,47 @@ def test_replacement_mapper_maps_a_split_word_to_each_of_its_tokens(tokenizer):
     probs = torch.softmax(torch.randn(5, L, generator=torch.Generator().manual_seed(0)), -1)
     torch.testing.assert_close((probs @ back).sum(-1), torch.ones(5))
     torch.testing.assert_close((probs @ mapper).sum(-1), probs[:, :74].sum(-1))
-    assert torch.equal(
-        ptp.replacement_mapper(tokenizer, "a photo of a cat", "a photo of a cat"), torch.eye(L)
-    )
+    assert torch.equal(replacement_mapper(tokenizer, "a photo of a cat", "a photo of a cat"), torch.eye(L))
 
 
 def test_replacement_mapper_swaps_several_words_token_to_token(tokenizer):
-    mapper = ptp.replacement_mapper(tokenizer, "a red cat on a tree", "a blue dog on a house")
+    mapper = replacement_mapper(tokenizer, "a red cat on a tree", "a blue dog on a house")
     assert torch.equal(mapper, torch.eye(L))  # every word is one token: positions stay
     with pytest.raises(InputError, match="same number of words.*use refine"):
-        ptp.replacement_mapper(tokenizer, "a cat", "a big cat")
+        replacement_mapper(tokenizer, "a cat", "a big cat")
 
 
 def test_refinement_mapper_aligns_added_and_removed_words(tokenizer):
     # A word added: "black" has no source token (alpha 0), the rest align, padding stays in place.
-    mapper, alphas = ptp.refinement_mapper(tokenizer, "a cat sitting", "a black cat sitting")
+    mapper, alphas = refinement_mapper(tokenizer, "a cat sitting", "a black cat sitting")
     assert mapper[:6].tolist() == [0, 1, -1, 2, 3, 4]
     assert torch.equal(mapper[6:], torch.arange(6, L))
     assert alphas[:6].tolist() == [1, 1, 0, 1, 1, 1] and bool((alphas[6:] == 1).all())
 
     # A split word added: z e br a have no source; the word "a" keeps the source's "a".
-    mapper, alphas = ptp.refinement_mapper(tokenizer, "a cat", "a zebra cat")
+    mapper, alphas = refinement_mapper(tokenizer, "a cat", "a zebra cat")
     assert mapper[:8].tolist() == [0, 1, -1, -1, -1, -1, 2, 3]
     assert alphas[:8].tolist() == [1, 1, 0, 0, 0, 0, 1, 1]
 
     # Two words removed: x = BOS a big black cat sitting EOS, y = BOS a cat sitting EOS. The target's
     # first padding tokens (5, 6) take the source's EOS (6), never a source word.
-    mapper, alphas = ptp.refinement_mapper(tokenizer, "a big black cat sitting", "a cat sitting")
+    mapper, alphas = refinement_mapper(tokenizer, "a big black cat sitting", "a cat sitting")
     assert mapper[:8].tolist() == [0, 1, 4, 5, 6, 6, 6, 7]
     assert bool((alphas == 1).all())
 
-    mapper, alphas = ptp.refinement_mapper(tokenizer, "a photo of a cat", "a photo of a cat")
+    mapper, alphas = refinement_mapper(tokenizer, "a photo of a cat", "a photo of a cat")
     assert torch.equal(mapper, torch.arange(L)) and bool((alphas == 1).all())
 
 
 def test_plan_schedules_steps_per_word_as_the_reference_rounds_them(tokenizer):
-    edit = ptp.AttentionEdit(
+    edit = AttentionEdit(
         mode="replace",
         cross_replace_steps=0.8,
         self_replace_steps=0.4,
         word_replace_steps={"zebra": 0.4, "sitting": (0.2, 0.6)},
         reweight={"sitting": 2.0},
     )
-    plan = ptp.plan_attention_edit(tokenizer, "a cat sitting", "a zebra sitting", edit, num_steps=10)
+    plan = plan_attention_edit(tokenizer, "a cat sitting", "a zebra sitting", edit, num_steps=10)
     alpha = plan.cross_alpha  # [T + 1, L]: int(f * 11) steps
     assert alpha.shape == (11, L)
     assert bool((alpha[:8, [0, 1, 7, 40]] == 1).all()) and bool((alpha[8:] == 0).all())
@@ -122,16 +124,16 @@ def test_plan_schedules_steps_per_word_as_the_reference_rounds_them(tokenizer):
 
 
 def test_a_row_without_source_prompt_may_only_reweight_and_inject_self_attention(tokenizer):
-    for edit in (ptp.AttentionEdit(mode="replace"), ptp.AttentionEdit(blend_words=((), ("tiger",)))):
+    for edit in (AttentionEdit(mode="replace"), AttentionEdit(blend_words=((), ("tiger",)))):
         with pytest.raises(InputError, match="^row 7: .*no source prompt"):
-            ptp.plan_attention_edit(tokenizer, None, "a photo of a tiger", edit, 10, name="row 7")
-    plan = ptp.plan_attention_edit(
-        tokenizer, None, "a photo of a tiger", ptp.AttentionEdit(reweight={"tiger": 3.0}), 10
+            plan_attention_edit(tokenizer, None, "a photo of a tiger", edit, 10, name="row 7")
+    plan = plan_attention_edit(
+        tokenizer, None, "a photo of a tiger", AttentionEdit(reweight={"tiger": 3.0}), 10
     )
     assert plan.weights[5] == 3 and float(plan.mapped.sum()) == 0  # the edit's own attention, reweighted
     with pytest.raises(InputError, match="^row 2: word 'dog' is not in prompt"):
-        ptp.plan_attention_edit(
-            tokenizer, "a cat", "a tiger", ptp.AttentionEdit(reweight={"dog": 2.0}), 10, name="row 2"
+        plan_attention_edit(
+            tokenizer, "a cat", "a tiger", AttentionEdit(reweight={"dog": 2.0}), 10, name="row 2"
         )
 
 
@@ -154,10 +156,10 @@ def attention_by_hand(attn: Attention, hidden: torch.Tensor, context: torch.Tens
 
 
 CASES = {
-    "replace": (ptp.AttentionEdit(mode="replace", cross_replace_steps=1.0), "a zebra sitting"),
-    "refine": (ptp.AttentionEdit(mode="refine", cross_replace_steps=1.0), "a black cat sitting"),
-    "reweight": (ptp.AttentionEdit(reweight={"sitting": 2.0}, cross_replace_steps=1.0), "a cat sitting"),
-    "self": (ptp.AttentionEdit(self_replace_steps=1.0), "a cat sitting"),
+    "replace": (AttentionEdit(mode="replace", cross_replace_steps=1.0), "a zebra sitting"),
+    "refine": (AttentionEdit(mode="refine", cross_replace_steps=1.0), "a black cat sitting"),
+    "reweight": (AttentionEdit(reweight={"sitting": 2.0}, cross_replace_steps=1.0), "a cat sitting"),
+    "self": (AttentionEdit(self_replace_steps=1.0), "a cat sitting"),
 }
 
 
@@ -169,17 +171,17 @@ def test_processor_controls_the_conditional_half_of_the_edit_only(tokenizer, cas
     attn = Attention(query_dim=16, cross_attention_dim=12 if is_cross else None, heads=2, dim_head=8).double()
     hidden = torch.randn(4, 9, 16, dtype=torch.float64)  # rows: uncond src, uncond edit, cond src, cond edit
     context = torch.randn(4, L, 12, dtype=torch.float64) if is_cross else hidden
-    plan = ptp.plan_attention_edit(tokenizer, "a cat sitting", target, edit, num_steps=1)
-    control = ptp.AttentionControl([0, 0], [None, plan], 1, (3, 3), self_max_positions=9, blend_positions=9)
-    processor = ptp.ControlledAttnProcessor(control)
+    plan = plan_attention_edit(tokenizer, "a cat sitting", target, edit, num_steps=1)
+    control = AttentionControl([0, 0], [None, plan], 1, (3, 3), self_max_positions=9, blend_positions=9)
+    processor = ControlledAttnProcessor(control)
     with torch.no_grad():
         out = processor(attn, hidden, context if is_cross else None)
         plain = attention_by_hand(attn, hidden, context)
-        mapper, alphas = ptp.refinement_mapper(tokenizer, "a cat sitting", target)
+        mapper, alphas = refinement_mapper(tokenizer, "a cat sitting", target)
         weights = torch.ones(L, dtype=torch.float64)
         weights[3] = 2.0  # "sitting" is token 3 of "a cat sitting"
         edited = {  # the edit's new probabilities from the source's (row 2) and its own (row 3)
-            "replace": lambda p: p[2] @ ptp.replacement_mapper(tokenizer, "a cat sitting", target).double(),
+            "replace": lambda p: p[2] @ replacement_mapper(tokenizer, "a cat sitting", target).double(),
             "refine": lambda p: p[2][..., mapper] * alphas.double() + p[3] * (1 - alphas.double()),
             "reweight": lambda p: p[3] * weights,
             "self": lambda p: p[2],
@@ -198,12 +200,12 @@ def test_processor_controls_the_conditional_half_of_the_edit_only(tokenizer, cas
 def test_local_blend_mask_pools_resizes_normalises_and_thresholds():
     maps = torch.zeros(2, 4, 4, dtype=torch.float64)
     maps[0, 0, 0], maps[0, 3, 3] = 1.0, 0.2  # a peak and a weak spot, below 0.3 of the peak
-    mask = ptp.local_blend_mask(maps, (8, 8), torch.tensor([0.3, 0.3]))
+    mask = local_blend_mask(maps, (8, 8), torch.tensor([0.3, 0.3]))
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[:4, :4] = True  # the peak's 3x3 max-pool covers cells (0..1, 0..1), each 2x2 latent cells
     assert torch.equal(mask[0, 0], expected)
     assert not bool(mask[1].any())  # a zero map (no blend word) masks nothing
-    low = ptp.local_blend_mask(maps, (8, 8), torch.tensor([0.1, 0.1]))
+    low = local_blend_mask(maps, (8, 8), torch.tensor([0.1, 0.1]))
     assert int(low[0].sum()) == 32  # now the weak spot's 3x3 (cells 2..3, 2..3) counts too
 
 
@@ -259,7 +261,7 @@ def plain_sampling(setup: Setup, z, cond, uncond, guidance=7.5):
 
 def controlled(setup: Setup, images, plans, source_cond, uncond, edit_cond, **options):
     rows = sorted(set(images))
-    return ptp.sample_with_attention_control(
+    return sample_with_attention_control(
         setup.eps,
         setup.sd.unet,
         setup.z_T[rows],
@@ -274,7 +276,7 @@ def controlled(setup: Setup, images, plans, source_cond, uncond, edit_cond, **op
 
 
 def plans_for(tokenizer, sources, targets, edits):
-    return [ptp.plan_attention_edit(tokenizer, s, t, e, STEPS) for s, t, e in zip(sources, targets, edits)]
+    return [plan_attention_edit(tokenizer, s, t, e, STEPS) for s, t, e in zip(sources, targets, edits)]
 
 
 @pytest.mark.parametrize("method", ["pti", "nti"])
@@ -284,7 +286,7 @@ def test_target_equal_to_source_reproduces_the_source_branch(setup, tokenizer, m
     source_cond, uncond = (setup.c_t, setup.null) if method == "pti" else (setup.src, setup.null_t)
     images = [0, 1, 1, 2]
     modes = ["replace", "refine", "replace", "refine"]
-    full = [ptp.AttentionEdit(mode=m, cross_replace_steps=1.0, self_replace_steps=1.0) for m in modes]
+    full = [AttentionEdit(mode=m, cross_replace_steps=1.0, self_replace_steps=1.0) for m in modes]
     sources = [SOURCES[b] for b in images]
     plans = plans_for(tokenizer, sources, sources, full)
     out = controlled(setup, images, plans, source_cond, uncond, source_cond[images], self_max_positions=64)
@@ -296,10 +298,18 @@ def test_target_equal_to_source_reproduces_the_source_branch(setup, tokenizer, m
     assert out.blend_masks is None
 
 
+def test_plain_sampling_calls_back_each_step_with_its_latents(setup):
+    seen = []
+    z = sample(setup.eps, setup.z_T, setup.c_t, setup.null, setup.schedule, 7.5, callback=seen.append)
+    assert [s["step"] for s in seen] == list(range(STEPS))
+    torch.testing.assert_close(seen[-1]["z"], plain_sampling(setup, setup.z_T, setup.c_t, setup.null))
+    assert seen[-1]["z"] is z and seen[0]["timestep"] == int(setup.schedule.timesteps[STEPS])
+
+
 def test_without_control_edits_are_plain_sampling_and_attention_stays_fused(setup, tokenizer):
     targets = ["a photo of a tiger", "a photo of a dog"]
     edit_cond = setup.encode(targets)
-    none = ptp.AttentionEdit(cross_replace_steps=0.0, self_replace_steps=0.0)
+    none = AttentionEdit(cross_replace_steps=0.0, self_replace_steps=0.0)
     out = controlled(
         setup,
         [1, 1],
@@ -313,7 +323,7 @@ def test_without_control_edits_are_plain_sampling_and_attention_stays_fused(setu
     torch.testing.assert_close(out.edits, plain, rtol=0, atol=1e-10)  # the source rows change nothing
     assert out.explicit_calls == 0
 
-    half = ptp.AttentionEdit(mode="replace", cross_replace_steps=0.5, self_replace_steps=0.5)
+    half = AttentionEdit(mode="replace", cross_replace_steps=0.5, self_replace_steps=0.5)
     plans = plans_for(tokenizer, SOURCES[1:2] * 2, targets, [half] * 2)
     out = controlled(setup, [1, 1], plans, setup.c_t, setup.null, edit_cond, self_max_positions=16)
     # Cross-attention: 4 layers for int(0.5 * 7) = 3 steps; self-attention: the 4x4 mid layer only
@@ -328,11 +338,12 @@ def test_local_blend_keeps_the_source_latent_outside_the_mask(setup, tokenizer):
     # The random tiny model attends almost evenly, so a threshold near 1 keeps the mask partial: the
     # peak's max-pooled 3x3 neighbourhood and little else.
     edits = [
-        ptp.AttentionEdit(mode="refine", blend_words=((), ("hat",)), blend_threshold=0.999),
-        ptp.AttentionEdit(mode="replace", blend_words=(("cat",), ("tiger",)), blend_threshold=0.999),
-        ptp.AttentionEdit(mode="replace"),
+        AttentionEdit(mode="refine", blend_words=((), ("hat",)), blend_threshold=0.999),
+        AttentionEdit(mode="replace", blend_words=(("cat",), ("tiger",)), blend_threshold=0.999),
+        AttentionEdit(mode="replace"),
     ]
     plans = plans_for(tokenizer, [SOURCES[b] for b in images], targets, edits)
+    steps = []
     out = controlled(
         setup,
         images,
@@ -342,7 +353,17 @@ def test_local_blend_keeps_the_source_latent_outside_the_mask(setup, tokenizer):
         setup.encode(targets),
         blend_positions=64,
         self_max_positions=16,
+        callback=lambda step: steps.append(
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in step.items()}
+        ),
     )
+    # The callback sees every step as it is reached: blending starts at start_blend (0.2 * 6 steps -> 1).
+    assert [s["step"] for s in steps] == list(range(STEPS))
+    assert [s["timestep"] for s in steps] == [int(setup.schedule.timesteps[i]) for i in range(STEPS, 0, -1)]
+    assert steps[0]["blend_masks"] is None and all(s["blend_masks"] is not None for s in steps[1:])
+    assert torch.equal(steps[-1]["z"], out.edits) and torch.equal(steps[-1]["sources"], out.sources)
+    assert torch.equal(steps[-1]["blend_masks"], out.blend_masks)
+    assert not torch.equal(steps[-2]["z"], out.edits)
     for n in (0, 1):
         mask = out.blend_masks[n].expand_as(out.edits[n])
         assert 0.05 < float(mask.float().mean()) < 0.9, n
@@ -363,10 +384,10 @@ def mixed(tokenizer):
         "a cup of tea",
     ]
     edits = [
-        ptp.AttentionEdit(mode="refine", blend_words=((), ("hat",)), blend_threshold=0.999),
-        ptp.AttentionEdit(mode="replace", reweight={"tiger": 2.0}, word_replace_steps={"tiger": 0.5}),
-        ptp.AttentionEdit(mode="refine", cross_replace_steps=1.0, self_replace_steps=0.6),
-        ptp.AttentionEdit(mode="replace", blend_words=(("coffee",), ("tea",)), blend_threshold=0.999),
+        AttentionEdit(mode="refine", blend_words=((), ("hat",)), blend_threshold=0.999),
+        AttentionEdit(mode="replace", reweight={"tiger": 2.0}, word_replace_steps={"tiger": 0.5}),
+        AttentionEdit(mode="refine", cross_replace_steps=1.0, self_replace_steps=0.6),
+        AttentionEdit(mode="replace", blend_words=(("coffee",), ("tea",)), blend_threshold=0.999),
     ]
     return images, targets, plans_for(tokenizer, [SOURCES[b] for b in images], targets, edits)
 
@@ -381,6 +402,8 @@ def test_batched_equals_one_at_a_time_and_costs_2T_per_edit_and_source(setup, mi
     batch = controlled(setup, images, plans, setup.c_t, setup.null, edit_cond, guidance=guidance, **options)
     assert setup.eps.calls == STEPS  # one UNet call per step for everything
     assert setup.eps.evaluations == 2 * STEPS * (4 + 3)  # 2T (n + 1) per image: n = 1, 2, 1
+    cost = PTIConfig(steps=STEPS).unet_evaluations  # the library's formula, per image
+    assert setup.eps.evaluations == sum(cost(edits=n, controlled=True)["stage_two"] for n in (1, 2, 1))
     for b in range(3):
         mine = [n for n in range(4) if images[n] == b]
         alone = controlled(
@@ -415,7 +438,7 @@ def test_processors_are_restored_after_sampling_and_after_an_error(setup, mixed)
         return setup.eps(z, t, emb)
 
     with pytest.raises(RuntimeError, match="fell over"):
-        ptp.sample_with_attention_control(
+        sample_with_attention_control(
             failing,
             unet,
             setup.z_T,
@@ -441,9 +464,9 @@ def test_processors_are_restored_after_sampling_and_after_an_error(setup, mixed)
 def test_the_blend_maps_are_recorded_after_control_and_never_from_the_mid_block(tokenizer):
     """During the cross-replace steps a replace edit's recorded map is the source's map carried
     through the replacement mapper (the reference's store is a view that control overwrites)."""
-    edit = ptp.AttentionEdit(mode="replace", cross_replace_steps=0.5, blend_words=(("cat",), ("dog",)))
-    plan = ptp.plan_attention_edit(tokenizer, "a photo of a cat", "a photo of a dog", edit, num_steps=4)
-    control = ptp.AttentionControl([0, 0], [None, plan], 4, (8, 8), blend_positions=16)
+    edit = AttentionEdit(mode="replace", cross_replace_steps=0.5, blend_words=(("cat",), ("dog",)))
+    plan = plan_attention_edit(tokenizer, "a photo of a cat", "a photo of a dog", edit, num_steps=4)
+    control = AttentionControl([0, 0], [None, plan], 4, (8, 8), blend_positions=16)
     probs = torch.softmax(torch.randn(2, 2, 16, L, dtype=torch.float64), dim=-1)  # [rows, heads, Q, L]
     for step in range(4):
         control.step = step
@@ -451,7 +474,7 @@ def test_the_blend_maps_are_recorded_after_control_and_never_from_the_mid_block(
         assert not control.controls(True, 16, "mid") or bool(plan.cross_alpha[step].any())
         control.edit_attention(probs, True, "down")
         control.edit_attention(probs, True, "mid")  # the mid block's maps are never recorded
-    mapper = ptp.replacement_mapper(tokenizer, "a photo of a cat", "a photo of a dog").double()
+    mapper = replacement_mapper(tokenizer, "a photo of a cat", "a photo of a dog").double()
     mapped_source, own = (probs[0] @ mapper).mean(0), probs[1].mean(0)
     replaced = int(plan.cross_alpha[:4, 0].sum())  # steps whose cross-attention is the source's
     assert replaced == 2
@@ -521,8 +544,8 @@ class ReferenceP2P:
 
 def test_a_blend_edit_equals_the_references_controller_step_by_step(setup, tokenizer):
     source, target = SOURCES[1], "a photo of a dog"
-    edit = ptp.AttentionEdit(mode="replace", blend_words=(("cat",), ("dog",)), blend_threshold=0.999)
-    plan = ptp.plan_attention_edit(tokenizer, source, target, edit, STEPS)
+    edit = AttentionEdit(mode="replace", blend_words=(("cat",), ("dog",)), blend_threshold=0.999)
+    plan = plan_attention_edit(tokenizer, source, target, edit, STEPS)
     edit_cond = setup.encode([target])
     options = dict(blend_positions=64, self_max_positions=16)
     ours = controlled(setup, [1], [plan], setup.c_t, setup.null, edit_cond, **options)
@@ -556,8 +579,8 @@ def test_the_blend_layers_are_the_down_and_up_blocks_at_the_blend_resolution(set
     engine blends at 8x8 and injects self-attention up to 4x4, and a blend asked at 4x4 finds no
     layer, since the mid block's maps never count."""
     assert make_engine()._controlled_positions() == (16, 64)
-    edit = ptp.AttentionEdit(mode="replace", blend_words=(("cat",), ("dog",)))
-    plan = ptp.plan_attention_edit(tokenizer, SOURCES[1], "a photo of a dog", edit, STEPS)
+    edit = AttentionEdit(mode="replace", blend_words=(("cat",), ("dog",)))
+    plan = plan_attention_edit(tokenizer, SOURCES[1], "a photo of a dog", edit, STEPS)
     with pytest.raises(InputError, match="no cross-attention layer with 16 positions"):
         dog = setup.encode(["a photo of a dog"])
         controlled(setup, [1], [plan], setup.c_t, setup.null, dog, blend_positions=16)

@@ -201,7 +201,7 @@ def settled(url: str) -> dict[tuple, float]:
 def test_run_on_local_files_with_two_gpu_actors_per_stage(
     ray_cluster, tiny_model_dir, photos, tmp_path, caplog, metrics_url
 ):
-    caplog.set_level(logging.INFO, logger="pipeline.batch.driver")
+    caplog.set_level(logging.INFO, logger="pipeline.batch.metrics")
     before = settled(metrics_url)  # an earlier test's job may still be reporting
     config = RunConfig(
         manifest=local_manifest(tmp_path, photos),
@@ -216,7 +216,7 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(
         pti=dict(model=tiny_model_dir, **PTI),
     )
     summary = run_all(config)
-    progress = [r.getMessage() for r in caplog.records if r.name == "pipeline.batch.driver"]
+    progress = [r.getMessage() for r in caplog.records if r.name == "pipeline.batch.metrics"]
     assert len(progress) >= 3 and progress[-1].startswith("run: 6/11 rows done, 5 failed, 9 edits, ")
     assert progress[-1].endswith("ETA 0 s")
 
@@ -294,7 +294,7 @@ def test_run_on_local_files_with_two_gpu_actors_per_stage(
 
 
 def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
-    from pipeline.batch.stages import prepare_rows
+    from pipeline.batch.manifests import prepare_rows
     from schemas.stages import PIXELS
 
     table = pa.table(
@@ -312,6 +312,7 @@ def test_read_stage_decodes_inline_image_bytes_and_reports_bad_ones(photos):
         allowed=("/",),
         max_bytes=2**20,
         max_pixels=10**6,
+        etas=PTI["etas"],
     ).to_pylist()
     assert len(out[0][PIXELS]) == 64 * 64 * 3 and out[0]["kind"] is None
     assert out[1]["kind"] == "bad_image" and "garbage" in out[1]["message"] and out[1][PIXELS] is None

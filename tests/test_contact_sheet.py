@@ -14,7 +14,8 @@ from PIL import Image, ImageFont
 
 from pipeline.batch.output import Output
 from pipeline.batch.report import edit_rows, short_id, write_contact_sheet
-from pipeline.io.images import LABEL_LINES, SHEET_TILE, contact_sheet, edit_caption, to_tensor, wrap_caption
+from pipeline.io.images import to_tensor
+from pipeline.io.sheets import LABEL_LINES, SHEET_TILE, contact_sheet, edit_caption, wrap_caption
 from pipeline.io.storage import Location
 from schemas import results as res
 

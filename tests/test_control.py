@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.batch.config import RunConfig
 from pipeline.batch.jobs import run_all
 from pipeline.engine.config import PTIConfig
-from pipeline.engine.engine import attention_edit
+from pipeline.engine.plan import attention_edit
 from pipeline.errors import InputError
 
 SOURCE = "a photo of a cat"

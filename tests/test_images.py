@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ImageError, InputError
-from pipeline.io.images import center_square, contact_sheet, decode_rgb, load_image, read_bytes
+from pipeline.io.fetch import read_bytes
+from pipeline.io.images import center_square, decode_rgb, load_image
+from pipeline.io.sheets import contact_sheet
 
 SIZE = 64
 

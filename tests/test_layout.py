@@ -41,6 +41,8 @@ PROJECT = ("pipeline", "schemas", "jobs", "benchmarks")
 # Third-party packages the engine must not need: it runs inside any process (a Ray actor, a GPU
 # machine without Ray, a notebook).
 NOT_IN_ENGINE = ("ray", "s3fs", "boto3", "botocore")
+# A library file holds one concern: past this, it holds two (issue 29 cut four files along their seams).
+MAX_LIBRARY_LINES = 400
 
 
 def module_name(path: Path) -> str:
@@ -111,6 +113,22 @@ def test_the_engine_imports_without_ray_storage_or_the_batch_layer():
         "import sys; import pipeline.engine.engine, pipeline.engine.stored, pipeline.engine.algorithm; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 's3fs', 'jobs') "
         "or m.startswith(('pipeline.batch', 'pipeline.io'))))"
+    )
+    assert python(code) == "[]"
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_library_file_holds_more_than_one_concern_s_lines(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LIBRARY_LINES, f"{lines} lines: cut it along its seams"
+
+
+def test_the_driver_and_the_checkpoint_reader_import_without_torch():
+    """The driver (a Ray job's entrypoint, on a CPU head node) reads configs, manifests and model
+    configs without loading torch: that is the actors' business."""
+    code = (
+        "import sys; import pipeline.batch.driver, pipeline.batch.config, pipeline.engine.checkpoints; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))"
     )
     assert python(code) == "[]"
 

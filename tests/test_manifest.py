@@ -76,6 +76,24 @@ def test_each_bad_row_becomes_an_error_with_its_reason_and_good_rows_pass():
     pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)  # the errors fit their schema
 
 
+def test_a_row_without_etas_gets_the_configs_once_when_it_is_checked():
+    rows = [
+        {"id": "own", "image": "a.png", "target_prompts": ["a cat"], "eta": [0.3]},
+        {"id": "none", "image": "b.png", "target_prompts": ["a cat"], "eta": None},
+        {"id": "empty", "image": "c.png", "target_prompt": "a cat", "eta": []},
+        {"id": "absent", "image": "d.png", "target_prompts": ["a cat"]},
+    ]
+    good, errors = validate_rows(rows, etas=(0.6, 0.8))
+    assert not errors and {r["id"]: r["eta"] for r in good} == {
+        "own": [0.3],
+        "none": [0.6, 0.8],
+        "empty": [0.6, 0.8],
+        "absent": [0.6, 0.8],
+    }
+    assert good[2]["target_prompts"] == ["a cat"]
+    assert rows[1]["eta"] is None  # the caller's rows are not changed
+
+
 def test_the_example_run_config_loads_and_lists_every_field():
     import dataclasses
     from pathlib import Path

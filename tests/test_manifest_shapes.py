@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipeline.batch import report
 from pipeline.batch.config import RunConfig
-from pipeline.batch.jobs import check_manifest, read_manifest_part, run_all
+from pipeline.batch.jobs import run_all
+from pipeline.batch.manifests import check_manifest, read_manifest_part
 from pipeline.batch.output import Output
 from pipeline.batch.resume import read_committed, read_results
 from pipeline.errors import InputError
@@ -110,7 +111,7 @@ def test_an_s3_manifest_that_is_missing_or_not_parquet_is_named_and_stray_files_
     )
     for name in ("_SUCCESS", "README.txt", ".part-0.parquet.crc"):
         client.put_object(Bucket="shapes", Key=f"night/{name}", Body=b"not Parquet")
-    with caplog.at_level(logging.INFO, logger="pipeline.batch.jobs"):
+    with caplog.at_level(logging.INFO, logger="pipeline.batch.manifests"):
         checked = check_manifest(config("s3://shapes/night/"))
     assert checked.ids == ["a", "b"] and [p["path"] for p in checked.parts] == ["shapes/night/part-0.parquet"]
     assert "skipping files not named *.parquet: .part-0.parquet.crc, README.txt, _SUCCESS" in caplog.text

@@ -20,14 +20,8 @@ from pipeline.engine.engine import Engine
 from pipeline.errors import InputError, ModelError
 from pipeline.io.images import load_image
 from pipeline.world.tiny import TINY_WORDS
-from pipeline.engine.models import (
-    default_cache_dir,
-    fetch_checkpoint,
-    load_stable_diffusion,
-    model_resolution,
-    resolve_device,
-    resolve_dtype,
-)
+from pipeline.engine.checkpoints import default_cache_dir, fetch_checkpoint, model_resolution
+from pipeline.engine.models import load_stable_diffusion, resolve_device, resolve_dtype
 from pipeline.engine.text import encode_prompts, tokenize
 
 HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -119,7 +119,7 @@ def test_the_validator_classifies_every_drawn_row_and_a_good_row_makes_a_valid_c
 @settings(PROPERTY, max_examples=max(1, EXAMPLES // 4))
 @given(st.lists(ROW, max_size=6))
 def test_the_read_stage_classifies_every_drawn_row_and_reads_only_allowed_ones(rows):
-    from pipeline.batch.stages import prepare_rows
+    from pipeline.batch.manifests import prepare_rows
 
     arrow = [  # as a manifest holds them: text without lone surrogates, the image a URI
         {**r, man.IMAGE: r[man.IMAGE] if isinstance(r[man.IMAGE], str) else None}
@@ -130,6 +130,7 @@ def test_the_read_stage_classifies_every_drawn_row_and_reads_only_allowed_ones(r
     table = pa.Table.from_pylist(arrow, schema=schema)
     table = table.append_column("row", pa.array(range(len(arrow)), pa.int64()))
     read = dict(duplicates=man.duplicated_ids(r[man.ID] for r in arrow), endpoint_url=None, max_bytes=2**20)
+    read["etas"] = PTI["etas"]
     out = prepare_rows(table, resolution=64, allowed=("/nonexistent-images/",), max_pixels=10**6, **read)
     assert sorted(out["row"].to_pylist()) == list(range(len(arrow)))  # every row, once
     assert all(k in KINDS for k in out["kind"].to_pylist())  # each an error of a named kind
@@ -225,7 +226,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee")
 
 @pytest.fixture
 def prepared(photos):
-    from pipeline.batch.stages import prepare_rows
+    from pipeline.batch.manifests import prepare_rows
 
     table = pa.table(
         {
@@ -236,23 +237,23 @@ def prepared(photos):
         }
     )
     read = dict(resolution=64, duplicates=set(), endpoint_url=None, allowed=(), max_bytes=2**24)
-    read["max_pixels"] = 10**7
+    read |= {"max_pixels": 10**7, "etas": PTI["etas"]}
     return prepare_rows(table, **read), read, table
 
 
 def test_a_row_that_breaks_the_read_stage_fails_alone(ray_cluster, prepared, monkeypatch):
-    from pipeline.batch import stages
+    from pipeline.batch import manifests
 
     _, read, table = prepared
-    real = stages.load_image
+    real = manifests.read_image
 
-    def load_image(image, *args, name, **kwargs):
+    def read_image(image, *args, name, **kwargs):
         if name.startswith("chelsea"):
             raise KeyError("a bug that only this image finds")
         return real(image, *args, name=name, **kwargs)
 
-    monkeypatch.setattr(stages, "load_image", load_image)
-    out = stages.prepare_rows(table, **read).to_pylist()
+    monkeypatch.setattr(manifests, "read_image", read_image)
+    out = manifests.prepare_rows(table, **read).to_pylist()
     assert {r["id"]: r["kind"] for r in out} == {"astronaut": None, "coffee": None, "chelsea": "internal"}
     (failed,) = [r for r in out if r["kind"]]
     assert failed["stage"] == "read" and failed["row"] is None and "KeyError" in failed["message"]
@@ -279,6 +280,28 @@ def test_a_row_that_breaks_tuning_fails_alone_and_its_batch_is_tuned(ray_cluster
     assert kinds == {"astronaut": None, "coffee": None, "chelsea": "internal"}
     message = out.filter(pa.compute.equal(out["id"], "chelsea"))["message"][0].as_py()
     assert message == "RuntimeError: a kernel that fails on this row's text"
+
+
+def test_a_row_is_tuned_at_its_own_guidance_and_its_seed_shapes_nothing(
+    ray_cluster, tiny_model_dir, prepared
+):
+    """A row's guidance is a second engine on the same model; its seed is none (issue 29)."""
+    from pipeline.batch.stages import TuneStage
+    from pipeline.io.storage import Location
+
+    rows, _, _ = prepared
+    rows = rows.set_column(rows.schema.get_field_index("guidance"), "guidance", pa.array([None, 3.0, None]))
+    seeded = rows.set_column(rows.schema.get_field_index("seed"), "seed", pa.array([5, 6, None], pa.int64()))
+    stage = TuneStage(PTIConfig(model=tiny_model_dir, **PTI), Location(tiny_model_dir))
+    plain, with_seeds = (stage(t).sort_by("id") for t in (rows, seeded))
+    assert sorted(stage.engines) == [3.0, 7.5] and stage.engines[7.5] is stage.engine
+    assert dict(zip(with_seeds["id"].to_pylist(), with_seeds["guidance"].to_pylist())) == {
+        "astronaut": 7.5,
+        "chelsea": 3.0,
+        "coffee": 7.5,
+    }
+    for column in ("z_T", "prompt_embeddings", "config_fingerprint", "config"):
+        assert with_seeds[column].equals(plain[column]), column
 
 
 def test_an_edit_that_breaks_fails_alone_and_the_rows_other_edits_are_made(

@@ -35,7 +35,7 @@ from pipeline.batch.jobs import run_all
 from pipeline.batch.nightly import NightFailed, run_nightly
 from pipeline.batch.output import image_key
 from pipeline.errors import ImageError, InputError
-from pipeline.io.images import read_bytes
+from pipeline.io.fetch import read_bytes
 from pipeline.io.storage import MAX_KEY_BYTES, is_allowed, key_for_id
 from schemas.manifest import validate_rows
 

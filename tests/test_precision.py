@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.batch import stages
-from pipeline.batch.stages import TuneStage, check_device, prepare_rows
+from pipeline.batch import actors, stages
+from pipeline.batch.actors import check_device, pixels_of
+from pipeline.batch.manifests import prepare_rows
+from pipeline.batch.stages import TuneStage
 from pipeline.engine import algorithm
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine
@@ -46,7 +48,7 @@ def test_a_gpu_actor_whose_torch_sees_no_cuda_is_refused_saying_why(monkeypatch,
 
 
 def test_an_explicit_cpu_device_or_no_gpus_runs_and_cpu_with_gpus_is_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.batch.stages"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.batch.actors"):
         check_device(PTIConfig(device="cpu"), gpu_ids=["0"])
         check_device(PTIConfig(device="auto"), gpu_ids=[])
     assert [r.getMessage() for r in caplog.records] == [
@@ -56,7 +58,7 @@ def test_an_explicit_cpu_device_or_no_gpus_runs_and_cpu_with_gpus_is_logged(capl
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_a_stage_given_gpus_fails_at_start_before_loading_a_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(stages, "_ray_gpu_ids", lambda: [0])
+    monkeypatch.setattr(actors, "_ray_gpu_ids", lambda: [0])
     with pytest.raises(DeviceError, match="sees no CUDA device"):  # not "not a checkpoint": nothing loaded
         TuneStage(PTIConfig(model=str(tmp_path)), Location(str(tmp_path)))
 
@@ -196,6 +198,7 @@ def prepared_rows(images: dict[str, np.ndarray]) -> pa.Table:
         allowed=(),
         max_bytes=2**24,
         max_pixels=10**7,
+        etas=(0.8,),
     )
 
 
@@ -204,11 +207,11 @@ def test_the_tune_stage_turns_an_image_still_non_finite_into_its_own_error_row(
 ):
     names = ["astronaut", "chelsea", "coffee"]
     prepared = prepared_rows(dict(zip(names, (photos[n] for n in names))))
-    images = stages._pixels(prepared[PIXELS].to_pylist(), 64)
+    images = pixels_of(prepared[PIXELS].to_pylist(), 64)
     poison(images[1], HALF_ONLY)
     poison(images[2], ALWAYS)
     engine = Engine(half_sd, PTIConfig(model=tiny_model_dir, **SMALL))
-    monkeypatch.setattr(stages, "_load_engine", lambda *args: engine)
+    monkeypatch.setattr(stages, "load_engine", lambda *args: engine)
     monkeypatch.setattr(stages, "worker_id", lambda: "actor-1")
     out = TuneStage(engine.config, Location(tiny_model_dir))(prepared).to_pylist()
 
@@ -292,11 +295,11 @@ def test_one_poisoned_image_of_four_fails_alone_and_the_others_match_a_clean_run
 
     def tuned() -> dict:
         engine = Engine(half_sd, PTIConfig(model=tiny_model_dir, **SMALL))
-        monkeypatch.setattr(stages, "_load_engine", lambda *args: engine)
+        monkeypatch.setattr(stages, "load_engine", lambda *args: engine)
         return {r["id"]: r for r in TuneStage(engine.config, Location(tiny_model_dir))(prepared).to_pylist()}
 
     clean = tuned()
-    poison(stages._pixels(prepared[PIXELS].to_pylist(), 64)[2], ALWAYS)
+    poison(pixels_of(prepared[PIXELS].to_pylist(), 64)[2], ALWAYS)
     poisoned = tuned()
     assert [poisoned[n]["kind"] for n in names] == [None, None, "non_finite", None]
     assert all(clean[n]["kind"] is None for n in names)

@@ -170,7 +170,8 @@ def test_a_killed_job_run_again_ends_as_an_undisturbed_run_and_redoes_nothing(
 def test_out_of_memory_splits_the_batch_before_a_row_fails(ray_cluster, tiny_model_dir, photos):
     import torch
 
-    from pipeline.batch.stages import TuneStage, prepare_rows
+    from pipeline.batch.manifests import prepare_rows
+    from pipeline.batch.stages import TuneStage
     from pipeline.io.storage import Location
     from pipeline.engine.config import PTIConfig
 
@@ -185,6 +186,7 @@ def test_out_of_memory_splits_the_batch_before_a_row_fails(ray_cluster, tiny_mod
         allowed=(),
         max_bytes=2**24,
         max_pixels=10**7,
+        etas=PTI["etas"],
     )
     stage = TuneStage(PTIConfig(model=tiny_model_dir, **PTI), Location(tiny_model_dir))
     real, calls = stage.engine.invert_and_tune, []

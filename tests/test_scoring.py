@@ -186,13 +186,14 @@ def test_an_edit_whose_score_is_not_finite_fails_alone(
 ):
     import pyarrow.parquet as pq
 
-    from pipeline.batch.stages import EditStage, TuneStage, prepare_rows
+    from pipeline.batch.manifests import prepare_rows
+    from pipeline.batch.stages import EditStage, TuneStage
     from pipeline.engine.config import PTIConfig
     from pipeline.io.storage import Location
 
     table = pq.read_table(_manifest(tmp_path, photos))
     read = dict(resolution=64, duplicates=set(), endpoint_url=None, allowed=("/",), max_bytes=2**24)
-    prepared = prepare_rows(table, max_pixels=10**7, **read)
+    prepared = prepare_rows(table, max_pixels=10**7, etas=PTI["etas"], **read)
     config = PTIConfig(model=tiny_model_dir, **PTI)
     tuned = TuneStage(config, Location(tiny_model_dir))(prepared)
     stage = EditStage(config, Location(tiny_model_dir), scorer=Location(str(clip_dir)))

@@ -41,7 +41,8 @@ def test_the_fast_preset_costs_at_most_half_the_defaults_evaluations():
     default, fast = PTIConfig(), PTIConfig(**PRESETS["fast"])
     bound = lambda c: c.steps + c.steps * (1 + c.inner_steps + 1)  # noqa: E731 (ALGORITHM.md's formula)
     assert bound(fast) <= bound(default) / 2
-    assert stage_one.evaluation_bound(fast) == bound(fast)
+    assert fast.unet_evaluations()["stage_one"] == bound(fast)
+    assert PTIConfig(method="npi").unet_evaluations()["stage_one"] == 50 + 50 * 2  # npi does not tune
 
 
 def test_pti_edit_takes_a_preset_and_explicit_options_win(monkeypatch, tmp_path):

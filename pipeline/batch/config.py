@@ -19,7 +19,7 @@ from pipeline.batch.curate import CurateConfig, DatasetConfig
 from pipeline.batch.output import Output
 from pipeline.engine.config import PTIConfig, from_known_fields
 from pipeline.errors import InputError
-from pipeline.io.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, READ_ATTEMPTS, READ_TIMEOUT_S
+from pipeline.io.fetch import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, READ_ATTEMPTS, READ_TIMEOUT_S
 from pipeline.io.storage import Location
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import logging
 import posixpath
@@ -15,12 +14,11 @@ from collections import Counter
 from typing import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.batch import curate, lock, metrics
 from pipeline.batch.cluster import actor_wait_s, check_cpus, check_gpus, init_ray
 from pipeline.batch.config import RunConfig
-from pipeline.faults import failpoint
+from pipeline.batch.output import RollingParquet
 from pipeline.batch.resume import check_same_settings
 from pipeline.batch.rows import good_rows
 from pipeline.errors import InputError, TooManyFailures
@@ -29,88 +27,6 @@ from schemas import errors as err
 from schemas import results as res
 
 log = logging.getLogger(__name__)
-
-
-class RollingParquet:
-    """Parquet files of at most ``rows_per_file`` rows under ``folder``, written as rows stream in,
-    and at least every ``flush_seconds``, so a killed driver loses little committed work. File
-    names carry ``prefix`` (the job and this attempt): a resumed run adds files, never
-    overwrites an earlier attempt's."""
-
-    def __init__(
-        self,
-        folder: Location,
-        schema: pa.Schema,
-        rows_per_file: int,
-        prefix: str,
-        flush_seconds: float = float("inf"),
-    ):
-        self.folder, self.schema, self.limit = folder, schema, rows_per_file
-        self.prefix, self.flush_seconds, self.flushed_at = prefix, flush_seconds, time.monotonic()
-        self.pending: list[pa.Table] = []
-        self.pending_rows = self.files = self.rows = 0
-
-    def add(self, table: pa.Table) -> None:
-        if len(table):
-            self.pending.append(table.select(self.schema.names).cast(self.schema))
-            self.pending_rows += len(table)
-            self.rows += len(table)
-        while self.pending_rows >= self.limit:
-            self._flush(self.limit)
-        if self.pending_rows and time.monotonic() - self.flushed_at >= self.flush_seconds:
-            self._flush(self.pending_rows)
-
-    def close(self) -> None:
-        while self.pending_rows:
-            self._flush(self.pending_rows)
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.pending)
-        head, rest = table.slice(0, n), table.slice(n)
-        buffer = io.BytesIO()
-        pq.write_table(head, buffer)
-        (self.folder / f"{self.prefix}-{self.files:05d}.parquet").write_bytes(buffer.getvalue())
-        self.files += 1
-        self.flushed_at = time.monotonic()
-        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
-        failpoint(f"driver-after-{posixpath.basename(self.folder.uri.rstrip('/'))}")
-
-
-class Progress:
-    """Rows done and failed, rows per second and the time left, as a job log line at most every
-    ``every_s`` seconds and once at the end (Ray Data's own progress bar counts blocks, ``0/?``),
-    and as the job's metrics (``pipeline.batch.metrics``)."""
-
-    def __init__(self, job: str, todo: int, every_s: float):
-        self.job, self.todo, self.every_s = job, todo, every_s
-        self.started = self.logged = time.monotonic()
-        self.done = self.failed = self.edits = 0
-
-    def update(self, done: int, failed: int, edits: int) -> None:
-        """The counts so far: logged, and their growth added to the job's metrics."""
-        delta = dict(rows_done=done - self.done, rows_failed=failed - self.failed, edits=edits - self.edits)
-        metrics.count(self.job, **delta)
-        self.done, self.failed, self.edits = done, failed, edits
-        if time.monotonic() - self.logged >= self.every_s:
-            self.log()
-
-    def log(self) -> None:
-        self.logged = time.monotonic()
-        seconds = max(self.logged - self.started, 1e-9)
-        finished = self.done + self.failed
-        rate = finished / seconds
-        left = f"{(self.todo - finished) / rate:.0f} s" if rate > 0 else "?"
-        log.info(
-            "%s: %d/%d rows done, %d failed, %d edits, %.2f rows/s, %.0f s elapsed, ETA %s",
-            self.job,
-            self.done,
-            self.todo,
-            self.failed,
-            self.edits,
-            rate,
-            seconds,
-            left,
-        )
 
 
 @contextlib.contextmanager
@@ -187,49 +103,65 @@ def drain(
     )
     errors = RollingParquet(output.errors, err.ERRORS_SCHEMA, config.results_rows_per_file, attempt)
     errors.add(pa.Table.from_pylist(list(errors_before), schema=err.ERRORS_SCHEMA))
-    ok_ids, early_ids, edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
-    early_errors, resumed_ids, verdicts = len(errors_before), set(), Counter()
-    progress = Progress(attempt.partition("-")[0], todo, config.progress_every_s)
-
-    def edit_only_failures() -> int:  # rows whose every edit failed, not failed before editing
-        return len(edit_error_ids - ok_ids - early_ids)
-
+    tally, verdicts = Tally(errors_before), Counter()
+    progress = metrics.Progress(attempt.partition("-")[0], todo, config.progress_every_s)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
         ok = good_rows(batch)
         bad = batch.filter(pa.array(~ok))
-        if len(bad):
-            errors.add(bad.select([err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]))
-            for row_id, stage in zip(bad.column(err.ID).to_pylist(), bad.column(err.STAGE).to_pylist()):
-                if err.fails_one_edit(stage):
-                    edit_error_ids.add(row_id)
-                else:
-                    early_ids.add(row_id)
-                    early_errors += 1
+        errors.add(bad.select([err.ID, err.ROW, err.STAGE, err.KIND, err.MESSAGE]))
         good = batch.filter(pa.array(ok))
-        ids = good.column(res.ID).to_pylist()
-        ok_ids.update(ids)
-        if res.TUNE_WORKER in good.column_names:  # edited from stored embeddings: not tuned by this run
-            resumed_ids.update(i for i, w in zip(ids, good.column(res.TUNE_WORKER).to_pylist()) if w is None)
+        tally.add(bad, good)
         if results is not None:
             good = curate.judge(good, config.curate)  # each edit's verdict, in its own row
             verdicts += curate.tally(good)
             results.add(good)
-        failed = early_errors + edit_only_failures()  # rows, as ``account`` counts them
-        progress.update(len(ok_ids), failed, results.rows if results else 0)
+        progress.update(len(tally.ok_ids), tally.failed, results.rows if results else 0)
     progress.log()
     errors.close()
     if results is not None:
         results.close()
     drop_earlier_errors(output.errors, attempt)
     return {
-        "ok_ids": ok_ids,
-        "early_error_rows": early_errors,
-        "edit_only_failures": edit_only_failures(),
+        "tally": tally,
         "error_rows": errors.rows,
         "result_rows": results.rows if results else 0,
-        "resumed": len(resumed_ids),
+        "resumed": len(tally.resumed_ids),
         "curation": dict(sorted(verdicts.items())),  # kept and rejected edits, by reason (with a scorer)
     }
+
+
+class Tally:
+    """Each input row's fate, from the final rows as they stream in: done (a row with a result),
+    failed before editing (one error row each: read, validate, tune), or failed in editing only
+    (an error of one of its edits, ``errors.fails_one_edit``, and none of its edits made). Rows
+    that ``errors_before`` holds (refused on the driver) failed before editing."""
+
+    def __init__(self, errors_before: list[dict] = ()):
+        self.ok_ids, self.early_ids, self.edit_error_ids = set(), {r[err.ID] for r in errors_before}, set()
+        self.early_errors, self.resumed_ids = len(errors_before), set()
+
+    def add(self, bad: pa.Table, good: pa.Table) -> None:
+        """A batch's error rows and result rows."""
+        for row_id, stage in zip(bad.column(err.ID).to_pylist(), bad.column(err.STAGE).to_pylist()):
+            if err.fails_one_edit(stage):
+                self.edit_error_ids.add(row_id)
+            else:
+                self.early_ids.add(row_id)
+                self.early_errors += 1
+        ids = good.column(res.ID).to_pylist()
+        self.ok_ids.update(ids)
+        if res.TUNE_WORKER in good.column_names:  # edited from stored embeddings: not tuned by this run
+            workers = good.column(res.TUNE_WORKER).to_pylist()
+            self.resumed_ids.update(i for i, w in zip(ids, workers) if w is None)
+
+    @property
+    def edit_only_failures(self) -> int:
+        """Rows whose every edit failed, and that did not fail before editing."""
+        return len(self.edit_error_ids - self.ok_ids - self.early_ids)
+
+    @property
+    def failed(self) -> int:
+        return self.early_errors + self.edit_only_failures
 
 
 def drop_earlier_errors(folder: Location, attempt: str) -> None:
@@ -245,9 +177,10 @@ def drop_earlier_errors(folder: Location, attempt: str) -> None:
 
 def account(rows_in: int, counts: dict, already_done: int) -> dict:
     """Every input row is done (now or by an earlier run) or in the errors table, exactly once
-    before editing; refuse to report success when the counts do not add up."""
-    done = len(counts["ok_ids"]) + already_done
-    accounted = done + counts["early_error_rows"] + counts["edit_only_failures"]
+    before editing (``drain``'s ``Tally``); refuse to report success when the counts do not add up."""
+    tally: Tally = counts["tally"]
+    done = len(tally.ok_ids) + already_done
+    accounted = done + tally.failed
     if accounted != rows_in:
         raise RuntimeError(f"accounting failed: {rows_in} rows in, {accounted} accounted for")
     return {

@@ -5,22 +5,18 @@
 from __future__ import annotations
 
 import logging
-import posixpath
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import driver
 from pipeline.batch.config import RunConfig
+from pipeline.batch.manifests import check_manifest, parquet_input, prepare_rows, read_manifest
 from pipeline.batch.report import write_contact_sheet
 from pipeline.batch.resume import TARGET_COLUMNS, Committed, checked_targets, manifest_targets, read_committed
 from pipeline.batch.stages import (
     EditStage,
     TuneStage,
     attach_targets,
-    prepare_rows,
     write_embeddings,
     write_images,
 )
@@ -31,121 +27,6 @@ from schemas import manifest as man
 from schemas import results as res
 
 log = logging.getLogger(__name__)
-
-
-class Manifest(NamedTuple):
-    """A manifest checked on the driver: the types its rows are read as, its row groups (each a
-    file's path, group and the manifest row it starts at) and its ids in manifest order."""
-
-    schema: pa.Schema
-    parts: list[dict]
-    ids: list
-
-    @property
-    def duplicates(self) -> set:
-        return man.duplicated_ids(self.ids)
-
-
-def parquet_input(location: Location, what: str) -> list[tuple[str, str, pq.FileMetaData]]:
-    """The Parquet files of an input file or folder: each one's path in its filesystem, its name
-    for people and its footer. Other files in a folder are skipped, with a log line; a missing
-    path, a folder without Parquet files or a file that is not Parquet is an ``InputError``."""
-    fs, base = location.filesystem()
-    try:
-        paths, skipped = location.parquet_input()
-    except FileNotFoundError:
-        raise InputError(f"{what} {location}: no such file or folder") from None
-    except OSError as exc:
-        raise InputError(f"{what} {location}: cannot be listed: {exc}") from None
-    names = [posixpath.relpath(p, base) for p in skipped]
-    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-    if not paths:
-        only = f", only {listed}" if names else ""
-        raise InputError(f"{what} {location}: no *.parquet files in this folder{only}")
-    if names:
-        log.info("%s %s: skipping files not named *.parquet: %s", what, location, listed)
-
-    def opened(path: str) -> tuple[str, str, pq.FileMetaData]:
-        name = location.uri if path == base else (location / posixpath.relpath(path, base)).uri
-        try:
-            return path, name, pq.read_metadata(path, filesystem=fs)
-        except pa.ArrowInvalid as exc:
-            reason = str(exc).split(". ")[0]
-            raise InputError(f"{what} {name} is not a Parquet file ({reason})") from None
-        except OSError as exc:
-            raise InputError(f"{what} {name}: cannot be read: {exc}") from None
-
-    with ThreadPoolExecutor(8) as pool:  # a request per file: an object store answers them at once
-        return list(pool.map(opened, paths))
-
-
-def check_manifest(config: RunConfig) -> Manifest:
-    """Find, open and check the manifest on the driver, before any Ray Data work: every problem with
-    its files or columns is one ``InputError`` naming the file. Only ids are read."""
-    if not config.manifest:
-        raise InputError("no manifest given: set manifest in the config or pass --manifest")
-    location = config.manifest_location
-    fs, base = location.filesystem()
-    files = parquet_input(location, "manifest")
-    fields: dict[str, pa.Field] = {}
-    problems = []
-    for path, _, footer in files:
-        schema = footer.schema.to_arrow_schema()
-        found = man.schema_problems(schema)
-        for f in man.read_schema(schema) if not found else ():
-            if fields.setdefault(f.name, f).type != f.type:
-                found.append(f"column {f.name!r} is {f.type} here but {fields[f.name].type} in other files")
-        # In a folder, each problem names its file.
-        problems += found if path == base else [f"{posixpath.relpath(path, base)}: {p}" for p in found]
-    if problems:
-        raise InputError(f"manifest {config.manifest}: " + "; ".join(problems))
-
-    def ids_of(path: str) -> list:
-        column = pq.read_table(path, columns=[man.ID], filesystem=fs).column(man.ID)
-        return column.cast(pa.string()).to_pylist()  # a categorical's values
-
-    with ThreadPoolExecutor(8) as pool:
-        per_file = list(pool.map(ids_of, [path for path, _, _ in files]))
-    parts, ids = [], []
-    for (path, _, footer), file_ids in zip(files, per_file):
-        first = len(ids)
-        for group in range(footer.num_row_groups):
-            parts.append({"path": path, "row_group": group, "first_row": first})
-            first += footer.row_group(group).num_rows
-        ids += file_ids
-    return Manifest(pa.schema(list(fields.values())), parts, ids)
-
-
-def read_manifest_part(parts: pa.Table, *, location: Location, schema: pa.Schema) -> pa.Table:
-    """Row groups of a manifest's files (a Ray task) as ``schema``, each row with its place in the
-    manifest (``schemas.errors.ROW``): files in name order, rows in file order, so the same
-    manifest numbers its rows the same in every run."""
-    fs, _ = location.filesystem()
-    tables = []
-    for path, group, first in zip(*(parts.column(c).to_pylist() for c in ("path", "row_group", "first_row"))):
-        with fs.open_input_file(path) as f:
-            source = pq.ParquetFile(f)
-            names = [n for n in schema.names if n in source.schema_arrow.names]
-            table = man.typed(source.read_row_group(group, columns=names), schema)
-        rows = pa.array(range(first, first + len(table)), pa.int64())
-        tables.append(table.append_column(pa.field(err.ROW, pa.int64()), rows))
-    return pa.concat_tables(tables)
-
-
-def read_manifest(config: RunConfig, manifest: Manifest):
-    """The checked manifest's rows as a Ray dataset."""
-    import ray
-
-    location = config.manifest_location
-    # A read task per row group (a block each); batch_size=None (the whole block) also keeps Ray
-    # from fusing this read with _spread's repartition, which would put every row back into one
-    # block for the actors (see _spread).
-    return ray.data.from_items(manifest.parts, override_num_blocks=max(1, len(manifest.parts))).map_batches(
-        read_manifest_part,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs=dict(location=location, schema=manifest.schema),
-    )
 
 
 def _spread(ds, rows: int, config: RunConfig):
@@ -183,7 +64,7 @@ def _on_actors(ds, stage, config: RunConfig, batch_size: int, actors: int, commi
 
 def tune(ds, config: RunConfig, rows: int, duplicates: set, committed: Committed):
     """Manifest rows -> read and decoded -> tuned (actor pool) -> embeddings written."""
-    from pipeline.engine.models import model_resolution
+    from pipeline.engine.checkpoints import model_resolution
 
     model = _model(config)
     resolution = config.pti.resolution or model_resolution(
@@ -199,6 +80,7 @@ def tune(ds, config: RunConfig, rows: int, duplicates: set, committed: Committed
         read_timeout_s=config.image_read_timeout_s,
         read_attempts=config.image_read_attempts,
         skip=frozenset(committed.tuned) - duplicates,
+        etas=config.pti.etas,
     )
     ds = _spread(ds, rows, config).map_batches(prepare_rows, batch_format="pyarrow", fn_kwargs=read)
     ds = _on_actors(ds, TuneStage, config, config.tune_batch_size, config.tune_actors, committed)
@@ -288,7 +170,9 @@ def run_all(config: RunConfig, started: float, attempt: str) -> dict:
     committed = read_committed(output, results=True)
     committed.check_model_family(config)  # before any work
     targets = manifest_targets(config, set(committed.tuned) - duplicates)
-    missing = {i: committed.missing_edits(i, *_edits(config, row)) for i, row in targets.items()}
+    missing = {
+        i: committed.missing_edits(i, row[man.TARGET_PROMPTS], row[man.ETA]) for i, row in targets.items()
+    }
     unfinished = {i: targets[i] for i in targets if missing[i]}
     already = sum(1 for i in ids if i in targets and not missing[i])
     todo = len(ids) - already
@@ -336,12 +220,7 @@ def targets_by_id(config: RunConfig) -> tuple[dict[str, dict], list[dict]]:
     for path, _, footer in parquet_input(location, "targets" if config.targets else "manifest"):
         columns = [c for c in TARGET_COLUMNS if c in footer.schema.to_arrow_schema().names]
         table_rows += pq.read_table(path, columns=columns, filesystem=fs).to_pylist()
-    return checked_targets(table_rows)
-
-
-def _edits(config: RunConfig, row: dict) -> tuple[list[str], list[float]]:
-    """A row's target prompts and etas (the config's when the row has none)."""
-    return row[man.TARGET_PROMPTS], row[man.ETA] or list(config.pti.etas)
+    return checked_targets(table_rows, config.pti.etas)
 
 
 @driver.job("edit")
@@ -355,7 +234,7 @@ def run_edit(config: RunConfig, started: float, attempt: str) -> dict:
     todo = {
         i: row
         for i, row in targets.items()
-        if i in committed.tuned and committed.missing_edits(i, *_edits(config, row))
+        if i in committed.tuned and committed.missing_edits(i, row[man.TARGET_PROMPTS], row[man.ETA])
     }
     already = sum(1 for i in targets if i in committed.tuned and i not in todo)
     no_embeddings = [

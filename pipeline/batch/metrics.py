@@ -11,8 +11,11 @@ by every node's metrics agent with Ray's ``ray_`` prefix (counters as ``..._tota
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 BATCH_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
 
@@ -69,3 +72,40 @@ def _gpus_held() -> float:
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return 0.0  # a driver (a stage called in-process): Ray assigned it nothing
     return ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+
+
+class Progress:
+    """Rows done and failed, rows per second and the time left, as a job log line at most every
+    ``every_s`` seconds and once at the end (Ray Data's own progress bar counts blocks, ``0/?``),
+    and as the job's metrics (``count``)."""
+
+    def __init__(self, job: str, todo: int, every_s: float):
+        self.job, self.todo, self.every_s = job, todo, every_s
+        self.started = self.logged = time.monotonic()
+        self.done = self.failed = self.edits = 0
+
+    def update(self, done: int, failed: int, edits: int) -> None:
+        """The counts so far: logged, and their growth added to the job's metrics."""
+        delta = dict(rows_done=done - self.done, rows_failed=failed - self.failed, edits=edits - self.edits)
+        count(self.job, **delta)
+        self.done, self.failed, self.edits = done, failed, edits
+        if time.monotonic() - self.logged >= self.every_s:
+            self.log()
+
+    def log(self) -> None:
+        self.logged = time.monotonic()
+        seconds = max(self.logged - self.started, 1e-9)
+        finished = self.done + self.failed
+        rate = finished / seconds
+        left = f"{(self.todo - finished) / rate:.0f} s" if rate > 0 else "?"
+        log.info(
+            "%s: %d/%d rows done, %d failed, %d edits, %.2f rows/s, %.0f s elapsed, ETA %s",
+            self.job,
+            self.done,
+            self.todo,
+            self.failed,
+            self.edits,
+            rate,
+            seconds,
+            left,
+        )

@@ -12,15 +12,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch import Tensor
 
-from pipeline.io.images import (
-    SHEET_TILE,
-    contact_sheet,
-    decode_rgb,
-    edit_caption,
-    load_image,
-    read_bytes,
-    to_tensor,
-)
+from pipeline.io.fetch import read_bytes
+from pipeline.io.images import decode_rgb, load_image, to_tensor
+from pipeline.io.sheets import SHEET_TILE, contact_sheet, edit_caption
 from pipeline.batch.curate import tally
 from pipeline.batch.output import Output
 from pipeline.batch.resume import read_results

@@ -84,7 +84,7 @@ class Committed:
         """Refuse a model of another family than the one that wrote the stored embeddings (an SD
         1.x table edited with SDXL, or the reverse) before any work: their stacks have other shapes
         and meanings. Reads only the model's UNet config."""
-        from pipeline.engine.models import FAMILIES, model_family
+        from pipeline.engine.checkpoints import FAMILIES, model_family
 
         if not self.model_families:
             return
@@ -171,18 +171,18 @@ def manifest_targets(config: RunConfig, ids: set[str]) -> dict[str, dict]:
     table = dataset.to_table(
         columns=columns, filter=pc.field(man.ID).isin(pa.array(sorted(ids), pa.string()))
     )
-    good, _ = checked_targets(table.to_pylist())
-    etas = list(config.pti.etas)
-    return {i: row | {man.ETA: row[man.ETA] or etas} for i, row in good.items()}
+    good, _ = checked_targets(table.to_pylist(), config.pti.etas)
+    return good
 
 
 # What a job that edits reads of a manifest or targets table: never the images.
 TARGET_COLUMNS = (man.ID, man.TARGET_PROMPT, *(f.name for f in CARRIED))
 
 
-def checked_targets(rows: list[dict]) -> tuple[dict[str, dict], list[dict]]:
+def checked_targets(rows: list[dict], etas: tuple[float, ...]) -> tuple[dict[str, dict], list[dict]]:
     """Rows of a table of targets (a manifest read without its images) checked as manifest rows
-    are: id -> its ``schemas.stages.CARRIED`` values for each good row, and an error row for
-    each bad one."""
-    good, errors = man.validate_rows([{man.IMAGE: "-", **r} for r in rows])  # images are not read
+    are: id -> its ``schemas.stages.CARRIED`` values for each good row (``etas`` where it has
+    none), and an error row for each bad one."""
+    rows = [{man.IMAGE: "-", **r} for r in rows]  # images are not read
+    good, errors = man.validate_rows(rows, etas=etas)
     return {r[man.ID]: {f.name: r.get(f.name) for f in CARRIED} for r in good}, errors

@@ -1,5 +1,5 @@
-"""The Ray stages of the batch pipeline: read (CPU tasks) -> tune (GPU actors) -> write
-embeddings -> edit (GPU actors) -> write images.
+"""The Ray stages of the batch pipeline after the read (``pipeline.batch.manifests``): tune (GPU
+actors) -> write embeddings -> edit (GPU actors) -> write images.
 
 Thin adapters between Arrow blocks and the engine. A row that fails at any stage carries the
 error columns of ``schemas.errors`` and is skipped by later stages, so the driver can account for
@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import time
 from typing import NamedTuple
 
@@ -21,174 +20,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import metrics
-from pipeline.faults import failpoint
+from pipeline.batch.actors import as_pixels, load_engine, pixels_of, split_on_failure, stored_inputs
 from pipeline.batch.output import Output
 from pipeline.batch.resume import edit_key
-from pipeline.batch.rows import conform, failure, good_rows, out_of_memory, row_by_row, table_of, worker_id
+from pipeline.batch.rows import conform, failure, good_rows, row_by_row, table_of, worker_id
 from pipeline.engine.config import PTIConfig
-from pipeline.engine.attention import AttentionPlan
-from pipeline.errors import DeviceError, InputError, ModelError, PTIError
-from pipeline.io.images import READ_ATTEMPTS, READ_TIMEOUT_S, encode_png, load_image, to_uint8
-from pipeline.io.storage import Location, is_allowed
+from pipeline.engine.plan import AttentionPlan
+from pipeline.errors import InputError
+from pipeline.faults import failpoint
+from pipeline.io.images import encode_png, to_uint8
+from pipeline.io.storage import Location
 from schemas import embeddings as emb
 from schemas import errors as err
 from schemas import manifest as man
 from schemas import results as res
-from schemas.stages import CARRIED, EDITED, EDITED_SCHEMA, PIXELS, PREPARED_SCHEMA
+from schemas.stages import CARRIED, EDITED, EDITED_SCHEMA, PIXELS
 
 log = logging.getLogger(__name__)
 
 
-# --- read: validate rows, fetch and decode images (CPU tasks) -----------------------------------
-
-
-@row_by_row(err.READ, lambda **_: PREPARED_SCHEMA)
-def prepare_rows(
-    table: pa.Table,
-    *,
-    resolution: int,
-    duplicates: set,
-    endpoint_url: str | None,
-    allowed: tuple[str, ...],
-    max_bytes: int,
-    max_pixels: int,
-    skip=frozenset(),
-    read_timeout_s: float = READ_TIMEOUT_S,
-    read_attempts: int = READ_ATTEMPTS,
-) -> pa.Table:
-    """Validate manifest rows and decode their images to ``resolution``; bad rows become errors.
-    An image URI outside the ``allowed`` prefixes is refused unread. Good rows whose ids are in
-    ``skip`` (tuned by an earlier run) are dropped: a tuned row is checked as every row is."""
-    failpoint(err.READ)
-    good, out = man.validate_rows(table.to_pylist(), duplicates)
-    good = [row for row in good if row[man.ID] not in skip]
-    for row in good:
-        row_id, image = row[man.ID], row[man.IMAGE]
-        name = f"{row_id}: {image if isinstance(image, str) else '<bytes>'}"
-        if isinstance(image, str) and not is_allowed(image, allowed):
-            message = (
-                f"image {name!r}: outside the allowed prefixes ({', '.join(allowed)}); "
-                "list its prefix in allowed_image_prefixes to read it"
-            )
-            out.append(err.error_row(row_id, err.READ, "not_allowed", message, row=row.get(err.ROW)))
-            continue
-        options = Location(image, endpoint_url).storage_options() if isinstance(image, str) else {}
-        try:
-            pixels = load_image(
-                image,
-                resolution,
-                name=name,
-                storage_options=options,
-                max_bytes=max_bytes,
-                max_pixels=max_pixels,
-                timeout_s=read_timeout_s,
-                attempts=read_attempts,
-            )
-        except PTIError as exc:
-            kind = getattr(exc, "kind", "bad_image")
-            out.append(err.error_row(row_id, err.READ, kind, str(exc), row=row.get(err.ROW)))
-            continue
-        array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        out.append({**{k: row.get(k) for k in PREPARED_SCHEMA.names if k in row}, PIXELS: array.tobytes()})
-    return table_of(out, PREPARED_SCHEMA)
-
-
 # --- stage 1: invert and tune (GPU actors) ---------------------------------------------------
-
-
-def split_on_failure(run, items: list):
-    """``run(items)``; if it raises, ``run`` on parts of ``items`` down to single items, so only
-    an item that fails alone fails: halves on out-of-memory (a smaller batch may fit), each item
-    alone on any other failure (it may be one item's, e.g. one row's text that breaks a model).
-
-    Yields ``(items, result)`` per call that ran, or ``(items, exception)`` for a single item that
-    failed: a batch too big for the device, or holding one bad row, costs retries, not its rows."""
-    try:
-        result = run(items)
-    except Exception as exc:  # noqa: BLE001 (retried on parts, then its items' errors)
-        if len(items) == 1:
-            yield items, exc
-            return
-        if out_of_memory(exc):
-            log.warning("out of memory on a batch of %d: splitting it", len(items))
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(items) // 2
-            parts = [items[:half], items[half:]]
-        else:
-            log.warning("a batch of %d failed (%s: %s): each runs alone", len(items), type(exc).__name__, exc)
-            parts = [[item] for item in items]
-        for part in parts:
-            yield from split_on_failure(run, part)
-        return
-    yield items, result
-
-
-def _ray_gpu_ids() -> list:
-    """The GPUs Ray gave this process (an actor's ``num_gpus``); none outside a Ray worker."""
-    import ray
-
-    return list(ray.get_gpu_ids()) if ray.is_initialized() else []
-
-
-def check_device(config: PTIConfig, gpu_ids: list) -> None:
-    """Refuse a stage that Ray gave GPUs (``gpu_ids``) but whose engine would run on the CPU: torch
-    sees no CUDA device, or ``pti.device`` is not one. No silent fallback: the job would run many
-    times slower while holding the GPUs. ``pti.device: cpu`` is the operator's own choice (e.g. a
-    cluster that declares GPUs it has not): it runs, with a warning."""
-    import torch
-
-    if not gpu_ids:
-        return
-    asked = f"Ray gave this actor GPU {', '.join(map(str, gpu_ids))} (gpus_per_actor > 0)"
-    if config.device.split(":")[0] == "cpu":
-        log.warning("%s, but runs on the CPU as pti.device=%r asks", asked, config.device)
-        return
-    if torch.cuda.is_available():
-        return
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    raise DeviceError(
-        f"{asked} and pti.device={config.device!r}, but torch {torch.__version__} ({build} build) "
-        f"sees no CUDA device (CUDA_VISIBLE_DEVICES={visible!r}), so the model would run on the CPU. "
-        "Install a CUDA build of torch on the GPU workers and check their NVIDIA driver (nvidia-smi), "
-        "or run the actors on CPUs with gpus_per_actor=0 (or pti.device=cpu to keep the GPUs anyway)"
-    )
-
-
-def _load_engine(config: PTIConfig, model: Location, expect_model: frozenset, cpus: float):
-    """The stage's model, on the device it was given (``check_device``); refused if the output's
-    stored embeddings came from another one. A CPU engine gets ``cpus`` threads, sharing the
-    node's cores with other actors."""
-    import torch
-
-    from pipeline.engine.engine import Engine
-
-    check_device(config, _ray_gpu_ids())
-    engine = Engine.load(config.replace(progress=False), model.storage_options())
-    if expect_model and engine.sd.fingerprint not in expect_model:
-        raise ModelError(
-            f"model {config.model!r} (fingerprint {engine.sd.fingerprint}) is not the one that made the "
-            f"stored embeddings ({', '.join(sorted(expect_model))}): its files changed; write to a new output"
-        )
-    if engine.sd.device.type == "cpu":
-        torch.set_num_threads(max(1, int(cpus)))
-    return engine
-
-
-def _pixels(raw: list[bytes], side: int):
-    """Raw uint8 RGB rows to a ``[B, 3, side, side]`` float batch in ``[0, 1]``."""
-    return _as_pixels(np.stack([np.frombuffer(r, np.uint8).reshape(side, side, 3) for r in raw]))
-
-
-def _as_pixels(images: np.ndarray):
-    """uint8 RGB images ``[B, H, W, 3]`` as a float batch ``[B, 3, H, W]`` in ``[0, 1]``."""
-    import torch
-
-    writable = images if images.flags.writeable else images.copy()  # Arrow's arrays are read-only
-    return torch.from_numpy(writable).permute(0, 3, 1, 2).contiguous().float() / 255
 
 
 def _image_column(raw: list[bytes], side: int) -> pa.Array:
@@ -196,14 +47,6 @@ def _image_column(raw: list[bytes], side: int) -> pa.Array:
     type_ = emb.image_type(side)
     values = pa.array(np.frombuffer(b"".join(raw), np.uint8))  # one row is side * side * 3 values
     return pa.ExtensionArray.from_storage(type_, pa.FixedSizeListArray.from_arrays(values, side * side * 3))
-
-
-def _stored_inputs(table: pa.Table):
-    """The input images of stored stage-1 rows (``schemas.embeddings.IMAGE``) as a float batch,
-    or None for rows written before inputs were stored."""
-    if emb.IMAGE not in table.column_names or table.column(emb.IMAGE).null_count:
-        return None
-    return _as_pixels(table.column(emb.IMAGE).combine_chunks().to_numpy_ndarray())
 
 
 def _edit_name(target_index: int, eta: float) -> str:
@@ -222,18 +65,17 @@ class TuneStage:
     """Holds one model; maps prepared rows to stored stage-1 rows (plus what stage 2 needs)."""
 
     def __init__(self, config: PTIConfig, model: Location, cpus: float = 1.0, expect_model=frozenset()):
-        self.engine = _load_engine(config, model, expect_model, cpus)
-        self.engines = {(config.guidance, config.seed): self.engine}
+        self.engine = load_engine(config, model, expect_model, cpus)
+        self.engines = {config.guidance: self.engine}
 
-    def _engine_for(self, guidance: float, seed: int):
+    def _engine_for(self, guidance: float):
+        """The engine of a row's guidance: the same model, tuned at another weight. (A row's seed
+        shapes nothing, as the config's does not: both stages are deterministic.)"""
         from pipeline.engine.engine import Engine
 
-        key = (guidance, seed)
-        if key not in self.engines:  # a per-row override: same model, other settings
-            self.engines[key] = Engine(
-                self.engine.sd, self.engine.config.replace(guidance=guidance, seed=seed)
-            )
-        return self.engines[key]
+        if guidance not in self.engines:
+            self.engines[guidance] = Engine(self.engine.sd, self.engine.config.replace(guidance=guidance))
+        return self.engines[guidance]
 
     def schema(self) -> pa.Schema:
         cfg, sd = self.engine.config, self.engine.sd
@@ -261,43 +103,34 @@ class TuneStage:
         ok = good_rows(table)
         rows = table.to_pylist()
         out = [{**rows[i], res.TUNE_WORKER: worker} for i in np.flatnonzero(~ok)]
-        groups: dict[tuple, list[int]] = {}
-        for i in np.flatnonzero(ok):
-            guidance, seed = rows[i][man.GUIDANCE], rows[i][man.SEED]
-            key = (cfg.guidance if guidance is None else guidance, cfg.seed if seed is None else seed)
-            groups.setdefault(key, []).append(i)
-        parts = []
-        for (guidance, seed), members in groups.items():
-            ids = [rows[i][man.ID] for i in members]
-            places = [rows[i].get(err.ROW) for i in members]  # manifest rows, for the errors table
-            sources = [rows[i][man.SOURCE_PROMPT] for i in members]
-            pixels = _pixels([rows[i][PIXELS] for i in members], self.engine.resolution)
 
-            def tune(ks, guidance=guidance, seed=seed):
-                engine = self._engine_for(guidance, seed)
+        def error(row: dict, kind: str, message: str) -> dict:
+            return {**err.error_of(row, err.TUNE, kind, message), res.TUNE_WORKER: worker}
+
+        groups: dict[float, list[int]] = {}  # rows by the guidance they are tuned at
+        for i in np.flatnonzero(ok):
+            guidance = rows[i][man.GUIDANCE]
+            groups.setdefault(cfg.guidance if guidance is None else guidance, []).append(i)
+        parts = []
+        for guidance, members in groups.items():
+            ids = [rows[i][man.ID] for i in members]
+            sources = [rows[i][man.SOURCE_PROMPT] for i in members]
+            pixels = pixels_of([rows[i][PIXELS] for i in members], self.engine.resolution)
+
+            def tune(ks, guidance=guidance):
+                engine = self._engine_for(guidance)
                 return engine, engine.invert_and_tune(pixels[ks], [sources[k] for k in ks])
 
             for ks, ran in split_on_failure(tune, list(range(len(members)))):
                 if isinstance(ran, Exception):  # one image's failure (after the retries of split_on_failure)
                     kind, message = failure(ran)
-                    out += [
-                        {
-                            **err.error_row(ids[k], err.TUNE, kind, message, row=places[k]),
-                            res.TUNE_WORKER: worker,
-                        }
-                        for k in ks
-                    ]
+                    out += [error(rows[members[k]], kind, message) for k in ks]
                     continue
                 engine, inversion = ran
                 # Non-finite after the engine's float32 retry (Engine.invert_and_tune): these fail alone.
                 finite = inversion.finite.tolist()
                 out += [
-                    {
-                        **err.error_row(
-                            ids[k], err.TUNE, "non_finite", _non_finite(engine, inversion, n), row=places[k]
-                        ),
-                        res.TUNE_WORKER: worker,
-                    }
+                    error(rows[members[k]], "non_finite", _non_finite(engine, inversion, n))
                     for n, (k, ok_k) in enumerate(zip(ks, finite))
                     if not ok_k
                 ]
@@ -372,7 +205,7 @@ class EditStage:
         done=frozenset(),
         scorer: Location | None = None,
     ):
-        self.engine = _load_engine(config, model, expect_model, cpus)
+        self.engine = load_engine(config, model, expect_model, cpus)
         self.max_edits, self.done = max_edits_per_call, done
         self.scorer = None
         if scorer is not None:  # on the engine's device: the edits are scored where they are made
@@ -388,7 +221,7 @@ class EditStage:
             return [{} for _ in chunk]
         from pipeline.engine.scoring import edit_scores
 
-        edited = _as_pixels(np.stack(written))
+        edited = as_pixels(np.stack(written))
         images = sorted({e.image for e in chunk})
         scores = edit_scores(
             self.scorer,
@@ -407,8 +240,7 @@ class EditStage:
         edits, errors = [], []
         for b, row in enumerate(meta):
             for t, target in enumerate(row[man.TARGET_PROMPTS]):
-                etas = row[man.ETA] or self.engine.config.etas
-                todo = [e for e in etas if edit_key(row[emb.ID], t, target, e) not in self.done]
+                todo = [e for e in row[man.ETA] if edit_key(row[emb.ID], t, target, e) not in self.done]
                 if not todo:
                     continue
                 try:
@@ -421,7 +253,7 @@ class EditStage:
                     )
                 except Exception as exc:  # noqa: BLE001 (this target's edits fail, not the row's others)
                     kind, message = ("bad_control", str(exc)) if isinstance(exc, InputError) else failure(exc)
-                    errors.append(err.error_row(row[emb.ID], err.EDIT, kind, message, row=row.get(err.ROW)))
+                    errors.append(err.error_of(row, err.EDIT, kind, message))
                     continue
                 edits += [Edit(b, t, target, float(eta), plan) for eta in todo]
         return edits, errors
@@ -434,18 +266,26 @@ class EditStage:
         failpoint(err.EDIT)
         worker = worker_id()
         ok = good_rows(table)
-        out = [
+        out = [  # the earlier stages' errors, as they came
             {
-                **err.error_row(r[man.ID], r[err.STAGE], r[err.KIND], r[err.MESSAGE], row=r.get(err.ROW)),
+                **err.error_of(r, r[err.STAGE], r[err.KIND], r[err.MESSAGE]),
                 res.TUNE_WORKER: r.get(res.TUNE_WORKER),
             }
             for r in table.filter(pa.array(~ok)).to_pylist()
         ]
+
+        def error(e: Edit, kind: str, message: str) -> dict:  # one edit's
+            where = _edit_name(e.target_index, e.eta)
+            return {
+                **err.error_of(meta[e.image], err.EDIT, kind, f"{where}: {message}"),
+                res.EDIT_WORKER: worker,
+            }
+
         good = table.filter(pa.array(ok))
         if not len(good):
             return table_of(out, EDITED_SCHEMA)
         inversion = inversion_from_arrow(good)
-        inputs = _stored_inputs(good)
+        inputs = stored_inputs(good)
         meta = good.drop_columns([c for c in emb.TENSOR_COLUMNS if c in good.column_names]).to_pylist()
         fan, refused = self._fan_out(meta)
         out += [{**e, res.EDIT_WORKER: worker} for e in refused]
@@ -468,21 +308,16 @@ class EditStage:
         for chunk, made in (part for c in chunks for part in split_on_failure(edit, c)):
             if isinstance(made, Exception):  # this edit fails (alone: split_on_failure); the others go on
                 (e,) = chunk
-                row, (kind, message) = meta[e.image], failure(made)
-                message = f"{_edit_name(e.target_index, e.eta)}: {message}"
-                error = err.error_row(row[emb.ID], err.EDIT, kind, message, row=row.get(err.ROW))
-                out.append({**error, res.EDIT_WORKER: worker})
+                out.append(error(e, *failure(made)))
                 began = time.perf_counter()
                 continue
             seconds = (time.perf_counter() - began) / len(chunk)
             for e, (image, scores) in zip(chunk, made):
-                row, where = meta[e.image], _edit_name(e.target_index, e.eta)
+                row = meta[e.image]
                 bad = {n: v for n, v in (scores or {}).items() if v is not None and not math.isfinite(v)}
                 if image is None or bad:  # this edit fails, not its batch
                     what = f"its scores are not finite: {bad}" if bad else "the model produced NaN or inf"
-                    message = f"{where}: {what}"
-                    error = err.error_row(row[emb.ID], err.EDIT, "non_finite", message, row=row.get(err.ROW))
-                    out.append({**error, res.EDIT_WORKER: worker})
+                    out.append(error(e, "non_finite", what))
                     continue
                 out.append(
                     {

@@ -17,6 +17,10 @@ from tqdm.auto import tqdm
 
 NoiseFn = Callable[[Tensor, int, Tensor], Tensor]
 Guidance = float | Tensor  # one weight, or one per batch row
+# Called after each sampling step with what it reached (k-diffusion's ``callback``, diffusers'
+# ``callback_on_step_end``): ``step`` (0 to T - 1), ``timestep`` and the latents ``z``, plus what a
+# sampler adds. For observing (benchmarks, previews); it must not change the tensors.
+StepCallback = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -308,11 +312,13 @@ def sample(
     schedule: Schedule,
     guidance: Guidance,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Deterministic guided DDIM sampling from ``z_T`` to ``tau_0`` with per-timestep embeddings.
 
     ``cond`` is ``[N, T, L, D]`` (row ``j`` at ``tau_{T-j}``); ``uncond`` is the same, or
     ``[N, L, D]`` for one embedding at every timestep. Both branches go in one UNet call.
+    ``callback`` sees each step's ``z``.
     """
     taus, a = schedule.timesteps, schedule.alphas
     T = schedule.num_steps
@@ -322,4 +328,6 @@ def sample(
             u = uncond[:, j] if uncond.dim() == 4 else uncond
             noise = predict_guided_noise(eps, z, taus[i], u, cond[:, j], guidance)
             z = ddim_move(z, noise, a[i], a[i - 1])
+            if callback is not None:
+                callback({"step": j, "timestep": int(taus[i]), "z": z})
     return z

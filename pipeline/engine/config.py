@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError
+
 # The rules of the values a manifest row may override too (eta_problem: also the engine's).
 from schemas.manifest import eta_problem, guidance_problem, reweight_problem  # noqa: F401
 
@@ -187,6 +188,16 @@ class PTIConfig:
     def method_spec(self) -> Method:
         """The method's row of ``METHODS``: which embedding stage 1 learns or fixes, and how."""
         return METHODS[self.method]
+
+    def unet_evaluations(self, edits: int = 1, controlled: bool = False) -> dict[str, int]:
+        """ALGORITHM.md's cost in UNet evaluations (batch rows of one guidance branch), the one
+        place its formula is written: ``stage_one`` per image at most ``T + T (1 + K + 1)``
+        (inversion, then per timestep ``e_null``, at most K inner steps and the step itself; early
+        stop only lowers it; K is 0 for a method that does not tune), and ``stage_two`` per image
+        of ``edits`` edits, ``2T`` each, plus ``2T`` for the image's source branch under attention
+        control (``controlled``)."""
+        T, K = self.steps, (self.inner_steps if self.method_spec.tuned else 0)
+        return {"stage_one": T + T * (1 + K + 1), "stage_two": 2 * T * (edits + int(controlled))}
 
     def tuning_options(self) -> TuningOptions:
         """The options of stage 1b's loop for this config's method: no Adam steps for a method that

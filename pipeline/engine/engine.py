@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pipeline.engine import algorithm, attention
-from pipeline.engine.attention import AttentionEdit, AttentionPlan
+from pipeline.engine import algorithm, attention, plan
+from pipeline.engine.plan import AttentionPlan
 from pipeline.engine.config import PTIConfig, eta_problem
 from pipeline.engine.metrics import psnr, ssim
 from pipeline.engine.models import (
@@ -207,13 +207,16 @@ class Engine:
         etas: Sequence[float],
         guidance: Sequence[float] | float | None = None,
         plans: Sequence[AttentionPlan | None] | None = None,
+        callback: algorithm.StepCallback | None = None,
     ) -> Tensor:
         """Stage 2 for a batch of N edits: edit ``n`` samples image ``rows[n]`` of ``inversion``
         toward ``targets[n]`` with weight ``etas[n]``, all N in one UNet batch per step.
 
         With ``plans`` (``attention_plan``'s, one per edit; None for a plain edit) the edits run
         under attention control beside each image's source branch (ALGORITHM.md, stage 2b).
-        Returns pixels ``[N, 3, H, W]`` in ``[0, 1]``.
+        ``callback`` observes each step (``algorithm.StepCallback``; under control it also sees the
+        sources and blend masks: ``attention.sample_with_attention_control``). Returns pixels
+        ``[N, 3, H, W]`` in ``[0, 1]``.
         """
         if not (len(rows) == len(targets) == len(etas)):
             raise InputError(
@@ -239,10 +242,10 @@ class Engine:
         if not isinstance(w, (int, float)):
             w = torch.tensor(list(w), dtype=torch.float32, device=device)
         if plans is not None and any(p is not None for p in plans):
-            return self.decode_latents(self._sample_controlled(inversion, rows, cond, w, plans))
+            return self.decode_latents(self._sample_controlled(inversion, rows, cond, w, plans, callback))
         uncond = self._unconditional(picked)
         z = algorithm.sample(
-            self.eps, picked.z_T.to(device), cond, uncond, self.schedule, w, self.config.progress
+            self.eps, picked.z_T.to(device), cond, uncond, self.schedule, w, self.config.progress, callback
         )
         return self.decode_latents(z)
 
@@ -260,16 +263,16 @@ class Engine:
         reweight: dict[str, float] | None = None,
         name: str = "edit",
     ) -> AttentionPlan | None:
-        """The config's attention control of one edit (ALGORITHM.md, stage 2b), or None for the
-        paper's plain interpolation; a row's ``blend_words`` and ``reweight`` factors override the
-        config's. An edit that needs word alignment but has no source prompt is an InputError
-        that starts with ``name``."""
-        edit = attention_edit(self.config, source, target, blend_words, reweight)
+        """The config's attention control of one edit (ALGORITHM.md, stage 2b; ``plan.attention_edit``
+        says what the config asks), or None for the paper's plain interpolation; a row's
+        ``blend_words`` and ``reweight`` factors override the config's. An edit that needs word
+        alignment but has no source prompt is an InputError that starts with ``name``."""
+        edit = plan.attention_edit(self.config, source, target, blend_words, reweight)
         if edit is None:
             return None
         length = self.sd.text_encoder.config.max_position_embeddings
         steps = self.schedule.num_steps
-        return attention.plan_attention_edit(self.sd.tokenizer, source, target, edit, steps, length, name)
+        return plan.plan_attention_edit(self.sd.tokenizer, source, target, edit, steps, length, name)
 
     def _sample_controlled(
         self,
@@ -278,6 +281,7 @@ class Engine:
         cond: Tensor,
         w,
         plans: Sequence[AttentionPlan | None],
+        callback: algorithm.StepCallback | None = None,
     ) -> Tensor:
         """The edits' latents under attention control: each image's source branch (its stored
         reconstruction embeddings) in the same UNet call as its edits."""
@@ -287,14 +291,6 @@ class Engine:
         position = {b: k for k, b in enumerate(images)}
         first_edit = [[int(r) for r in rows].index(b) for b in images]
         source_w = w[first_edit] if isinstance(w, Tensor) else w  # the weight stage 1 tuned with
-        plain = attention.plan_attention_edit(
-            self.sd.tokenizer,
-            None,
-            "-",
-            AttentionEdit(self_replace_steps=0.0),
-            self.schedule.num_steps,
-            self.sd.text_encoder.config.max_position_embeddings,
-        )  # an uncontrolled edit in a controlled batch
         self_positions, blend_positions = self._controlled_positions()
         latents = attention.sample_with_attention_control(
             self.eps,
@@ -304,35 +300,21 @@ class Engine:
             self._unconditional(source),
             cond,
             [position[int(r)] for r in rows],
-            [p or plain for p in plans],
+            plans,
             self.schedule,
             guidance=w,
             source_guidance=source_w,
             self_max_positions=self_positions,
             blend_positions=blend_positions,
             progress=self.config.progress,
+            callback=callback,
         )
         return latents.edits
 
     def _controlled_positions(self) -> tuple[int, int]:
-        """Query positions of the attention layers whose self-attention is injected (at most), and
-        of the down and up blocks' cross-attention layers that make the local-blend mask (the mid
-        block's never do: ``AttentionControl.records``). Each is the paper's 16x16 at SD's 64x64
-        latents (1/16 of the latent), or the finest level coarser than that in a smaller UNet: for
-        self-attention among the levels with attention, the mid block's included (the reference
-        injects it too); for the blend among the down and up blocks' levels with cross-attention.
-        SD 1.x and 2.x: 256 and 256; SDXL at 1024 px: 1024 and 1024 (its mid block, at 1024 too,
-        is injected but not blended); models/shapes-sd: 16 and 16."""
+        """``plan.controlled_positions`` of this UNet at the engine's resolution."""
         side = self.resolution // self.sd.vae_scale_factor
-        blocks = self.sd.unet.config.down_block_types
-        cross = [n for n, kind in enumerate(blocks) if "CrossAttn" in kind]
-        rule = side * side // attention.LATENT_POSITIONS_PER_CONTROLLED_POSITION
-
-        def finest_at_least_rule(levels: list[int]) -> int:
-            layers = {(side >> level) ** 2 for level in levels}
-            return min((p for p in layers if p >= rule), default=max(layers))
-
-        return finest_at_least_rule([*cross, len(blocks) - 1]), finest_at_least_rule(cross)
+        return plan.controlled_positions(self.sd.unet.config.down_block_types, side)
 
     def edit_grid(
         self,
@@ -349,39 +331,3 @@ class Engine:
         grid = [(b, t, e, p) for b in range(len(inversion)) for t, p in zip(targets, plans) for e in etas]
         rows, ts, es, ps = zip(*grid)
         return self.edit(inversion, rows, ts, es, plans=ps)
-
-
-def attention_edit(
-    config: PTIConfig,
-    source: str | None,
-    target: str,
-    blend_words: Sequence[str] | None = None,
-    reweight: dict[str, float] | None = None,
-) -> AttentionEdit | None:
-    """What ``config.control`` asks of one edit: None for ``none``; ``auto`` is ``replace`` when
-    the prompts have as many words, else ``refine``. Local blend (``config.local_blend``, or a
-    row's ``blend_words``) uses the given words, or else the words the two prompts do not share;
-    reweighting applies to the words of ``reweight`` (the row's, then the config's) in the target."""
-    if config.control == "none":
-        return None
-    same_length = source is not None and len(source.split()) == len(target.split())
-    auto = "replace" if same_length else "refine"
-    mode = {"replace": "replace", "refine": "refine", "reweight": None, "auto": auto}[config.control]
-    factors = {**(config.reweight or {}), **(reweight or {})}
-    blend = None
-    if blend_words or config.local_blend:
-        source_words, target_words = (source or "").split(), target.split()
-        words = list(blend_words or ())
-        if not words:  # the words that change: the edit's own region
-            words = [w for w in source_words if w not in target_words]
-            words += [w for w in target_words if w not in source_words]
-        if words or source is None:  # nothing changes: nothing to blend
-            blend = ([w for w in words if w in source_words], [w for w in words if w in target_words])
-    return AttentionEdit(
-        mode=mode,
-        cross_replace_steps=config.cross_replace_steps,
-        self_replace_steps=config.self_replace_steps,
-        reweight={w: f for w, f in factors.items() if w in target.split()},  # each target its own words
-        blend_words=blend,
-        blend_threshold=config.blend_threshold,
-    )

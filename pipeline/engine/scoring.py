@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.engine.models import Layout, fetch_checkpoint, resolve_device, resolve_dtype
+from pipeline.engine.checkpoints import Layout, fetch_checkpoint
+from pipeline.engine.models import resolve_device, resolve_dtype
 from pipeline.errors import ModelError
 from schemas.results import SCORES  # what each score means
 
