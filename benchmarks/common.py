@@ -1,14 +1,18 @@
-"""What every benchmark shares: the machine it ran on, Markdown tables, and the record in
-``docs/benchmarks.md`` that each run appends to."""
+"""What every benchmark shares: the machine it ran on, a case run in its own process, Markdown
+tables, and the record in ``docs/benchmarks.md`` that each run appends to."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 RECORD = Path("docs/benchmarks.md")
@@ -40,16 +44,23 @@ def machine() -> str:
 
 
 def model_folder(name: str) -> str:
-    """A checkpoint folder: ``tiny`` (``tiny-sdxl``) is the seeded random tiny SD (SDXL), built in
-    a temporary folder."""
-    if name not in ("tiny", "tiny-sdxl"):
-        return name
+    """A checkpoint folder: ``tiny`` (``tiny-sdxl``, ``tiny-clip``) is the seeded random tiny SD
+    (SDXL, CLIP), and ``sd15``, ``sdxl`` and ``vit-l-14`` are published architectures without
+    weights (``pipeline.world.architectures``: load them with ``weights=False``), each built in a
+    temporary folder; anything else is already a folder."""
     import tempfile
 
-    from pipeline.world.tiny import build_tiny_model
+    from pipeline.world.architectures import ARCHITECTURES, write_architecture
+    from pipeline.world.tiny import build_tiny_clip, build_tiny_model
 
-    family = "sdxl" if name == "tiny-sdxl" else "sd"
-    return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="pti-bench-")) / name, seed=0, family=family))
+    folder = Path(tempfile.mkdtemp(prefix="pti-bench-")) / name
+    if name in ARCHITECTURES:
+        return str(write_architecture(name, folder))
+    if name == "tiny-clip":
+        return str(build_tiny_clip(folder))
+    if name in ("tiny", "tiny-sdxl"):
+        return str(build_tiny_model(folder, seed=0, family="sdxl" if name == "tiny-sdxl" else "sd"))
+    return name
 
 
 def resident_mb() -> float:
@@ -78,6 +89,42 @@ def reset_peak_resident() -> bool:
     except OSError:
         return False
     return True
+
+
+def run_child(args: list[str], budget: float | None = None, env: dict | None = None, capture: bool = False):
+    """``python *args`` in a fresh process (so its peak memory is its own) and its own process
+    group, stopped with every process it started (compile workers, Ray) at ``budget`` seconds, or
+    when this run is cut off. Returns its ``status`` (done, failed or stopped), the ``reason``,
+    ``seconds`` and, with ``capture``, its ``stdout`` and ``stderr``."""
+    started = time.perf_counter()
+    pipe = subprocess.PIPE if capture else None
+    # Its own process group, in the run's session: a session ends with its command, so a child
+    # outlives neither its budget nor a run killed outright.
+    child = subprocess.Popen(
+        [sys.executable, *args], process_group=0, env=env, stdout=pipe, stderr=pipe, text=True
+    )
+    try:
+        stdout, stderr = child.communicate(timeout=budget)
+        code = child.returncode
+        status = {"status": "done"} if code == 0 else {"status": "failed", "reason": f"exit status {code}"}
+    except subprocess.TimeoutExpired:
+        stdout = stderr = None
+        status = {"status": "stopped", "reason": f"over its budget of {budget:.0f} s"}
+    finally:  # over its budget, or the run cut off (SIGTERM, ^C): nothing of it runs on
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it and everything it started have already ended
+        child.wait()
+    return {**status, "seconds": time.perf_counter() - started, "stdout": stdout, "stderr": stderr}
+
+
+def child_result(args: list[str]) -> dict:
+    """The JSON that ``python *args`` prints last (a case in its own process); its error if it fails."""
+    done = run_child(args, capture=True)
+    if done["status"] != "done":
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done['stderr'][-3000:]}")
+    return json.loads(done["stdout"].strip().splitlines()[-1])
 
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:

@@ -38,12 +38,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.edit_quality import KINDS, World, stage_one, to_uint8
+from benchmarks.edit_quality import KINDS, World, stage_one
 from pipeline.batch.curate import CurateConfig, DatasetConfig, judge, select_best
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine
 from pipeline.engine.models import load_stable_diffusion
 from pipeline.engine.scoring import edit_scores, load_scorer
+from pipeline.io.images import to_uint8
 from pipeline.world import scenes as world
 from schemas import results as res
 

@@ -43,7 +43,7 @@ from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
 from pipeline.engine.models import load_stable_diffusion
 from pipeline.engine.text import encode_prompts, null_embedding
-from pipeline.io.images import to_pil, to_tensor
+from pipeline.io.images import to_tensor, to_uint8
 from pipeline.io.sheets import contact_sheet
 from pipeline.world import scenes as world
 
@@ -53,10 +53,6 @@ KINDS = ("colour", "shape")
 EXAMPLE_SCENES = 4
 # The quality bar, for colour edits: share reaching the target colour, object IoU, background PSNR.
 BAR = {"editability": 0.9, "object_iou": 0.85, "background_psnr": 30.0}
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    return np.asarray(to_pil(pixels))
 
 
 # --- what is measured ------------------------------------------------------------------------

@@ -34,10 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -45,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from benchmarks.common import (
     append_record,
+    child_result,
     markdown_table,
     model_folder,
     peak_resident_mb,
@@ -62,198 +60,24 @@ CONTROLS = (("none", False), ("auto", False), ("auto", True))
 
 # --- models ----------------------------------------------------------------------------------
 
-# The published architectures that ``--model`` names, built with seeded random weights: nothing
-# is downloaded, and cost does not depend on the weights.
-ARCHITECTURES = {
-    "sd15": "Stable Diffusion 1.5 at 512x512",
-    "sdxl": "Stable Diffusion XL base 1.0 at 1024x1024",
-}
 
+def load_model(name: str, device: str, dtype: str):
+    """``name`` (``common.model_folder``'s) on ``device`` in ``dtype``: a published architecture
+    with seeded random weights (cost does not depend on them), else the checkpoint's own."""
+    from pipeline.engine.models import load_stable_diffusion
+    from pipeline.world.architectures import ARCHITECTURES
 
-def _clip_text(cls, hidden: int, layers: int, heads: int, act: str, projection: int):
-    from transformers import CLIPTextConfig
-
-    return cls(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            hidden_act=act,
-            projection_dim=projection,
-        )
-    )
-
-
-def _sd_vae(sample_size: int, scaling_factor: float, **config):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        sample_size=sample_size,
-        scaling_factor=scaling_factor,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        **config,
-    )
-
-
-def build_modules(name: str) -> dict:
-    """The UNet, VAE and text encoder(s) of ``name`` (one of ``ARCHITECTURES``: their published
-    configs; or a checkpoint folder: its configs, not its weights), freshly initialised under the
-    current device context: a real device, or ``torch.device("meta")`` for shapes alone."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if name == "sd15":
-        return dict(
-            unet=UNet2DConditionModel(sample_size=64, cross_attention_dim=768),  # the rest: SD 1.x's
-            vae=_sd_vae(512, 0.18215),
-            text_encoder=_clip_text(CLIPTextModel, 768, 12, 12, "quick_gelu", 768),  # ViT-L
-        )
-    if name == "sdxl":
-        return dict(
-            unet=UNet2DConditionModel(
-                sample_size=128,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                block_out_channels=(320, 640, 1280),
-                layers_per_block=2,
-                cross_attention_dim=2048,
-                transformer_layers_per_block=(1, 2, 10),
-                attention_head_dim=(5, 10, 20),
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816,
-            ),
-            vae=_sd_vae(1024, 0.13025, force_upcast=True),
-            text_encoder=_clip_text(CLIPTextModel, 768, 12, 12, "quick_gelu", 768),  # ViT-L
-            text_encoder_2=_clip_text(CLIPTextModelWithProjection, 1280, 32, 20, "gelu", 1280),  # bigG
-        )
-    from pipeline.engine.checkpoints import check_checkpoint
-
-    folder = Path(name)
-    modules = dict(
-        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")),
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")),
-    )
-    if check_checkpoint(folder, name) == "sdxl":
-        config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
-        modules["text_encoder_2"] = CLIPTextModelWithProjection(config)
-    return modules
-
-
-def build_rest(name: str, family: str) -> dict:
-    """The tokenizer(s), scheduler and empty-prompt rule that go with ``build_modules(name)``: for
-    ``ARCHITECTURES`` a small CLIP tokenizer (the vocabulary does not change the cost) and SD's
-    DDIM scheduler; for a folder, its own."""
-    if name in ARCHITECTURES:
-        from pipeline.world.tiny import TINY_WORDS, clip_tokenizer, sd_scheduler
-
-        rest = dict(tokenizer=clip_tokenizer(TINY_WORDS), scheduler=sd_scheduler())
-        if family == "sdxl":
-            rest.update(tokenizer_2=clip_tokenizer(TINY_WORDS), force_zeros_for_empty_prompt=True)
-        return rest
-    from diffusers import DDIMScheduler
-    from transformers import CLIPTokenizer
-
-    folder = Path(name)
-    rest = dict(
-        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-    )
-    if family == "sdxl":
-        index = json.loads((folder / "model_index.json").read_text())
-        rest.update(
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")),
-        )
-    return rest
-
-
-def assemble(name: str, device: torch.device, dtype: torch.dtype, label: str):
-    """``build_modules(name)`` initialised on ``device`` (seed 0) as a ``StableDiffusion`` in
-    inference mode, in ``dtype`` but for a VAE whose config says ``force_upcast`` (float32), as
-    ``load_stable_diffusion`` loads a checkpoint."""
-    from pipeline.engine.models import StableDiffusion
-
-    torch.manual_seed(0)
-    with device:  # initialise on the device: faster than on the CPU, then moving; no memory on meta
-        modules = build_modules(name)
-    for part, module in modules.items():
-        upcast = part == "vae" and module.config.get("force_upcast", True)
-        module.requires_grad_(False).eval().to(device)
-        if module.dtype != (torch.float32 if upcast else dtype):
-            module.to(torch.float32 if upcast else dtype)
-    family = "sdxl" if "text_encoder_2" in modules else "sd"
-    rest = build_rest(name, family)
-    return StableDiffusion(
-        modules["unet"],
-        modules["vae"],
-        modules["text_encoder"],
-        rest["tokenizer"],
-        rest["scheduler"],
-        device,
-        dtype,
-        label,
-        label,
-        text_encoder_2=modules.get("text_encoder_2"),
-        tokenizer_2=rest.get("tokenizer_2"),
-        force_zeros_for_empty_prompt=rest.get("force_zeros_for_empty_prompt", False),
-    )
-
-
-def random_model(name: str, device: str, dtype: str):
-    """One of ``ARCHITECTURES`` with seeded random weights, on ``device`` in ``dtype``."""
-    from pipeline.engine.models import resolve_device, resolve_dtype
-
-    torch_device = resolve_device(device)
-    return assemble(name, torch_device, resolve_dtype(dtype, torch_device), f"{name}-random")
-
-
-def sd15_random(device: str, dtype: str):
-    """Stable Diffusion 1.5's UNet, VAE and text encoder (their published configs) with seeded
-    random weights, and a small CLIP tokenizer (the vocabulary does not change the cost)."""
-    return random_model("sd15", device, dtype)
-
-
-def sdxl_random(device: str, dtype: str):
-    """Stable Diffusion XL base 1.0's UNet, VAE (float32: ``force_upcast``) and both text encoders
-    (CLIP ViT-L and OpenCLIP bigG, with its projection) with seeded random weights, small CLIP
-    tokenizers, and zeros for the empty prompt, as SDXL base's ``model_index.json`` says."""
-    return random_model("sdxl", device, dtype)
+    weights = name not in ARCHITECTURES
+    return load_stable_diffusion(model_folder(name), device=device, dtype=dtype, weights=weights)
 
 
 def meta_model(name: str):
     """``name``'s architecture on the meta device: shapes without memory or weights, built in
     seconds, for counting FLOPs (``flops_report``). ``name``: one of ``ARCHITECTURES``, ``tiny``
     or a checkpoint folder (its configs)."""
-    name = name if name in ARCHITECTURES else model_folder(name)
-    return assemble(name, torch.device("meta"), torch.float32, f"{Path(name).name}-meta")
-
-
-def load_model(name: str, device: str, dtype: str):
     from pipeline.engine.models import load_stable_diffusion
 
-    if name in ARCHITECTURES:
-        return random_model(name, device, dtype)
-    return load_stable_diffusion(model_folder(name), device=device, dtype=dtype)
-
-
-def photographs(count: int, size: int) -> torch.Tensor:
-    """scikit-image's photographs, repeated to ``count``, as ``[count, 3, size, size]``."""
-    from PIL import Image
-    from skimage import data
-
-    from pipeline.io.images import center_square, to_tensor
-
-    photos = [data.astronaut(), data.chelsea(), data.coffee()]
-    return torch.stack([to_tensor(center_square(Image.fromarray(photos[i % 3]), size)) for i in range(count)])
+    return load_stable_diffusion(model_folder(name), device="meta", weights=False)
 
 
 # --- the levers: each changes one thing of the engine as shipped ------------------------------
@@ -687,6 +511,7 @@ def run_case(case: dict, sd=None) -> dict:
     """
     from pipeline.engine.config import PTIConfig
     from pipeline.engine.engine import Engine
+    from pipeline.world.tiny import photographs
 
     sd = sd or load_model(case["model"], case["device"], case["dtype"])
     config = PTIConfig(
@@ -708,7 +533,7 @@ def run_case(case: dict, sd=None) -> dict:
             before_one(e)
     decodes = timing_decodes(engine)
     batch = case["batch"]
-    pixels = photographs(batch, engine.resolution)
+    pixels = photographs(engine.resolution, batch)
     sources = [case.get("source")] * batch  # PTI needs no source prompt; attention control does
     fan = [(b, PROMPTS[k % len(PROMPTS)], 0.8) for b in range(batch) for k in range(case["edits"])]
     rows, targets, etas = zip(*fan)
@@ -817,17 +642,9 @@ def best_of(runs: list[dict]) -> dict:
     return row
 
 
-def run_in_subprocess(case: dict, timeout: float | None = None) -> dict:
-    """One case in a fresh process (so its peak memory is its own); ``timeout`` in seconds."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.engine", "--case", json.dumps(case)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if done.returncode:
-        raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_in_subprocess(case: dict) -> dict:
+    """One case in a fresh process, so its peak memory is its own."""
+    return child_result(["-m", "benchmarks.engine", "--case", json.dumps(case)])
 
 
 COLUMNS = {

@@ -36,11 +36,12 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+
+from benchmarks import common
 
 # Sizes and budgets (seconds). GPU: sized for an H100 from SD 1.5's UNet at about 0.1 s a forward
 # at batch 8 in bf16 (about 0.2 s with the backward pass), so a step of stage 1 (2 forwards, K = 10
@@ -512,8 +513,8 @@ def run_child(part: str, settings: dict, rows_path: Path, deadline: float) -> No
 def run_part(
     part: str, settings: dict, rows_path: Path, budget: float, command: list[str] | None = None
 ) -> dict:
-    """Run one part in its own process group, stopped (with every process it started) at ``budget``
-    seconds. ``command`` replaces the part's own (tests)."""
+    """Run one part in its own process (``common.run_child``), stopped with every process it started
+    at ``budget`` seconds. ``command`` (Python's arguments) replaces the part's own (tests)."""
     if budget < MIN_PART_S:
         return {
             "status": "skipped",
@@ -522,7 +523,6 @@ def run_part(
         }
     deadline = time.time() + budget
     command = command or [
-        sys.executable,
         "-m",
         "benchmarks.gpu_check",
         "--part",
@@ -537,27 +537,8 @@ def run_part(
     env = dict(os.environ)
     if settings.get("threads"):  # Ray's workers inherit it too
         env["OMP_NUM_THREADS"] = str(settings["threads"])
-    started = time.perf_counter()
-    # Its own process group, in the run's session: a session ends with its command, so a part
-    # outlives neither its budget nor a run killed outright.
-    child = subprocess.Popen(command, process_group=0, env=env)
-    try:
-        code = child.wait(timeout=budget)
-        status = {"status": "done"} if code == 0 else {"status": "failed", "reason": f"exit status {code}"}
-    except subprocess.TimeoutExpired:
-        status = {"status": "stopped", "reason": f"over its budget of {budget:.0f} s"}
-    finally:  # over its budget, or the run cut off (SIGTERM, ^C): nothing of the part runs on
-        stop_group(child)
-    return {**status, "seconds": time.perf_counter() - started, "budget_s": budget}
-
-
-def stop_group(child: subprocess.Popen) -> None:
-    """Kill the part's process group: the part, its compile workers, its Ray processes."""
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the part and everything it started have already ended
-    child.wait()
+    done = common.run_child(command, budget, env)
+    return {k: done[k] for k in ("status", "reason", "seconds") if k in done} | {"budget_s": budget}
 
 
 def run(profile: str, out: Path, budget: float | None, parts: list[str]) -> dict:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import append_record, markdown_table, model_folder, peak_resident_mb, resident_mb
+from benchmarks.common import (
+    append_record,
+    child_result,
+    markdown_table,
+    model_folder,
+    peak_resident_mb,
+    resident_mb,
+)
 
 TARGETS = ["a photo of a cat", "a watercolor painting of a dog"]
 
@@ -230,14 +235,7 @@ def driver_memory(args) -> str:
     model = model_folder(args.model)
     rows = []
     for n in args.driver_memory:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            raise RuntimeError(f"{n} rows failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(child_result(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model]))
         print(json.dumps(rows[-1]), flush=True)
     columns = {
         "rows": "manifest rows",

@@ -20,55 +20,19 @@ import time
 
 import torch
 
-from benchmarks.common import append_record, markdown_table
+from benchmarks.common import append_record, markdown_table, model_folder
 
-SCORERS = {"vit-l-14": "CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14's architecture)"}
 IMAGE_SIDE = 512  # the edit's side (SD 1.5), resized to the scorer's by the scorer
 
 
-def clip_vit_l_14():
-    """CLIP ViT-L/14's architecture (its published config), freshly initialised under the current
-    device context (``torch.device("meta")``: shapes alone)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    return CLIPModel(
-        CLIPConfig(
-            text_config=dict(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-            ),
-            vision_config=dict(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                image_size=224,
-                patch_size=14,
-                hidden_act="quick_gelu",
-            ),
-            projection_dim=768,
-        )
-    )
-
-
 def scorer_on(name: str, device: torch.device):
-    """A ``Scorer`` of ``name`` (``vit-l-14``, or a CLIP folder such as ``tiny``'s) on ``device``;
-    the tokenizer is the tiny one (token ids only shape the cost through the 77 positions)."""
-    from pipeline.engine.scoring import Scorer, load_scorer
-    from pipeline.world.tiny import TINY_WORDS, clip_tokenizer
+    """A ``Scorer`` of ``name`` (``vit-l-14``, ``tiny-clip`` or a CLIP folder) on ``device``: the
+    published architecture with seeded random weights (its tokenizer the tiny one: token ids only
+    shape the cost through the 77 positions), else the checkpoint's own."""
+    from pipeline.engine.scoring import load_scorer
+    from pipeline.world.architectures import ARCHITECTURES
 
-    if name != "vit-l-14":
-        return load_scorer(name, device=str(device))
-    with device:
-        model = clip_vit_l_14().eval().requires_grad_(False)
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073), device=device).reshape(3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711), device=device).reshape(3, 1, 1)
-    return Scorer(model, clip_tokenizer(TINY_WORDS), 224, mean, std)
+    return load_scorer(model_folder(name), device=str(device), weights=name not in ARCHITECTURES)
 
 
 def count_scoring(scorer) -> dict[str, int]:
@@ -161,14 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-record", action="store_true", help="print only, leave docs/benchmarks.md")
     args = parser.parse_args(argv)
-    scorer = args.scorer
-    if scorer == "tiny":  # the tests' seeded random CLIP, built in a temporary folder
-        import tempfile
-        from pathlib import Path
-
-        from pipeline.world.tiny import build_tiny_clip
-
-        scorer = str(build_tiny_clip(Path(tempfile.mkdtemp(prefix="pti-bench-")) / "tiny-clip"))
+    scorer = "tiny-clip" if args.scorer == "tiny" else args.scorer  # the tests' seeded random CLIP
     report = scoring_report(scorer, args.model, args.steps, args.repeat)
     body = report_table(report)
     print(body)

@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from skimage import data
 
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine
 from pipeline.faults import ENV as FAILPOINTS_ENV
-from pipeline.io.images import center_square, to_tensor
 from pipeline.engine.models import load_stable_diffusion
-from pipeline.world.tiny import build_tiny_model
+from pipeline.world.tiny import build_tiny_model, photographs
 
 # Small and quick: the tiny model's 64x64 images, few steps. Its text embeddings are 32 wide
 # (SD's are 768), so tuning uses a larger learning rate than ALGORITHM.md's default.
@@ -54,9 +52,9 @@ def photos() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def pixels(photos) -> torch.Tensor:
+def pixels() -> torch.Tensor:
     """The three photographs as a ``[3, 3, 64, 64]`` batch in ``[0, 1]``."""
-    return torch.stack([to_tensor(center_square(Image.fromarray(p), 64)) for p in photos.values()])
+    return photographs(64)
 
 
 @pytest.fixture(autouse=True)

@@ -159,7 +159,7 @@ def test_a_part_over_its_budget_is_stopped_with_every_process_it_started(tmp_pat
         ]
     )
     started = time.perf_counter()
-    status = gpu_check.run_part("sweep", TINY, tmp_path / "rows.jsonl", 5, [sys.executable, "-c", child])
+    status = gpu_check.run_part("sweep", TINY, tmp_path / "rows.jsonl", 5, ["-c", child])
     assert status["status"] == "stopped" and "budget of 5 s" in status["reason"]
     assert time.perf_counter() - started < 20
     assert not running(int(pid_file.read_text()))

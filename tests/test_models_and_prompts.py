@@ -63,6 +63,30 @@ def test_pickled_unet_weights_are_refused(tiny_model_dir, tmp_path):
     assert "pickled weights are never loaded" in message and "safe_serialization=True" in message
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_folder_of_configs_alone_loads_without_weights_and_is_refused_with(
+    tiny_model_dir, tmp_path, device
+):
+    """``weights=False`` (what the cost benchmarks measure): the same architecture, seeded random
+    weights made on the device, the same on every load; a real load still needs safetensors."""
+    configs = Path(shutil.copytree(tiny_model_dir, tmp_path / "configs"))
+    for weights in configs.glob("*/*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelError, match="has no safetensors weights for unet, vae, text_encoder"):
+        load_stable_diffusion(str(configs), device="cpu")
+    built, again = (load_stable_diffusion(str(configs), device=device, weights=False) for _ in range(2))
+    loaded = load_stable_diffusion(tiny_model_dir, device="cpu")
+    for part in ("unet", "vae", "text_encoder"):
+        shapes = {n: p.shape for n, p in getattr(loaded, part).named_parameters()}
+        assert {n: p.shape for n, p in getattr(built, part).named_parameters()} == shapes, part
+        assert all(p.device.type == device for p in getattr(built, part).parameters())
+    assert built.resolution == loaded.resolution and built.family == loaded.family == "sd"
+    if device == "cpu":
+        first, second, trained = (dict(m.unet.named_parameters()) for m in (built, again, loaded))
+        assert all(torch.equal(first[n], second[n]) for n in first)  # seeded
+        assert not all(torch.equal(first[n], trained[n]) for n in first)  # not the checkpoint's
+
+
 # --- where checkpoints come from ------------------------------------------------------------------
 
 

@@ -43,9 +43,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PTI_CACHE", Path.home() / ".cache" / "pti"))
 
 
-def check_checkpoint(folder: Path, ref: str) -> str:
-    """The family of a diffusers Stable Diffusion checkpoint with safetensors; anything else is
-    refused, naming what is missing."""
+def check_checkpoint(folder: Path, ref: str, weights: bool = True) -> str:
+    """The family of a diffusers Stable Diffusion checkpoint with safetensors (with ``weights``;
+    without, its configs alone); anything else is refused, naming what is missing."""
     unet = folder / "unet" / "config.json"
     family = family_of(json.loads(unet.read_text())) if unet.is_file() else "sd"
     weighted = weighted_parts(family)
@@ -60,7 +60,7 @@ def check_checkpoint(folder: Path, ref: str) -> str:
         raise ModelError(
             f"{ref!r} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)}"
         )
-    unsafe = [c for c in weighted if not any((folder / c).glob("*.safetensors"))]
+    unsafe = [c for c in weighted if weights and not any((folder / c).glob("*.safetensors"))]
     if unsafe:
         raise ModelError(
             f"{ref!r} has no safetensors weights for {', '.join(unsafe)}; pickled weights are "

@@ -155,30 +155,45 @@ def load_stable_diffusion(
     dtype: str = "auto",
     cache_dir: Path | None = None,
     storage_options: dict | None = None,
+    weights: bool = True,
 ) -> StableDiffusion:
-    """Load a Stable Diffusion 1.x/2.x or SDXL checkpoint from a folder, an fsspec URI or a hub id."""
+    """Load a Stable Diffusion 1.x/2.x or SDXL checkpoint from a folder, an fsspec URI or a hub id.
+
+    ``weights=False`` builds each part from its config alone, with random weights (seed 0) made on
+    the device (on ``meta``: shapes without memory), from a folder that may hold no weights
+    (``pipeline.world.architectures``): what the cost benchmarks measure."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = fetch_checkpoint(ref, cache_dir, storage_options)
-    family = check_checkpoint(folder, ref)
+    family = check_checkpoint(folder, ref, weights)
+    if not weights:
+        torch.manual_seed(0)  # the random weights' seed: the parts are made in the order below
+
+    def part(cls, subfolder: str, part_dtype: torch.dtype = torch_dtype):
+        if weights:
+            return cls.from_pretrained(
+                folder, subfolder=subfolder, torch_dtype=part_dtype, use_safetensors=True
+            )
+        with torch_device:  # made where they run: faster than on the CPU, then moving; no memory on meta
+            if hasattr(cls, "load_config"):  # diffusers
+                module = cls.from_config(cls.load_config(folder, subfolder=subfolder))
+            else:
+                module = cls(cls.config_class.from_pretrained(folder, subfolder=subfolder))
+        return module if module.dtype == part_dtype else module.to(part_dtype)
+
     second = {}
     try:
-        kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", **{**kwargs, "torch_dtype": vae_dtype(folder, torch_dtype)}
-        )
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
+        unet = part(UNet2DConditionModel, "unet")
+        vae = part(AutoencoderKL, "vae", vae_dtype(folder, torch_dtype))
+        text_encoder = part(CLIPTextModel, "text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
         if family == "sdxl":
             second = dict(
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", **kwargs
-                ),
+                text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2"),
                 tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
                 force_zeros_for_empty_prompt=bool(
                     json.loads((folder / "model_index.json").read_text()).get("force_zeros_for_empty_prompt")

@@ -36,15 +36,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisa
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def check_scorer(folder: Path, ref: str) -> None:
-    """Refuse a folder that is not a transformers CLIP checkpoint with safetensors weights."""
+def check_scorer(folder: Path, ref: str, weights: bool = True) -> None:
+    """Refuse a folder that is not a transformers CLIP checkpoint with safetensors weights (with
+    ``weights``; without, its configs and tokenizer alone)."""
     missing = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         missing.append("tokenizer.json or vocab.json")
     if missing:
         listed = ", ".join(missing)
         raise ModelError(f"scorer {ref!r} is not a transformers CLIP checkpoint: missing {listed}")
-    if not any(folder.glob("*.safetensors")):
+    if weights and not any(folder.glob("*.safetensors")):
         raise ModelError(
             f"scorer {ref!r} has no safetensors weights; pickled weights are never loaded "
             "(convert them with transformers' save_pretrained(safe_serialization=True))"
@@ -158,11 +159,13 @@ def _projected(output) -> Tensor:
     return (output if isinstance(output, Tensor) else output.pooler_output).float()
 
 
-def scorer_folder(ref: str, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
+def scorer_folder(
+    ref: str, storage_options: dict | None = None, cache_dir: Path | None = None, weights: bool = True
+) -> Path:
     """The local folder of scorer ``ref`` (fetched into the cache once), checked to be a CLIP
     checkpoint; a ``ModelError`` naming ``ref`` otherwise. The driver calls it before any work."""
     folder = fetch_checkpoint(ref, cache_dir, storage_options, layout=CLIP_LAYOUT)
-    check_scorer(folder, ref)
+    check_scorer(folder, ref, weights)
     return folder
 
 
@@ -172,15 +175,23 @@ def load_scorer(
     dtype: str = "auto",
     storage_options: dict | None = None,
     cache_dir: Path | None = None,
+    weights: bool = True,
 ) -> Scorer:
     """A CLIP scorer from a hub id, a local folder or an object-store URI (transformers layout,
-    safetensors); a ``ModelError`` naming ``ref`` when it cannot be reached or is not one."""
-    from transformers import CLIPModel, CLIPTokenizer
+    safetensors); a ``ModelError`` naming ``ref`` when it cannot be reached or is not one.
+    ``weights=False`` builds the model from its config alone, with random weights (seed 0) made on
+    the device (on ``meta``: shapes alone), as ``models.load_stable_diffusion`` does."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    folder = scorer_folder(ref, storage_options, cache_dir)
+    folder = scorer_folder(ref, storage_options, cache_dir, weights)
     torch_device = resolve_device(device)
     try:
-        model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+        if weights:
+            model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+        else:
+            torch.manual_seed(0)
+            with torch_device:
+                model = CLIPModel(CLIPConfig.from_pretrained(folder))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     except Exception as exc:
         raise ModelError(f"cannot load scorer {ref!r}: {type(exc).__name__}: {exc}") from exc

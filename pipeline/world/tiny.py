@@ -272,16 +272,21 @@ def build_tiny_sdxl(folder: Path | str, seed: int = 0, hidden_size: int = 32) ->
     return folder
 
 
-@torch.no_grad()
-def _unit_latent_scale(vae) -> float:
-    """The VAE's ``scaling_factor``, chosen as Stable Diffusion's was: one over the standard
-    deviation of the latents of real photographs (scikit-image's), so latents have unit scale."""
-    from skimage import data
+def photographs(size: int, count: int = 3) -> torch.Tensor:
+    """scikit-image's photographs (astronaut, chelsea, coffee), repeated to ``count``, centre-cropped
+    to ``size``: ``[count, 3, size, size]`` in ``[0, 1]``."""
     from PIL import Image
+    from skimage import data
 
     from pipeline.io.images import center_square, to_tensor
 
     photos = [data.astronaut(), data.chelsea(), data.coffee()]
-    size = vae.config.sample_size
-    pixels = torch.stack([to_tensor(center_square(Image.fromarray(p), size)) for p in photos])
+    return torch.stack([to_tensor(center_square(Image.fromarray(photos[i % 3]), size)) for i in range(count)])
+
+
+@torch.no_grad()
+def _unit_latent_scale(vae) -> float:
+    """The VAE's ``scaling_factor``, chosen as Stable Diffusion's was: one over the standard
+    deviation of the latents of real photographs (scikit-image's), so latents have unit scale."""
+    pixels = photographs(vae.config.sample_size)
     return float(1 / vae.encode(2 * pixels - 1).latent_dist.mean.std())
