@@ -4,6 +4,12 @@ Each function is one step of ``ALGORITHM.md`` (the project's specification) and 
 predictor as a plain callable ``eps(z, t, emb) -> noise``: no models, I/O, Ray or config here.
 Latents and embeddings are batched along the first axis; images in a batch never interact, so a
 batch gives each image what it would get alone.
+
+The schedule carries the model family's step (``Schedule.move``): DDIM's for the noise-predicting
+UNets (SD 1.x/2.x, SDXL), Euler's on the flow ODE for the velocity-predicting transformers of the
+SD3 family (``FlowSchedule``; docs/flow-matching.md). Every function below is the same for both:
+the predictor's output is noise for one and velocity for the other, and guidance, inversion,
+tuning and sampling only ever combine predictions linearly and hand them to ``move``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-NoiseFn = Callable[[Tensor, int, Tensor], Tensor]
+NoiseFn = Callable[[Tensor, float, Tensor], Tensor]  # eps(z, t, emb): noise (DDIM) or velocity (flow)
 Guidance = float | Tensor  # one weight, or one per batch row
 # Called after each sampling step with what it reached (k-diffusion's ``callback``, diffusers'
 # ``callback_on_step_end``): ``step`` (0 to T - 1), ``timestep`` and the latents ``z``, plus what a
@@ -38,6 +44,29 @@ class Schedule:
     def num_steps(self) -> int:
         return len(self.timesteps) - 1
 
+    def move(self, z: Tensor, noise: Tensor, i: int, j: int) -> Tensor:
+        """``z`` at ``tau_i`` moved to ``tau_j`` with the predicted noise (``ddim_move``)."""
+        return ddim_move(z, noise, self.alphas[i], self.alphas[j])
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified-flow levels ``0 = sigma_0 < sigma_1 < ... < sigma_T``, where ``z_sigma = (1 - sigma)
+    x + sigma * noise`` and the model predicts the velocity ``noise - x``; ``timesteps[i]`` is what
+    the model is given at ``sigma_i`` (SD3: ``1000 * sigma_i``). Index ``i`` plays the role of
+    DDIM's ``tau_i`` everywhere (docs/flow-matching.md)."""
+
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps) - 1
+
+    def move(self, z: Tensor, velocity: Tensor, i: int, j: int) -> Tensor:
+        """``z`` at ``sigma_i`` moved to ``sigma_j`` with the predicted velocity (``flow_move``)."""
+        return flow_move(z, velocity, self.sigmas[i], self.sigmas[j])
+
 
 def ddim_schedule(scheduler, num_steps: int) -> Schedule:
     """The schedule of ``DDIMScheduler.set_timesteps(num_steps)`` for a diffusers scheduler config."""
@@ -49,6 +78,28 @@ def ddim_schedule(scheduler, num_steps: int) -> Schedule:
     taus = [descending[-1] - ddim.config.num_train_timesteps // num_steps, *reversed(descending)]
     alphas = [float(ddim.alphas_cumprod[t]) if t >= 0 else float(ddim.final_alpha_cumprod) for t in taus]
     return Schedule(tuple(taus), tuple(alphas))
+
+
+AnySchedule = Schedule | FlowSchedule
+
+
+def flow_schedule(scheduler, num_steps: int) -> FlowSchedule:
+    """The levels of ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`` for a diffusers
+    scheduler config (its shift included), in DDIM's order: ``sigma_0 = 0`` (the image) first."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # a copy: set_timesteps mutates
+    flow.set_timesteps(num_steps)
+    sigmas = [float(s) for s in flow.sigmas]  # descending, ending at 0
+    timesteps = [float(t) for t in flow.timesteps]  # descending, one per step
+    return FlowSchedule((0.0, *reversed(timesteps)), tuple(reversed(sigmas)))
+
+
+def flow_move(z: Tensor, velocity: Tensor, sigma_from: float, sigma_to: float) -> Tensor:
+    """An Euler step of the flow ODE ``dz/dsigma = v`` from ``sigma_from`` to ``sigma_to``: what
+    ``FlowMatchEulerDiscreteScheduler.step`` computes. It samples (``sigma_to < sigma_from``) and
+    inverts (``sigma_to > sigma_from``) alike, as ``ddim_move`` does."""
+    return z + (sigma_to - sigma_from) * velocity
 
 
 def ddim_move(z: Tensor, noise: Tensor, a_from: float, a_to: float) -> Tensor:
@@ -85,21 +136,22 @@ def invert(
     z0: Tensor,
     cond: Tensor,
     null: Tensor,
-    schedule: Schedule,
+    schedule: AnySchedule,
     guidance: Guidance = 0.0,
     progress: bool = False,
 ) -> list[Tensor]:
     """DDIM inversion (ALGORITHM.md, stage 1a): the trajectory ``[z*_tau_0, ..., z*_tau_T]``.
 
     The noise is evaluated at the *target* timestep on the current latent, as in null-text
-    inversion's ``next_step`` and diffusers' ``DDIMInverseScheduler``.
+    inversion's ``next_step`` and diffusers' ``DDIMInverseScheduler``; on a ``FlowSchedule`` the
+    velocity, likewise (Euler inversion of the flow ODE).
     """
-    taus, a = schedule.timesteps, schedule.alphas
+    taus = schedule.timesteps
     trajectory = [z0]
     with torch.no_grad():
         for i in tqdm(range(1, len(taus)), desc="invert", disable=not progress, leave=False):
             noise = predict_guided_noise(eps, trajectory[-1], taus[i], null, cond, guidance)
-            trajectory.append(ddim_move(trajectory[-1], noise, a[i - 1], a[i]))
+            trajectory.append(schedule.move(trajectory[-1], noise, i - 1, i))
     return trajectory
 
 
@@ -199,7 +251,7 @@ def _tune_along_trajectory(
     init: Tensor,
     fixed: Tensor,
     guide: Callable[[Tensor, Tensor], Tensor],
-    schedule: Schedule,
+    schedule: AnySchedule,
     options: TuningOptions,
     progress: bool,
     desc: str,
@@ -211,29 +263,29 @@ def _tune_along_trajectory(
     the guided noise; ``e_fixed`` is predicted once per timestep without gradient, and only the
     tuned embedding receives gradients (the UNet is frozen).
     """
-    taus, a, T = schedule.timesteps, schedule.alphas, schedule.num_steps
+    taus, T = schedule.timesteps, schedule.num_steps
     z = trajectory[T]
     tuned = init.detach().clone().to(z.dtype)
     embeddings, initial_loss, final_loss, steps = [], [], [], []
     finite = finite_rows(*trajectory)  # a latent of the inversion that is not finite fails the image
     for j, i in enumerate(tqdm(range(T, 0, -1), desc=desc, disable=not progress, leave=False)):
-        t, a_t, a_s, target = taus[i], a[i], a[i - 1], trajectory[i - 1]
+        t, target = taus[i], trajectory[i - 1]
         with torch.no_grad():
             e_fixed = eps(z, t, fixed)  # it does not depend on the tuned embedding
 
         def loss_of(emb: Tensor, rows: Tensor | None) -> Tensor:
-            """How far a DDIM step with ``emb`` lands from ``z*_s``, for the images ``rows``."""
+            """How far a step with ``emb`` lands from ``z*_s``, for the images ``rows``."""
             if rows is None:
                 z_r, e_r, emb_r, target_r = z, e_fixed, emb, target
             else:  # only the images still tuning
                 z_r, e_r, emb_r, target_r = z[rows], e_fixed[rows], emb[rows], target[rows]
-            return latent_mse(ddim_move(z_r, guide(e_r, eps(z_r, t, emb_r)), a_t, a_s), target_r)
+            return latent_mse(schedule.move(z_r, guide(e_r, eps(z_r, t, emb_r)), i, i - 1), target_r)
 
         lr = options.lr * (1 - j / (2 * T))  # null-text inversion's decay, to lr / 2 at the last step
         threshold = options.stop_eps + j * options.stop_slack  # ... and its looser stop at later steps
         tuned, first, taken, failed = _adam_steps_with_early_stop(loss_of, tuned, lr, threshold, options)
         with torch.no_grad():
-            z = ddim_move(z, guide(e_fixed, eps(z, t, tuned)), a_t, a_s)
+            z = schedule.move(z, guide(e_fixed, eps(z, t, tuned)), i, i - 1)
             last = latent_mse(z, target)
         finite &= ~failed & finite_rows(tuned, z, last.unsqueeze(1))
         embeddings.append(tuned)
@@ -255,7 +307,7 @@ def tune_prompt_embeddings(
     trajectory: list[Tensor],
     cond: Tensor,
     null: Tensor,
-    schedule: Schedule,
+    schedule: AnySchedule,
     options: TuningOptions,
     progress: bool = False,
 ) -> Tuning:
@@ -280,7 +332,7 @@ def tune_null_embeddings(
     trajectory: list[Tensor],
     cond: Tensor,
     null: Tensor,
-    schedule: Schedule,
+    schedule: AnySchedule,
     options: TuningOptions,
     progress: bool = False,
 ) -> Tuning:
@@ -309,7 +361,7 @@ def sample(
     z_T: Tensor,
     cond: Tensor,
     uncond: Tensor,
-    schedule: Schedule,
+    schedule: AnySchedule,
     guidance: Guidance,
     progress: bool = False,
     callback: StepCallback | None = None,
@@ -320,14 +372,13 @@ def sample(
     ``[N, L, D]`` for one embedding at every timestep. Both branches go in one UNet call.
     ``callback`` sees each step's ``z``.
     """
-    taus, a = schedule.timesteps, schedule.alphas
-    T = schedule.num_steps
+    taus, T = schedule.timesteps, schedule.num_steps
     z = z_T
     with torch.no_grad():
         for j, i in enumerate(tqdm(range(T, 0, -1), desc="edit", disable=not progress, leave=False)):
             u = uncond[:, j] if uncond.dim() == 4 else uncond
             noise = predict_guided_noise(eps, z, taus[i], u, cond[:, j], guidance)
-            z = ddim_move(z, noise, a[i], a[i - 1])
+            z = schedule.move(z, noise, i, i - 1)
             if callback is not None:
-                callback({"step": j, "timestep": int(taus[i]), "z": z})
+                callback({"step": j, "timestep": taus[i], "z": z})
     return z

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.engine.algorithm import Schedule, StepCallback, ddim_move, guided_noise
+from pipeline.engine.algorithm import AnySchedule, StepCallback, guided_noise
 from pipeline.engine.plan import LATENT_POSITIONS_PER_CONTROLLED_POSITION, AttentionPlan, no_control
 from pipeline.engine.processor import attention_control
 from pipeline.errors import InputError
@@ -236,7 +236,7 @@ def sample_with_attention_control(
     edit_cond: Tensor,
     images: Sequence[int],
     plans: Sequence[AttentionPlan | None],
-    schedule: Schedule,
+    schedule: AnySchedule,
     guidance: Guidance = 7.5,
     source_guidance: Guidance | None = None,
     self_max_positions: int | None = None,
@@ -317,8 +317,7 @@ def sample_with_attention_control(
         mask = None if control.blend_mask is None else control.blend_mask[edit_rows_t]
         return ControlledLatents(z[edit_rows_t], z[source_rows_t], mask, control.explicit_calls)
 
-    taus, a = schedule.timesteps, schedule.alphas
-    T = schedule.num_steps
+    taus, T = schedule.timesteps, schedule.num_steps
     with torch.no_grad(), attention_control(unet, control):
         steps = tqdm(range(T, 0, -1), desc="edit with attention control", disable=not progress, leave=False)
         for j, i in enumerate(steps):
@@ -326,9 +325,9 @@ def sample_with_attention_control(
             cond = torch.cat([_at_step(source_cond, j), _at_step(edit_cond, j).to(source_cond)])[picks]
             u = _at_step(uncond, j)[image_of]
             e_uncond, e_cond = eps(torch.cat([z, z]), taus[i], torch.cat([u, cond.to(u)])).chunk(2)
-            z = ddim_move(z, guided_noise(e_uncond, e_cond, w), a[i], a[i - 1])
+            z = schedule.move(z, guided_noise(e_uncond, e_cond, w), i, i - 1)
             z = control.blend(z)
             if callback is not None:
                 now = reached(z)
-                callback({"step": j, "timestep": int(taus[i]), "z": now.edits, **now._asdict()})
+                callback({"step": j, "timestep": taus[i], "z": now.edits, **now._asdict()})
     return reached(z)
