@@ -138,13 +138,13 @@ def _factors(items: list[str]) -> dict[str, float] | None:
 def build_tiny_model_command(
     folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
-    family: str = typer.Option("sd", help="sd (SD 1.x architecture) or sdxl (SDXL's)."),
+    family: str = typer.Option("sd", help="sd (SD 1.x architecture), sdxl (SDXL's) or sd3 (SD3's)."),
 ) -> None:
     """Write a tiny Stable Diffusion with seeded random weights (offline; for tests and the demo)."""
     from pipeline.world.tiny import build_tiny_model
 
-    if family not in ("sd", "sdxl"):
-        raise PTIError(f"--family {family!r} is not one of sd, sdxl")
+    if family not in ("sd", "sdxl", "sd3"):
+        raise PTIError(f"--family {family!r} is not one of sd, sdxl, sd3")
     started = time.perf_counter()
     build_tiny_model(folder, seed=seed, family=family)
     typer.echo(f"tiny model written to {folder} in {time.perf_counter() - started:.1f} s")

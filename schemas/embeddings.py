@@ -2,8 +2,10 @@
 
 Tensors are canonical ``arrow.fixed_shape_tensor`` columns (row-major), so
 ``table["prompt_embeddings"].combine_chunks().to_numpy_ndarray()`` gives ``[N, T, 77, D]``.
-``model_family`` says which kind of model wrote a row (``sd``: SD 1.x/2.x; ``sdxl``); tables
-written before the column existed are ``sd``. SDXL rows add the pooled stacks ``[T, P]``.
+``model_family`` says which kind of model wrote a row (``sd``: SD 1.x/2.x; ``sdxl``; ``sd3``: the
+flow-matching SD3 family); tables written before the column existed are ``sd``. SDXL and SD3 rows
+add the pooled stacks ``[T, P]`` (``POOLED``); SD3's token stacks are ``[T, 77 + 256, D]`` and its
+``timesteps`` the flow's (``1000 * sigma``: floats).
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ ID = "id"
 SOURCE_PROMPT = "source_prompt"
 METHOD = "method"
 GUIDANCE = "guidance"
-Z_T = "z_T"  # the inverted noise, [4, h, w] float32
+Z_T = "z_T"  # the inverted noise, [C, h, w] float32 (C: 4, SD3's 16)
 PROMPT_EMBEDDINGS = "prompt_embeddings"  # conditional embedding per timestep, tau_T first: [T, L, D]
 UNCOND_EMBEDDINGS = "uncond_embeddings"  # unconditional per timestep (nti, npi), else null
-POOLED_PROMPT_EMBEDDINGS = "pooled_prompt_embeddings"  # SDXL: the pooled part of each, [T, P]
-POOLED_UNCOND_EMBEDDINGS = "pooled_uncond_embeddings"  # SDXL nti, npi: [T, P], else null
+POOLED_PROMPT_EMBEDDINGS = "pooled_prompt_embeddings"  # SDXL, SD3: the pooled part of each, [T, P]
+POOLED_UNCOND_EMBEDDINGS = "pooled_uncond_embeddings"  # SDXL, SD3 nti, npi: [T, P], else null
 TIMESTEPS = "timesteps"  # tau_T, ..., tau_1: the row order of the embedding stacks
 RECONSTRUCTION_PSNR = "reconstruction_psnr"
 RECONSTRUCTION_SSIM = "reconstruction_ssim"
 TUNING_LOSS = "tuning_loss"  # final reconstruction loss per timestep, tau_T first
 MODEL = "model"
-MODEL_FAMILY = "model_family"  # sd (SD 1.x/2.x) or sdxl; absent from tables older than SDXL support
+MODEL_FAMILY = "model_family"  # sd (SD 1.x/2.x), sdxl or sd3; absent from tables older than SDXL support
 MODEL_FINGERPRINT = "model_fingerprint"
 CONFIG_FINGERPRINT = "config_fingerprint"
 CONFIG = "config"  # the run's PTIConfig as JSON
@@ -63,7 +65,7 @@ TENSOR_COLUMNS = (
     POOLED_UNCOND_EMBEDDINGS,
     IMAGE,
 )
-SDXL_ONLY = (POOLED_PROMPT_EMBEDDINGS, POOLED_UNCOND_EMBEDDINGS)
+POOLED = (POOLED_PROMPT_EMBEDDINGS, POOLED_UNCOND_EMBEDDINGS)  # the families with a pooled embedding
 
 
 def present(names) -> list[str]:
@@ -95,9 +97,11 @@ def embeddings_schema(
     embedding_shape: tuple[int, ...],
     embedding_dtype: str = "float16",
     pooled_dim: int | None = None,
+    family: str = "sd",
 ) -> pa.Schema:
-    """The embeddings table's schema for latents ``[4, h, w]`` and stacks ``[T, L, D]``; with
-    ``pooled_dim`` (SDXL) also the pooled stacks ``[T, P]``."""
+    """The embeddings table's schema for latents ``[C, h, w]`` and stacks ``[T, L, D]``; with
+    ``pooled_dim`` (SDXL, SD3) also the pooled stacks ``[T, P]``. The flow family's timesteps
+    are floats."""
     stack = pa.fixed_shape_tensor(ARROW_DTYPES[embedding_dtype], list(embedding_shape))
     pooled = []
     if pooled_dim is not None:
@@ -116,7 +120,7 @@ def embeddings_schema(
             pa.field(PROMPT_EMBEDDINGS, stack, nullable=False),
             pa.field(UNCOND_EMBEDDINGS, stack),
             *pooled,
-            pa.field(TIMESTEPS, pa.list_(pa.int32()), nullable=False),
+            pa.field(TIMESTEPS, pa.list_(pa.float32() if family == "sd3" else pa.int32()), nullable=False),
             pa.field(RECONSTRUCTION_PSNR, pa.float32()),
             pa.field(RECONSTRUCTION_SSIM, pa.float32()),
             pa.field(TUNING_LOSS, pa.list_(pa.float32())),

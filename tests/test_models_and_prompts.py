@@ -176,15 +176,18 @@ def test_a_file_uri_to_nothing_is_refused(monkeypatch, tmp_path):
 # --- what the driver reads of a model: two config files, never weights ----------------------------
 
 
+CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json")  # what the driver reads of a model
+
+
 def _configs_only(tiny_model_dir, folder: Path) -> Path:
-    """A copy of the tiny model's UNet and VAE configs, without any weight, tokenizer or scheduler."""
-    for name in ("unet/config.json", "vae/config.json"):
+    """A copy of the tiny model's index, UNet and VAE configs, without any weight, tokenizer or scheduler."""
+    for name in CONFIGS:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(tiny_model_dir) / name, folder / name)
     return folder
 
 
-def test_a_folders_resolution_is_read_from_its_two_configs(tiny_model_dir, tmp_path):
+def test_a_folders_resolution_is_read_from_its_configs(tiny_model_dir, tmp_path):
     folder = _configs_only(tiny_model_dir, tmp_path / "model")
     assert model_resolution(str(folder)) == 64 and model_resolution(f"file://{folder}") == 64
     (folder / "vae" / "config.json").unlink()
@@ -192,23 +195,23 @@ def test_a_folders_resolution_is_read_from_its_two_configs(tiny_model_dir, tmp_p
         model_resolution(str(folder))
 
 
-def test_an_object_store_models_resolution_needs_only_its_two_configs(tiny_model_dir, s3_server, tmp_path):
+def test_an_object_store_models_resolution_needs_only_its_configs(tiny_model_dir, s3_server, tmp_path):
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket="config-only-models")
     folder = _configs_only(tiny_model_dir, tmp_path / "model")
-    for name in ("unet/config.json", "vae/config.json"):  # no weights in the bucket at all
+    for name in CONFIGS:  # no weights in the bucket at all
         client.upload_file(str(folder / name), "config-only-models", f"tiny/{name}")
     options = {"client_kwargs": {"endpoint_url": s3_server}}
     assert model_resolution("s3://config-only-models/tiny", storage_options=options) == 64
     with pytest.raises(
-        ModelError, match=r"^cannot read unet/config.json of model 's3://config-only-models/none'"
+        ModelError, match=r"^cannot read model_index.json of model 's3://config-only-models/none'"
     ):
         model_resolution("s3://config-only-models/none", storage_options=options)
 
 
-def test_a_hub_models_resolution_downloads_its_two_configs_only(tiny_model_dir, monkeypatch, tmp_path):
+def test_a_hub_models_resolution_downloads_its_configs_only(tiny_model_dir, monkeypatch, tmp_path):
     import huggingface_hub
 
     asked = []
@@ -226,7 +229,7 @@ def test_a_hub_models_resolution_downloads_its_two_configs_only(tiny_model_dir, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert model_resolution("owner/tiny") == 64
     options = {"cache_dir": tmp_path / "hub", "local_files_only": True}  # the loader's cache, offline
-    assert asked == [("owner/tiny", "unet/config.json", options), ("owner/tiny", "vae/config.json", options)]
+    assert asked == [("owner/tiny", name, options) for name in CONFIGS]
 
 
 def test_an_unreachable_hub_models_resolution_says_so(monkeypatch, tmp_path):
@@ -235,7 +238,7 @@ def test_an_unreachable_hub_models_resolution_says_so(monkeypatch, tmp_path):
     with pytest.raises(ModelError) as error:
         model_resolution(HUB_MODEL)
     message = str(error.value)
-    assert message.startswith(f"cannot read unet/config.json of model {HUB_MODEL!r} from the hub (")
+    assert message.startswith(f"cannot read model_index.json of model {HUB_MODEL!r} from the hub (")
     assert message.endswith("This machine may be offline: pass a local folder or an s3:// URI with --model")
 
 

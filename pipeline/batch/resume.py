@@ -83,13 +83,16 @@ class Committed:
     def check_model_family(self, config: RunConfig) -> None:
         """Refuse a model of another family than the one that wrote the stored embeddings (an SD
         1.x table edited with SDXL, or the reverse) before any work: their stacks have other shapes
-        and meanings. Reads only the model's UNet config."""
-        from pipeline.engine.checkpoints import FAMILIES, model_family
+        and meanings; and attention control on a family it does not run on. Reads only the model's
+        index and denoiser config."""
+        from pipeline.engine.checkpoints import FAMILIES, control_problem, model_family
 
-        if not self.model_families:
+        if not self.model_families and config.pti.control == "none":
             return
         options = Location(config.pti.model, config.endpoint_url).storage_options()
         model = model_family(config.pti.model, storage_options=options)
+        if problem := control_problem(model, config.pti.control):
+            raise InputError(f"model {config.pti.model!r}: {problem}")
         if self.model_families - {model}:
             names = " and ".join(f"{FAMILIES[f]} ({f})" for f in sorted(self.model_families))
             raise InputError(

@@ -85,6 +85,7 @@ class TuneStage:
             (cfg.steps, *sd.token_embedding_shape),
             cfg.embedding_dtype,
             sd.pooled_dim,
+            sd.family,
         )
         extra = [
             pa.field(emb.IMAGE, emb.image_type(self.engine.resolution)),

@@ -2,11 +2,13 @@
 
 A checkpoint is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and
-``tokenizer_2/``) with safetensors weights; pickled weights are never loaded. It can be a local
-folder, an fsspec URI (copied once into a local cache) or a hub id.
+``tokenizer_2/``; SD3 has ``transformer/`` for ``unet/`` and three text encoders and tokenizers)
+with safetensors weights; pickled weights are never loaded. It can be a local folder, an fsspec
+URI (copied once into a local cache) or a hub id.
 
-Two families: ``sd`` (SD 1.x/2.x: one CLIP text encoder) and ``sdxl`` (two text encoders and the
-UNet's ``text_time`` added conditioning), told apart by the UNet's config. Nothing here imports
+Three families: ``sd`` (SD 1.x/2.x: one CLIP text encoder), ``sdxl`` (two text encoders and the
+UNet's ``text_time`` added conditioning), told apart by the UNet's config, and ``sd3`` (SD3 and
+3.5: a flow-matching transformer, two CLIP encoders and T5), by its ``transformer/``. Nothing here imports
 torch, diffusers or transformers: the driver reads a checkpoint's family and resolution from its
 config files alone (``model_family``, ``model_resolution``); only the actors load one
 (``models.load_stable_diffusion``).
@@ -27,16 +29,41 @@ from typing import Callable
 from pipeline.errors import ModelError
 
 WEIGHTED = ("unet", "vae", "text_encoder")
-FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
 
 
-def family_of(unet_config: dict) -> str:
-    """``sdxl`` for a UNet with SDXL's added text-and-time conditioning, else ``sd``."""
-    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+def family_of(denoiser_config: dict) -> str:
+    """``sd3`` for SD3's joint-attention transformer, ``sdxl`` for a UNet with SDXL's added
+    text-and-time conditioning, else ``sd``."""
+    if "joint_attention_dim" in denoiser_config:
+        return "sd3"
+    return "sdxl" if denoiser_config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def denoiser_part(family: str) -> str:
+    """The folder of the model that predicts: SD3's transformer, the others' UNet."""
+    return "transformer" if family == "sd3" else "unet"
 
 
 def weighted_parts(family: str) -> tuple[str, ...]:
+    if family == "sd3":
+        return ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     return (*WEIGHTED, "text_encoder_2") if family == "sdxl" else WEIGHTED
+
+
+def tokenizer_parts(family: str) -> tuple[str, ...]:
+    return ("tokenizer", "tokenizer_2", "tokenizer_3")[: {"sd": 1, "sdxl": 2, "sd3": 3}[family]]
+
+
+def control_problem(family: str, control: str) -> str | None:
+    """Why ``control`` cannot run on a model of ``family``, or None: Prompt-to-Prompt control works
+    on the UNets' cross-attention (SD 1.x/2.x, SDXL); SD3's joint attention is not supported."""
+    if control == "none" or family != "sd3":
+        return None
+    return (
+        f"attention control (control={control}) works on the UNet families (sd, sdxl), not on "
+        f"{FAMILIES[family]}'s joint-attention transformer: use control=none with this model"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -46,16 +73,16 @@ def default_cache_dir() -> Path:
 def check_checkpoint(folder: Path, ref: str, weights: bool = True) -> str:
     """The family of a diffusers Stable Diffusion checkpoint with safetensors (with ``weights``;
     without, its configs alone); anything else is refused, naming what is missing."""
-    unet = folder / "unet" / "config.json"
-    family = family_of(json.loads(unet.read_text())) if unet.is_file() else "sd"
+    configs = [folder / part / "config.json" for part in ("unet", "transformer")]
+    found = [c for c in configs if c.is_file()]
+    family = family_of(json.loads(found[0].read_text())) if found else "sd"
     weighted = weighted_parts(family)
     missing = [
         name
         for name in ("model_index.json", *(f"{c}/config.json" for c in weighted))
         if not (folder / name).is_file()
     ]
-    tokenizers = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
-    missing += [c + "/" for c in (*tokenizers, "scheduler") if not (folder / c).is_dir()]
+    missing += [c + "/" for c in (*tokenizer_parts(family), "scheduler") if not (folder / c).is_dir()]
     if missing:
         raise ModelError(
             f"{ref!r} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)}"
@@ -87,15 +114,17 @@ class Layout:
         )
 
 
-# A diffusers Stable Diffusion checkpoint: no pickled or single-file checkpoints, fp16 or non-EMA
-# variants, nor the safety checker.
+# A diffusers Stable Diffusion checkpoint (SD3's T5 in shards, with their index): no pickled or
+# single-file checkpoints, fp16 or non-EMA variants, nor the safety checker.
 STABLE_DIFFUSION = Layout(
     files=(
         "model_index.json",
         "*/config.json",
         "*/*.safetensors",
+        "*/*.safetensors.index.json",
         "tokenizer/*",
         "tokenizer_2/*",
+        "tokenizer_3/*",
         "scheduler/*",
     ),
     not_files=("*.bin", "*.ckpt", "*.pt", "*.pth", "*non_ema*", "*.fp16.*", "safety_checker/*"),
@@ -186,23 +215,31 @@ def _hub_offline() -> bool:
 
 
 def model_resolution(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> int:
-    """The image size a checkpoint was trained at, from two config files alone: no weights are
-    read or downloaded (the driver calls this; only the actors load models)."""
-    unet, vae = (read_model_config(ref, name, cache_dir, storage_options) for name in ("unet", "vae"))
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    """The image size a checkpoint was trained at, from three small files alone (its index, its
+    denoiser's and its VAE's configs): no weights are read or downloaded (the driver calls this;
+    only the actors load models)."""
+    denoiser = denoiser_config(ref, cache_dir, storage_options)
+    vae = read_model_json(ref, "vae/config.json", cache_dir, storage_options)
+    return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def model_family(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> str:
-    """A checkpoint's family (``FAMILIES``), from its UNet's config alone (for the driver)."""
-    return family_of(read_model_config(ref, "unet", cache_dir, storage_options))
+    """A checkpoint's family (``FAMILIES``), from its denoiser's config alone (for the driver)."""
+    return family_of(denoiser_config(ref, cache_dir, storage_options))
 
 
-def read_model_config(
-    ref: str, component: str, cache_dir: Path | None = None, storage_options: dict | None = None
+def denoiser_config(ref: str, cache_dir: Path | None = None, storage_options: dict | None = None) -> dict:
+    """The config of a checkpoint's UNet, or of SD3's transformer where ``model_index.json`` lists one."""
+    index = read_model_json(ref, "model_index.json", cache_dir, storage_options)
+    part = "transformer" if "transformer" in index else "unet"
+    return read_model_json(ref, f"{part}/config.json", cache_dir, storage_options)
+
+
+def read_model_json(
+    ref: str, name: str, cache_dir: Path | None = None, storage_options: dict | None = None
 ) -> dict:
-    """``{component}/config.json`` of a checkpoint: read from a folder or an fsspec URI, or for a
-    hub id that one file downloaded (into the same cache as the model)."""
-    name = f"{component}/config.json"
+    """The JSON file ``name`` of a checkpoint (``vae/config.json``): read from a folder or an fsspec
+    URI, or for a hub id that one file downloaded (into the same cache as the model)."""
     if "://" in ref or Path(ref).expanduser().is_dir():
         import fsspec
 

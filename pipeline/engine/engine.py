@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pipeline.engine import algorithm, attention, plan
-from pipeline.engine.plan import AttentionPlan
+from pipeline.engine.checkpoints import control_problem
 from pipeline.engine.config import PTIConfig, eta_problem
 from pipeline.engine.metrics import psnr, ssim
 from pipeline.engine.models import (
@@ -24,6 +24,7 @@ from pipeline.engine.models import (
     computing_in_float32,
     load_stable_diffusion,
 )
+from pipeline.engine.plan import AttentionPlan
 from pipeline.engine.text import encode_prompts, null_embedding
 from pipeline.errors import InputError
 
@@ -73,9 +74,13 @@ class Engine:
     """Inversion, tuning and editing with one loaded Stable Diffusion."""
 
     def __init__(self, sd: StableDiffusion, config: PTIConfig):
+        if problem := control_problem(sd.family, config.control):
+            raise InputError(f"model {config.model!r}: {problem}")
         self.sd, self.config = sd, config
         self.eps = NoisePredictor(sd)
-        self.schedule = algorithm.ddim_schedule(sd.scheduler, config.steps)
+        # The family's step: DDIM's, or Euler's on SD3's flow (docs/flow-matching.md).
+        make_schedule = algorithm.flow_schedule if sd.family == "sd3" else algorithm.ddim_schedule
+        self.schedule = make_schedule(sd.scheduler, config.steps)
         self.resolution = config.resolution or sd.resolution
         self.null = null_embedding(sd)  # [1, L, D]
         self.fingerprint = config.stage_one_fingerprint(sd.fingerprint)
@@ -90,16 +95,21 @@ class Engine:
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
-        """``z*_0 = E(x).mean * scaling_factor`` for pixels in ``[0, 1]``."""
+        """``z*_0 = E(x).mean * scaling_factor`` for pixels in ``[0, 1]`` (SD3's VAE: ``(E(x).mean -
+        shift_factor) * scaling_factor``, as its pipeline normalises latents)."""
         vae = self.sd.vae
         x = (2 * pixels - 1).to(self.sd.device, vae.dtype)
-        return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+        mean = vae.encode(x).latent_dist.mean.float()
+        shift = vae.config.get("shift_factor")
+        return (mean if shift is None else mean - shift) * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z: Tensor) -> Tensor:
         """Pixels in ``[0, 1]``, float32 on the CPU."""
         vae = self.sd.vae
-        x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample
+        shift = vae.config.get("shift_factor")
+        z = z / vae.config.scaling_factor
+        x = vae.decode((z if shift is None else z + shift).to(vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1).cpu()
 
     # --- stage 1 -------------------------------------------------------------------------------

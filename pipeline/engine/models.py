@@ -9,7 +9,9 @@ SDXL's conditional embedding is a pair, token embeddings ``[L, D]`` and a pooled
 the pooled embedding, zero-padded (``join_pooled``). Every step of the algorithm is row-wise or
 linear (guidance, interpolation, Adam), so the pair is tuned jointly and interpolated with the same
 ``eta`` by the SD 1.x code unchanged, and the padding stays exactly zero (its gradient is zero);
-the UNet call splits the pair again (``split_pooled``).
+the UNet call splits the pair again (``split_pooled``). SD3's pair is the joint prompt embedding
+(``[77 + 256, D]``: both CLIPs' tokens, zero-padded to T5's width, then T5's) and the pooled
+projection: it travels the same way, and its transformer takes the place of the UNet (``unet``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.engine.checkpoints import check_checkpoint, fetch_checkpoint, fingerprint_files
+from pipeline.engine.checkpoints import check_checkpoint, denoiser_part, fetch_checkpoint, fingerprint_files
 from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def computing_in_float32(sd: "StableDiffusion"):
     exactly; what overflows in half precision is the activations, which then stay in float32."""
     tensors = [
         t
-        for module in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2)
+        for module in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3)
         if module is not None
         for t in chain(module.parameters(), module.buffers())
         if t.is_floating_point()
@@ -96,12 +98,17 @@ def computing_in_float32(sd: "StableDiffusion"):
             t.data = original
 
 
+# T5's tokens in SD3's prompt embedding: StableDiffusion3Pipeline's default ``max_sequence_length``.
+SD3_T5_TOKENS = 256
+
+
 @dataclass
 class StableDiffusion:
     """The separate components of one checkpoint, on one device, in inference mode. ``dtype`` is
     the UNet's and the text encoders'; the VAE's is ``vae.dtype`` (float32 where its config says
     ``force_upcast``: see ``vae_dtype``). SDXL has a second text encoder and tokenizer, and may ask
-    for zeros as the empty prompt's embedding (``force_zeros_for_empty_prompt``)."""
+    for zeros as the empty prompt's embedding (``force_zeros_for_empty_prompt``). SD3 has three
+    (CLIP-L, CLIP-G, T5), and its transformer in ``unet``: the model that predicts."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -115,22 +122,30 @@ class StableDiffusion:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object = None
 
     @property
     def family(self) -> str:
+        if "joint_attention_dim" in self.unet.config:
+            return "sd3"
         return "sd" if self.text_encoder_2 is None else "sdxl"
 
     @property
     def pooled_dim(self) -> int | None:
-        """SDXL's pooled embedding width (the second encoder's projection), else None."""
+        """The pooled embedding's width (SDXL: the second encoder's projection; SD3: the
+        transformer's pooled projection, both CLIPs'), or None for SD 1.x/2.x."""
+        if self.family == "sd3":
+            return int(self.unet.config.pooled_projection_dim)
         return None if self.text_encoder_2 is None else int(self.text_encoder_2.config.projection_dim)
 
     @property
     def token_embedding_shape(self) -> tuple[int, int]:
-        """``(L, D)`` of one embedding's token part, as stored (SDXL's pooled row apart)."""
-        return int(self.text_encoder.config.max_position_embeddings), int(
-            self.unet.config.cross_attention_dim
-        )
+        """``(L, D)`` of one embedding's token part, as stored (the pooled row apart)."""
+        clip = int(self.text_encoder.config.max_position_embeddings)
+        if self.family == "sd3":
+            return clip + SD3_T5_TOKENS, int(self.unet.config.joint_attention_dim)
+        return clip, int(self.unet.config.cross_attention_dim)
 
     def add_time_ids(self, batch: int) -> Tensor:
         """SDXL's size and crop conditioning: original = target = the model's resolution, crop
@@ -162,8 +177,10 @@ def load_stable_diffusion(
     ``weights=False`` builds each part from its config alone, with random weights (seed 0) made on
     the device (on ``meta``: shapes without memory), from a folder that may hold no weights
     (``pipeline.world.architectures``): what the cost benchmarks measure."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+    from transformers import T5Tokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -185,12 +202,22 @@ def load_stable_diffusion(
         return module if module.dtype == part_dtype else module.to(part_dtype)
 
     second = {}
+    sd3 = family == "sd3"
     try:
-        unet = part(UNet2DConditionModel, "unet")
+        unet = part(SD3Transformer2DModel if sd3 else UNet2DConditionModel, denoiser_part(family))
         vae = part(AutoencoderKL, "vae", vae_dtype(folder, torch_dtype))
-        text_encoder = part(CLIPTextModel, "text_encoder")
+        text_encoder = part(CLIPTextModelWithProjection if sd3 else CLIPTextModel, "text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        scheduler = (FlowMatchEulerDiscreteScheduler if sd3 else DDIMScheduler).from_pretrained(
+            folder, subfolder="scheduler"
+        )
+        if sd3:
+            second = dict(
+                text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2"),
+                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+                text_encoder_3=part(T5EncoderModel, "text_encoder_3"),
+                tokenizer_3=T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_3"),
+            )
         if family == "sdxl":
             second = dict(
                 text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2"),
@@ -201,10 +228,14 @@ def load_stable_diffusion(
             )
     except Exception as exc:
         raise ModelError(f"cannot load model {ref!r} from {folder}: {type(exc).__name__}: {exc}") from exc
-    for module in (unet, vae, text_encoder, second.get("text_encoder_2")):
+    for module in (unet, vae, text_encoder, second.get("text_encoder_2"), second.get("text_encoder_3")):
         if module is not None:
             module.requires_grad_(False).eval().to(torch_device)
-    if family == "sdxl" and second["text_encoder_2"].config.projection_dim > unet.config.cross_attention_dim:
+    widths = {  # the pooled embedding travels as a last row of the token embeddings (join_pooled)
+        "sdxl": lambda: (second["text_encoder_2"].config.projection_dim, unet.config.cross_attention_dim),
+        "sd3": lambda: (unet.config.pooled_projection_dim, unet.config.joint_attention_dim),
+    }
+    if family in widths and widths[family]()[0] > widths[family]()[1]:
         raise ModelError(f"model {ref!r}: its pooled embedding is wider than its token embeddings")
     return StableDiffusion(
         unet,
@@ -231,17 +262,28 @@ class NoisePredictor:
 
     def __init__(self, sd: StableDiffusion):
         self.unet, self.dtype, self.pooled_dim = sd.unet, sd.dtype, sd.pooled_dim
+        self.flow = sd.family == "sd3"  # SD3's transformer predicts the flow's velocity, as is
         # SDXL's size conditioning is the same at every call: made once, not a host-to-device copy per call.
-        self.time_ids = None if sd.pooled_dim is None else sd.add_time_ids(1)
-        self.prediction_type = sd.scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        self.time_ids = None if sd.family != "sdxl" else sd.add_time_ids(1)
+        self.prediction_type = "flow" if self.flow else sd.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise ModelError(f"prediction_type {self.prediction_type!r} is not supported")
-        self.alphas_cumprod = sd.scheduler.alphas_cumprod
+        self.alphas_cumprod = None if self.flow else sd.scheduler.alphas_cumprod
         self.calls = self.evaluations = 0
 
-    def __call__(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
+    def __call__(self, z: Tensor, t: float, emb: Tensor) -> Tensor:
         self.calls += 1
         self.evaluations += len(z)
+        if self.flow:  # as StableDiffusion3Pipeline calls its transformer: the timestep per row
+            tokens, pooled = split_pooled(emb, self.pooled_dim)
+            timestep = torch.full((len(z),), float(t), device=z.device)  # float32, as the scheduler's
+            out = self.unet(
+                hidden_states=z.to(self.dtype),
+                encoder_hidden_states=tokens.to(self.dtype),
+                pooled_projections=pooled.to(self.dtype),
+                timestep=timestep,
+            ).sample
+            return out.to(z.dtype)
         added = {}  # SD 1.x: none, so a wrapped UNet (benchmarks' compiled or graphed) takes the call
         if self.pooled_dim is not None:  # SDXL: the pair travels as one tensor (see join_pooled)
             emb, pooled = split_pooled(emb, self.pooled_dim)

@@ -29,13 +29,13 @@ def inversion_to_arrow(
     n = len(inversion)
     family, pooled_dim = engine.sd.family, engine.sd.pooled_dim
     cond, uncond, pooled = inversion.cond, inversion.uncond, {}
-    if pooled_dim is not None:  # SDXL: the pooled rows in their own columns (models.join_pooled)
+    if pooled_dim is not None:  # SDXL, SD3: the pooled rows in their own columns (models.join_pooled)
         cond, pooled_cond = split_pooled(cond, pooled_dim)
         pooled[col.POOLED_PROMPT_EMBEDDINGS] = pooled_cond
         if uncond is not None:
             uncond, pooled[col.POOLED_UNCOND_EMBEDDINGS] = split_pooled(uncond, pooled_dim)
     schema = col.embeddings_schema(
-        tuple(inversion.z_T.shape[1:]), tuple(cond.shape[1:]), cfg.embedding_dtype, pooled_dim
+        tuple(inversion.z_T.shape[1:]), tuple(cond.shape[1:]), cfg.embedding_dtype, pooled_dim, family
     )
     np_dtype = np.dtype(cfg.embedding_dtype)
 
@@ -58,7 +58,7 @@ def inversion_to_arrow(
         col.Z_T: _tensor_column(inversion.z_T.float().cpu().numpy(), schema.field(col.Z_T).type),
         col.PROMPT_EMBEDDINGS: stack(cond, col.PROMPT_EMBEDDINGS),
         col.UNCOND_EMBEDDINGS: stack(uncond, col.UNCOND_EMBEDDINGS),
-        **{name: stack(pooled.get(name), name) for name in col.SDXL_ONLY if pooled_dim is not None},
+        **{name: stack(pooled.get(name), name) for name in col.POOLED if pooled_dim is not None},
         col.TIMESTEPS: [list(reversed(engine.schedule.timesteps[1:]))] * n,
         col.RECONSTRUCTION_PSNR: optional(inversion.psnr),
         col.RECONSTRUCTION_SSIM: optional(inversion.ssim),
@@ -79,15 +79,15 @@ def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
 
 def inversion_from_arrow(table: pa.Table) -> Inversion:
     """The part of stage 1 that editing needs (``z_T`` and the embedding stacks), as float32;
-    an SDXL table's pooled stacks joined back to their token stacks (``models.join_pooled``)."""
-    sdxl = col.family(table) == "sdxl"
+    an SDXL or SD3 table's pooled stacks joined back to their token stacks (``models.join_pooled``)."""
+    pooled_family = col.family(table) in ("sdxl", "sd3")
 
     def stack(name: str, pooled: str) -> torch.Tensor | None:
         column = table.column(name)
         if column.null_count == len(column):
             return None
         tokens = torch.from_numpy(_to_numpy(column).astype(np.float32))
-        if not sdxl:
+        if not pooled_family:
             return tokens
         return join_pooled(tokens, torch.from_numpy(_to_numpy(table.column(pooled)).astype(np.float32)))
 

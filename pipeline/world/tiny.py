@@ -144,13 +144,18 @@ def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32, f
     """Save a seeded random-weight Stable Diffusion of the real architecture, tiny, in diffusers
     layout with safetensors: a VAE with SD's 8x downsampling, a cross-attention UNet, a CLIP
     text encoder and a working CLIP tokenizer. 64x64 images, 8x8 latents. ``family="sdxl"``
-    builds SDXL's architecture instead (``build_tiny_sdxl``)."""
+    builds SDXL's architecture instead (``build_tiny_sdxl``), ``family="sd3"`` SD3's
+    (``tiny_sd3.build_tiny_sd3``)."""
     from diffusers import UNet2DConditionModel
 
     if family == "sdxl":
         return build_tiny_sdxl(folder, seed, hidden_size)
+    if family == "sd3":
+        from pipeline.world.tiny_sd3 import build_tiny_sd3
+
+        return build_tiny_sd3(folder, seed, hidden_size)
     if family != "sd":
-        raise ValueError(f"family {family!r} is not one of sd, sdxl")
+        raise ValueError(f"family {family!r} is not one of sd, sdxl, sd3")
     folder = Path(folder)
     torch.manual_seed(seed)
     tokenizer, text_encoder = tiny_text_model(TINY_WORDS, hidden_size)
