@@ -44,8 +44,9 @@ def machine() -> str:
 
 
 def model_folder(name: str) -> str:
-    """A checkpoint folder: ``tiny`` (``tiny-sdxl``, ``tiny-clip``) is the seeded random tiny SD
-    (SDXL, CLIP), and ``sd15``, ``sdxl`` and ``vit-l-14`` are published architectures without
+    """A checkpoint folder: ``tiny`` (``tiny-sdxl``, ``tiny-sd3``, ``tiny-clip``) is the seeded
+    random tiny SD (SDXL, SD3, CLIP), and ``sd15``, ``sdxl``, ``sd35-medium``, ``sd35-large`` and
+    ``vit-l-14`` are published architectures without
     weights (``pipeline.world.architectures``: load them with ``weights=False``), each built in a
     temporary folder; anything else is already a folder."""
     import tempfile
@@ -58,8 +59,9 @@ def model_folder(name: str) -> str:
         return str(write_architecture(name, folder))
     if name == "tiny-clip":
         return str(build_tiny_clip(folder))
-    if name in ("tiny", "tiny-sdxl"):
-        return str(build_tiny_model(folder, seed=0, family="sdxl" if name == "tiny-sdxl" else "sd"))
+    families = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+    if name in families:
+        return str(build_tiny_model(folder, seed=0, family=families[name]))
     return name
 
 

@@ -395,20 +395,22 @@ def flops_table(report: dict) -> str:
     """``flops_report`` as a Markdown table (piece, TFLOP, how it is counted), and a note on
     attention control."""
     T, K, side = report["steps"], report["inner_steps"], report["resolution"]
-    sdxl = report["family"] == "sdxl"
+    family = report["family"]
+    pooled = family in ("sdxl", "sd3")
     length, width = report["embedding"]
+    denoiser = "transformer" if family == "sd3" else "UNet"
     fb_how = "counted; fused attention, whose backward recomputes the scores"
     if "forward_backward_unfused" in report:
         fb_how += f" ({report['forward_backward_unfused'] / 1e12:.4g} with unfused attention)"
     rows = [
-        (f"one UNet forward (batch row), {side}x{side}: f", report["forward"], "counted"),
+        (f"one {denoiser} forward (batch row), {side}x{side}: f", report["forward"], "counted"),
         ("one forward + backward to the embedding: fb", report["forward_backward"], fb_how),
         ("VAE encode: e", report["encode"], "counted"),
         ("VAE decode: d", report["decode"], "counted"),
         (
             "text encoding of one prompt: p",
             report["text"],
-            "counted" + (", both encoders" if sdxl else ""),
+            "counted" + {"sdxl": ", both encoders", "sd3": ", all three encoders"}.get(family, ""),
         ),
         (f"inversion, T = {T}", report["inversion"], "T x f"),
         (f"tuning, T = {T}, K = {K}", report["tuning"], "T x (2f + K x fb)"),
@@ -417,14 +419,15 @@ def flops_table(report: dict) -> str:
     ]
     lines = ["| piece | TFLOP | counted as |", "| --- | --- | --- |"]
     lines += [f"| {piece} | {flop / 1e12:.4g} | {how} |" for piece, flop, how in rows]
-    shape = f"{length - 1} x {width} + pooled {report['pooled_dim']}" if sdxl else f"{length} x {width}"
+    shape = f"{length - 1} x {width} + pooled {report['pooled_dim']}" if pooled else f"{length} x {width}"
     n = 4
     controlled = T * 2 * report["forward"] * (n + 1) / n + report["decode"] + report["text"]
-    notes = [
-        f"One conditional embedding: {shape}.",
-        f"Under attention control an edit costs T x 2f x (n + 1) / n + d + p at n edits per image "
-        f"(the source branch beside the edits): {controlled / 1e12:.4g} TFLOP at n = {n}.",
-    ]
+    notes = [f"One conditional embedding: {shape}."]
+    if family != "sd3":  # attention control runs on the UNet families only
+        notes.append(
+            f"Under attention control an edit costs T x 2f x (n + 1) / n + d + p at n edits per image "
+            f"(the source branch beside the edits): {controlled / 1e12:.4g} TFLOP at n = {n}."
+        )
     return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
@@ -465,12 +468,13 @@ def attention_plans(engine, source: str | None, targets) -> list | None:
 
 
 def first_steps(schedule, n: int):
-    """The first ``n`` steps (``tau_0 .. tau_n``) of a DDIM schedule. Every step of inversion,
-    tuning and sampling costs the same UNet work whatever its timestep, so timing the first ``n``
-    of ``T`` steps and scaling by ``T / n`` is exact up to timing noise."""
-    from pipeline.engine.algorithm import Schedule
+    """The first ``n`` steps (``tau_0 .. tau_n``) of a schedule (DDIM's or the flow's). Every step of
+    inversion, tuning and sampling costs the same model work whatever its timestep, so timing the
+    first ``n`` of ``T`` steps and scaling by ``T / n`` is exact up to timing noise."""
+    import dataclasses
 
-    return Schedule(schedule.timesteps[: n + 1], schedule.alphas[: n + 1])
+    levels = {f.name: getattr(schedule, f.name)[: n + 1] for f in dataclasses.fields(schedule)}
+    return dataclasses.replace(schedule, **levels)
 
 
 def timing_decodes(engine) -> list[float]:

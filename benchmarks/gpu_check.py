@@ -14,6 +14,8 @@ stopped and says so, and the parts after it still run. OUTDIR's tables are rewri
   last case runs all 50 at batch 1 to check that scaling.
 - ``sdxl``: stage 1 and stage 2 of SDXL's architecture (random weights) at 1024x1024 in bfloat16 at
   batch 1, timed as the sweep's cases: what an SDXL night costs, measured (docs/scaling.md).
+- ``sd3``: the same for SD3.5 Medium's architecture (the flow family, docs/flow-matching.md) in
+  bfloat16 (float16 overflows in these transformers).
 - ``numerics``: the shipped model (``models/shapes-sd``) in float32, bfloat16 and float16 side by side:
   reconstruction PSNR, one colour edit per scene against float32's, non-finite values.
 - ``pipeline``: ``jobs.run`` on local manifests of 16 and 32 rows (tiny model, both actors on the one
@@ -48,9 +50,10 @@ from benchmarks import common
 # with backward) takes about 2.3 s at batch 8: 4 steps per case (a warm-up and 3 timed) over the 15
 # images of batches 1 to 8 in two dtypes, and the 50-step check at batch 1, come to about 100 s.
 # Expected: sweep 100, numerics 30, sdxl 30 (a stage-1 step of SDXL at 1024 px is about 160 TFLOP:
-# under a second), pipeline 70, levers 35, cuda_graphs 25, train what its budget allows, then
-# compile whatever is left. A part gets the least of its own budget and what is left of the run's;
-# the run's 480 s and installing the wheels stay under 9 minutes (a device call may take 10).
+# under a second), sd3 40 (SD3.5 Medium: about 310 TFLOP a step, and T5-XXL to build), pipeline 70,
+# levers 35, cuda_graphs 25, train what its budget allows, then compile whatever is left. A part
+# gets the least of its own budget and what is left of the run's; the run's 480 s and installing
+# the wheels stay under 9 minutes (a device call may take 10).
 PROFILES = {
     "gpu": {
         "device": "cuda",
@@ -87,9 +90,18 @@ PROFILES = {
         ),
         "levers": dict(batch=8, dtype="bfloat16"),
         "sdxl": dict(model="sdxl", dtypes=["bfloat16"], batch=1),
+        "sd3": dict(model="sd35-medium", dtypes=["bfloat16"], batch=1),  # bfloat16: fp16 overflows
         "train": dict(recipe="sharp-sd", dtype="bfloat16", changes={}),
         "budgets": dict(
-            sweep=140, numerics=50, sdxl=60, pipeline=100, levers=60, cuda_graphs=40, train=150, compile=150
+            sweep=140,
+            numerics=50,
+            sdxl=60,
+            sd3=60,
+            pipeline=100,
+            levers=60,
+            cuda_graphs=40,
+            train=150,
+            compile=150,
         ),
     },
     "tiny": {
@@ -143,9 +155,18 @@ PROFILES = {
             ),
         ),
         "sdxl": dict(model="tiny-sdxl", dtypes=["float32"], batch=1),
+        "sd3": dict(model="tiny-sd3", dtypes=["float32"], batch=1),
         # About a minute in all on 2 idle cores; the budgets allow for cores shared with other work.
         "budgets": dict(
-            sweep=240, numerics=180, sdxl=120, pipeline=300, levers=240, cuda_graphs=60, train=120, compile=60
+            sweep=240,
+            numerics=180,
+            sdxl=120,
+            sd3=120,
+            pipeline=300,
+            levers=240,
+            cuda_graphs=60,
+            train=120,
+            compile=60,
         ),
     },
 }
@@ -154,7 +175,7 @@ PART_LEVERS = {
     "cuda_graphs": ["cuda_graphs"],
     "compile": ["compile"],
 }
-ORDER = ("sweep", "numerics", "sdxl", "pipeline", "levers", "cuda_graphs", "train", "compile")
+ORDER = ("sweep", "numerics", "sdxl", "sd3", "pipeline", "levers", "cuda_graphs", "train", "compile")
 CUDA_PARTS = {"cuda_graphs", "compile"}
 MIN_PART_S = 10  # a part given less than this is not started
 
@@ -305,16 +326,21 @@ def sweep_part(settings: dict, emit, deadline: float) -> None:
     )
 
 
-def sdxl_part(settings: dict, emit, deadline: float) -> None:
-    """SDXL's stage 1 and stage 2 at the sweep's sizes, one case per dtype."""
-    from benchmarks.engine import load_model
+def model_part(part: str):
+    """A part that times another family's model (``sdxl``: SDXL base; ``sd3``: SD3.5 Medium):
+    its stage 1 and stage 2 at the sweep's sizes, one case per dtype."""
 
-    sdxl = settings["sdxl"]
-    for dtype in sdxl["dtypes"]:
-        sd = load_model(sdxl["model"], settings["device"], dtype)
-        run_timed_case(emit, engine_case(settings, dtype, sdxl["batch"], model=sdxl["model"]), sd)
-        del sd
-        free_device_memory()
+    def run(settings: dict, emit, deadline: float) -> None:
+        from benchmarks.engine import load_model
+
+        model = settings[part]
+        for dtype in model["dtypes"]:
+            sd = load_model(model["model"], settings["device"], dtype)
+            run_timed_case(emit, engine_case(settings, dtype, model["batch"], model=model["model"]), sd)
+            del sd
+            free_device_memory()
+
+    return run
 
 
 def check_all_steps(settings: dict, emit, deadline: float, first: dict) -> None:
@@ -495,7 +521,8 @@ def run_child(part: str, settings: dict, rows_path: Path, deadline: float) -> No
             levers_part(settings, emit, deadline, PART_LEVERS[part])
         else:
             parts = {
-                "sdxl": sdxl_part,
+                "sdxl": model_part("sdxl"),
+                "sd3": model_part("sd3"),
                 "sweep": sweep_part,
                 "numerics": numerics_part,
                 "pipeline": pipeline_part,
@@ -812,17 +839,23 @@ def train_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
     )
 
 
-def sdxl_section(report: dict, rows: list[dict]) -> tuple[str, dict]:
-    sdxl, sweep = report["settings"]["sdxl"], report["settings"]["sweep"]
-    table = [dict(c, images_per_s=1 / c["stage1_s_per_image"]) for c in by_kind(rows, "sdxl", "case")]
+# What docs/scaling.md counted for each family's night, to set the timings against.
+COUNTED = {
+    "sdxl": ("SDXL", "an SDXL night", "8.36 PFLOP per image in stage 1, 0.687 per edit"),
+    "sd3": ("SD3.5", "an SD3.5 Medium night", "16.1 PFLOP per image in stage 1, 1.14 per edit"),
+}
+
+
+def model_section(report: dict, rows: list[dict], part: str) -> tuple[str, dict]:
+    model, sweep = report["settings"][part], report["settings"]["sweep"]
+    table = [dict(c, images_per_s=1 / c["stage1_s_per_image"]) for c in by_kind(rows, part, "case")]
+    title, night, counted = COUNTED[part]
     prose = (
-        f"Model `{sdxl['model']}` (random weights) at {table[0]['resolution'] if table else '?'} px, "
+        f"Model `{model['model']}` (random weights) at {table[0]['resolution'] if table else '?'} px, "
         f"the sweep's T={sweep['steps']}, K={sweep['inner_steps']} and timing; docs/scaling.md "
-        "prices an SDXL night from counted FLOPs (8.36 PFLOP per image in stage 1, 0.687 per edit)."
+        f"prices {night} from counted FLOPs ({counted})."
     )
-    return table_section(
-        "SDXL", prose, table, SWEEP_COLUMNS, "No case finished.", notes(report, rows, "sdxl")
-    )
+    return table_section(title, prose, table, SWEEP_COLUMNS, "No case finished.", notes(report, rows, part))
 
 
 def parts_section(report: dict) -> str:
@@ -841,7 +874,8 @@ def write_report(out: Path, report: dict, rows: list[dict]) -> None:
         ("sweep", lambda: sweep_section(report, rows, device)),
         ("levers", lambda: levers_section(report, rows)),
         ("numerics", lambda: numerics_section(report, rows)),
-        ("sdxl", lambda: sdxl_section(report, rows)),
+        ("sdxl", lambda: model_section(report, rows, "sdxl")),
+        ("sd3", lambda: model_section(report, rows, "sd3")),
         ("pipeline", lambda: pipeline_section(report, rows)),
         ("train", lambda: train_section(report, rows)),
     ):

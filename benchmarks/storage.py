@@ -6,7 +6,8 @@
 Each family's table is written as the pipeline writes it (``schemas.embeddings`` columns,
 ``pyarrow.parquet.write_table`` defaults) with its real shapes: SD 1.5 ``[T, 77, 768]`` and
 ``z_T [4, 64, 64]``; SD 2.1 ``[T, 77, 1024]``, ``[4, 96, 96]``; SDXL ``[T, 77, 2048]`` plus the
-pooled ``[T, 1280]``, ``[4, 128, 128]``. The values are drawn from a normal distribution with the
+pooled ``[T, 1280]``, ``[4, 128, 128]``; SD3.5 (Medium and Large share it) ``[T, 77 + 256, 4096]``
+plus the pooled ``[T, 2048]``, ``[16, 128, 128]``. The values are drawn from a normal distribution with the
 spread of CLIP embeddings: float16 mantissas of tuned embeddings are as incompressible, so the
 bytes are those of real runs to within the small metadata columns.
 """
@@ -22,19 +23,23 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import append_record, markdown_table
 
-FAMILIES = {  # name: (stack [L, D], pooled width or None, latent side)
-    "SD 1.5 (512 px)": ((77, 768), None, 64),
-    "SD 2.1 (768 px)": ((77, 1024), None, 96),
-    "SDXL (1024 px)": ((77, 2048), 1280, 128),
+FAMILIES = {  # name: (stack [L, D], pooled width or None, latent side, latent channels, family)
+    "SD 1.5 (512 px)": ((77, 768), None, 64, 4, "sd"),
+    "SD 2.1 (768 px)": ((77, 1024), None, 96, 4, "sd"),
+    "SDXL (1024 px)": ((77, 2048), 1280, 128, 4, "sdxl"),
+    "SD3.5 Medium or Large (1024 px)": ((77 + 256, 4096), 2048, 128, 16, "sd3"),
 }
 
 
-def stored_table(rows: int, steps: int, stack, pooled: int | None, side: int, dtype: str) -> pa.Table:
+def stored_table(
+    rows: int, steps: int, stack, pooled: int | None, side: int, channels: int, family: str, dtype: str
+) -> pa.Table:
     from pipeline.engine.stored import _tensor_column
     from schemas import embeddings as col
 
     rng = np.random.default_rng(0)
-    schema = col.embeddings_schema((4, side, side), (steps, *stack), dtype, pooled)
+    latent = (channels, side, side)
+    schema = col.embeddings_schema(latent, (steps, *stack), dtype, pooled, family)
     np_dtype = np.dtype(dtype)
 
     def tensor(name: str, shape) -> pa.ExtensionArray:
@@ -46,7 +51,7 @@ def stored_table(rows: int, steps: int, stack, pooled: int | None, side: int, dt
         col.SOURCE_PROMPT: ["a photo of a cat sitting on a sofa"] * rows,
         col.METHOD: ["pti"] * rows,
         col.GUIDANCE: [7.5] * rows,
-        col.Z_T: tensor(col.Z_T, (4, side, side)),
+        col.Z_T: tensor(col.Z_T, latent),
         col.PROMPT_EMBEDDINGS: tensor(col.PROMPT_EMBEDDINGS, (steps, *stack)),
         col.UNCOND_EMBEDDINGS: pa.ExtensionArray.from_storage(
             schema.field(col.UNCOND_EMBEDDINGS).type,
@@ -57,7 +62,7 @@ def stored_table(rows: int, steps: int, stack, pooled: int | None, side: int, dt
         col.RECONSTRUCTION_SSIM: [0.9] * rows,
         col.TUNING_LOSS: [[1e-4] * steps] * rows,
         col.MODEL: ["model"] * rows,
-        col.MODEL_FAMILY: ["sdxl" if pooled else "sd"] * rows,
+        col.MODEL_FAMILY: [family] * rows,
         col.MODEL_FINGERPRINT: ["0" * 16] * rows,
         col.CONFIG_FINGERPRINT: ["0" * 16] * rows,
         col.CONFIG: ["{}"] * rows,
@@ -88,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-record", dest="record", action="store_false")
     args = parser.parse_args(argv)
     rows = []
-    for name, (stack, pooled, side) in FAMILIES.items():
-        table = stored_table(args.rows, args.steps, stack, pooled, side, args.embedding_dtype)
+    for name, shapes in FAMILIES.items():
+        table = stored_table(args.rows, args.steps, *shapes, args.embedding_dtype)
         rows.append({"family": name, "mb": bytes_per_image(table) / 1e6})
     for row in rows:
         row["ratio"] = f"x{row['mb'] / rows[0]['mb']:.2f}"

@@ -201,6 +201,24 @@ def test_sd15_flops_report_reproduces_the_scaling_plan_and_prices_scoring():
     assert 2 * (scoring["image"] + scoring["text"]) / report["edit"] < 0.05
 
 
+@pytest.mark.parametrize(
+    "name, forward, stage1, edit, transformer",
+    [("sd35-medium", 11.25, 16.13, 1.138, 2.24), ("sd35-large", 31.12, 41.24, 3.125, 8.06)],
+)
+def test_sd35_flops_report_reproduces_the_scaling_plan(name, forward, stage1, edit, transformer):
+    """docs/scaling.md's SD3.5 figures (TFLOP, PFLOP, PFLOP, billions of parameters) are these
+    counts of the published architectures: the flow family's transformer, VAE and three encoders."""
+    sd = meta_model(name)
+    report = flops_report(sd, 50, 10)
+    assert sd.family == "sd3" and report["family"] == "sd3" and report["resolution"] == 1024
+    assert report["forward"] / 1e12 == pytest.approx(forward, abs=5e-3)
+    assert report["stage1"] / 1e15 == pytest.approx(stage1, abs=5e-3)
+    assert report["edit"] / 1e15 == pytest.approx(edit, abs=5e-4)
+    assert report["embedding"] == (333 + 1, 4096) and report["pooled_dim"] == 2048
+    assert sum(p.numel() for p in sd.unet.parameters()) / 1e9 == pytest.approx(transformer, abs=5e-3)
+    assert sum(p.numel() for p in sd.text_encoder_3.parameters()) / 1e9 == pytest.approx(4.76, abs=5e-3)
+
+
 def test_edit_quality_writes_each_model_to_its_own_folder_unless_told():
     """One page per world model under docs/quality/ (docs/quality.md compares them by hand)."""
     assert edit_quality.parse_args(["--model", "models/sharp-sd"]).out == Path("docs/quality/sharp-sd")

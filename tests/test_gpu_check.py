@@ -52,7 +52,7 @@ def rows_of(check: dict, part: str, kind: str) -> list[dict]:
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
     parts = check["report"]["parts"]
-    ran = ("sweep", "numerics", "sdxl", "pipeline", "levers", "train")
+    ran = ("sweep", "numerics", "sdxl", "sd3", "pipeline", "levers", "train")
     assert {name: parts[name]["status"] for name in ran} == dict.fromkeys(ran, "done")
     assert parts["cuda_graphs"] == parts["compile"] == {"status": "skipped", "reason": "CUDA only"}
     headings = (
@@ -60,6 +60,7 @@ def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
         "Levers",
         "Numerics",
         "SDXL",
+        "SD3.5",
         "Pipeline",
         "Training",
     )
@@ -201,10 +202,11 @@ def test_graphed_unet_keeps_one_graph_per_shape_and_grad_mode(make_engine, pixel
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
-def test_the_sdxl_part_times_an_sdxl_model_with_algorithm_md_counts(check):
-    (row,) = rows_of(check, "sdxl", "case")
+@pytest.mark.parametrize("part, model", [("sdxl", "tiny-sdxl"), ("sd3", "tiny-sd3")])
+def test_the_model_parts_time_their_family_with_algorithm_md_counts(check, part, model):
+    (row,) = rows_of(check, part, "case")
     T, K = TINY["sweep"]["steps"], TINY["sweep"]["inner_steps"]
-    assert row["model"] == "tiny-sdxl" and row["resolution"] == 64
+    assert row["model"] == model and row["resolution"] == 64
     assert row["stage1_evals_per_image"] == T + T * (1 + K + 1) and row["stage2_evals_per_edit"] == 2 * T
     assert row["stage1_s_per_image"] > 0 and row["stage2_s_per_edit"] > 0
-    assert "\n## SDXL" in check["markdown"]
+    assert {"sdxl": "\n## SDXL", "sd3": "\n## SD3.5"}[part] in check["markdown"]

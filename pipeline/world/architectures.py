@@ -1,8 +1,9 @@
 """The published architectures that the cost benchmarks measure, as checkpoint folders without weights.
 
-Stable Diffusion 1.5, SDXL base 1.0 and CLIP ViT-L/14 (the scorer InstructPix2Pix uses), written
-from their published configs: ``model_index.json`` and each part's config, a small CLIP tokenizer
-(the vocabulary does not change the cost: only the 77 positions do) and SD's DDIM scheduler. The
+Stable Diffusion 1.5, SDXL base 1.0, SD3.5 Medium and Large, and CLIP ViT-L/14 (the scorer
+InstructPix2Pix uses), written from their published configs: ``model_index.json`` and each part's
+config, small tokenizers (the vocabulary does not change the cost: only the 77 CLIP and 256 T5
+positions do) and the family's scheduler. The
 loaders build them with ``weights=False`` (``models.load_stable_diffusion``,
 ``scoring.load_scorer``): seeded random weights, or shapes alone on the meta device. Nothing is
 downloaded, and cost does not depend on the weights.
@@ -20,6 +21,8 @@ from pipeline.world.tiny import TINY_WORDS, clip_tokenizer, sd_scheduler
 ARCHITECTURES = {
     "sd15": "Stable Diffusion 1.5 at 512x512",
     "sdxl": "Stable Diffusion XL base 1.0 at 1024x1024",
+    "sd35-medium": "Stable Diffusion 3.5 Medium at 1024x1024",
+    "sd35-large": "Stable Diffusion 3.5 Large at 1024x1024",
     "vit-l-14": "CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14's architecture)",
 }
 
@@ -76,6 +79,53 @@ PARTS = {
         text_encoder_2=_clip_text(1280, 32, 20, "gelu", 1280),  # OpenCLIP bigG, with its projection
     ),
 }
+
+
+def _sd35(layers: int, heads: int, position_embeddings: int, dual_attention_layers: int = 0) -> dict:
+    """SD3.5's parts: its transformer (``heads`` of 64: the blocks' width), SD3's 16-channel VAE,
+    CLIP-L and CLIP-G with projections (the pooled projection, 768 + 1280) and T5-XXL."""
+    return dict(
+        transformer=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=layers,
+            attention_head_dim=64,
+            num_attention_heads=heads,
+            joint_attention_dim=4096,
+            caption_projection_dim=64 * heads,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=position_embeddings,
+            dual_attention_layers=tuple(range(dual_attention_layers)),
+            qk_norm="rms_norm",
+        ),
+        vae=_vae(
+            1024,
+            1.5305,
+            latent_channels=16,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=VIT_L,
+        text_encoder_2=_clip_text(1280, 32, 20, "gelu", 1280),
+        text_encoder_3=dict(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+        ),
+    )
+
+
+PARTS["sd35-medium"] = _sd35(layers=24, heads=24, position_embeddings=384, dual_attention_layers=13)
+PARTS["sd35-large"] = _sd35(layers=38, heads=38, position_embeddings=192)
 VIT_L_14_VISION = dict(
     hidden_size=1024,
     intermediate_size=4096,
@@ -90,8 +140,11 @@ CLIP_PREPROCESSING = {"crop_size": {"height": 224, "width": 224}}  # and CLIP's 
 
 def write_architecture(name: str, folder: Path | str) -> Path:
     """Write ``name`` (one of ``ARCHITECTURES``) to ``folder`` as a checkpoint of configs alone."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPTextConfig
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPTextConfig, T5Config
+
+    from pipeline.world.tiny_sd3 import t5_tokenizer
 
     if name not in ARCHITECTURES:
         raise ValueError(f"no architecture {name!r}: one of {', '.join(ARCHITECTURES)}")
@@ -107,15 +160,28 @@ def write_architecture(name: str, folder: Path | str) -> Path:
         (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSING))
         return folder
     parts = PARTS[name]
+    sd3 = "transformer" in parts
     with torch.device("meta"):  # the configs as diffusers writes them, without building any weight
-        UNet2DConditionModel(**parts["unet"]).save_config(folder / "unet")
+        if sd3:
+            SD3Transformer2DModel(**parts["transformer"]).save_config(folder / "transformer")
+        else:
+            UNet2DConditionModel(**parts["unet"]).save_config(folder / "unet")
         AutoencoderKL(**parts["vae"]).save_config(folder / "vae")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    index |= {part: ["diffusers", "config only"] for part in parts}  # the parts it lists (model_family)
     for part in ("text_encoder", "text_encoder_2"):
         if part in parts:
             CLIPTextConfig(**parts[part]).save_pretrained(folder / part)
             tokenizer.save_pretrained(folder / part.replace("text_encoder", "tokenizer"))
-    sd_scheduler().save_pretrained(folder / "scheduler")
+    if sd3:
+        T5Config(**parts["text_encoder_3"]).save_pretrained(folder / "text_encoder_3")
+        t5_tokenizer().save_pretrained(folder / "tokenizer_3")
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(
+            folder / "scheduler"
+        )
+        index.update(_class_name="StableDiffusion3Pipeline")
+    else:
+        sd_scheduler().save_pretrained(folder / "scheduler")
     if name == "sdxl":
         index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
