@@ -295,3 +295,18 @@ def test_sd3_loads_from_an_object_store_with_its_three_tokenizers_and_sharded_t5
     local = load_stable_diffusion(sd3_dir, device="cpu")
     assert sd.family == "sd3" and sd.tokenizer_3 is not None
     assert torch.equal(encode_prompts(sd, ["a red cat"]), encode_prompts(local, ["a red cat"]))
+
+
+@pytest.mark.parametrize("method", ["pti", "nti", "npi", "ddim"])
+def test_every_method_runs_on_sd3_and_eta_0_edits_back_to_its_reconstruction(sd3, pixels, method):
+    """PTI and its baselines (null-text, negative-prompt and plain inversion) share the flow step:
+    each inverts and reconstructs the tiny SD3's latents, the tuning methods tune the branch they
+    name, and an edit at eta 0 is the method's own reconstruction."""
+    config = PTIConfig(model="tiny-sd3", method=method, steps=4, inner_steps=3, guidance=3.0, progress=False)
+    engine = Engine(sd3, config)
+    inversion = engine.invert_and_tune(pixels[1:], SOURCES[1:])
+    assert bool(inversion.finite.all()) and inversion.z_T.shape == (2, 16, 8, 8)
+    assert (inversion.uncond is None) == (method in ("pti", "ddim"))  # nti, npi: a per-step uncond stack
+    assert bool((inversion.inner_steps > 0).any()) == (method in ("pti", "nti"))
+    back = engine.edit(inversion, [0, 1], ["a photo of a dog", "a cup of tea"], [0.0, 0.0])
+    torch.testing.assert_close(back, inversion.reconstruction, rtol=0, atol=1e-5)
