@@ -310,3 +310,28 @@ def test_every_method_runs_on_sd3_and_eta_0_edits_back_to_its_reconstruction(sd3
     assert bool((inversion.inner_steps > 0).any()) == (method in ("pti", "nti"))
     back = engine.edit(inversion, [0, 1], ["a photo of a dog", "a cup of tea"], [0.0, 0.0])
     torch.testing.assert_close(back, inversion.reconstruction, rtol=0, atol=1e-5)
+
+
+def test_pti_edit_on_sd3_writes_its_edits_and_counts_transformer_calls(sd3_dir, photos, tmp_path):
+    """The one-image command on the flow family, as a user runs it; and with attention control
+    asked for, a clear refusal (exit 2) before any work."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    image = tmp_path / "chelsea.png"
+    Image.fromarray(photos["chelsea"]).save(image)
+    out = tmp_path / "out"
+    args = ["edit", str(image), "--model", sd3_dir, "--steps", "3", "--inner-steps", "2", "--quiet"]
+    args += ["--target", "a photo of a dog", "--eta", "0.8", "--eta", "1.0", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["file"] for e in summary["edits"]] == ["0-0.8.png", "0-1.png"]
+    assert all(Image.open(out / e["file"]).size == (64, 64) for e in summary["edits"])
+    cost = PTIConfig(steps=3, inner_steps=2).unet_evaluations(edits=2)
+    # Stage 1 (early stop may end its inner loops sooner), then both edits in one call per step.
+    assert 3 + 3 <= summary["unet_calls"] <= cost["stage_one"] + 3
+    refused = CliRunner().invoke(app, [*args, "--control", "auto"])
+    assert refused.exit_code == 2 and "works on the UNet families" in refused.output
