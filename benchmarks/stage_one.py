@@ -3,7 +3,8 @@ guidance) buy the reconstruction and the edits for the fewest UNet evaluations.
 
 ``python -m benchmarks.stage_one --images 8 --out docs`` runs PTI's stage 1 (ALGORITHM.md, 1a and
 1b) over held-out scenes for each setting of ``--settings`` (PTIConfig fields over the defaults,
-``steps=25,inner_steps=5``) at each ``--guidance``, and measures per image:
+``steps=25,inner_steps=5``, each read as the jobs' ``--set pti.steps=25``) at each ``--guidance``,
+and measures per image:
 
 - cost: UNet evaluations (the rows the UNet evaluated, so early-stopped images cost less than
   the bound ``T + T (1 + K + 1)``), batched UNet calls and seconds;
@@ -20,7 +21,6 @@ what it measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -52,19 +52,13 @@ CONTROLS = (
 
 
 def setting_of(text: str) -> dict:
-    """``steps=25,inner_steps=5`` as PTIConfig overrides, each value converted to its field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(PTIConfig)}
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        name, sep, raw = item.partition("=")
-        if not sep or name not in types:
-            raise SystemExit(f"setting {text!r}: {item!r} is not FIELD=VALUE with a PTIConfig field")
-        kind = types[name]
-        if kind == "bool":
-            overrides[name] = raw.lower() in ("1", "true", "yes", "on")
-        else:
-            overrides[name] = {"int": int, "float": float}.get(kind, str)(raw)
-    return overrides
+    """``steps=25,inner_steps=5``: PTIConfig fields over the defaults, read as the jobs read
+    ``--set pti.FIELD=VALUE`` (``RunConfig.load``: the same typing, bounds and errors)."""
+    from pipeline.batch.config import RunConfig
+
+    items = [item for item in text.split(",") if item]
+    pti = RunConfig.load(None, [f"pti.{item}" for item in items]).pti
+    return {name: getattr(pti, name) for name in (item.partition("=")[0] for item in items)}
 
 
 def latent_psnr(z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
