@@ -43,6 +43,16 @@ def machine() -> str:
     return f"{'; '.join(parts)}; {versions}"
 
 
+def measured_by(module: str, argv: list[str]) -> str:
+    """A results page's "Measured by" line: the command, the machine, its CPU threads and torch."""
+    import torch
+
+    return (
+        f"Measured by `python -m {module} {' '.join(argv)}` on {platform.machine()} "
+        f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})"
+    )
+
+
 def model_folder(name: str) -> str:
     """A checkpoint folder: ``tiny`` (``tiny-sdxl``, ``tiny-sd3``, ``tiny-clip``) is the seeded
     random tiny SD (SDXL, SD3, CLIP), and ``sd15``, ``sdxl``, ``sd35-medium``, ``sd35-large`` and

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from benchmarks.common import measured_by
 from benchmarks.edit_quality import KINDS, World, stage_one
 from pipeline.batch.curate import CurateConfig, DatasetConfig, judge, select_best
 from pipeline.engine.config import PTIConfig
@@ -199,8 +199,7 @@ def write_markdown(result: dict, args, path: Path) -> None:
     lines = [
         "# Curation on the rendered world: does the filter keep right edits?",
         "",
-        f"Measured by `python -m benchmarks.curation {' '.join(args.argv)}` on {platform.machine()} "
-        f"({torch.get_num_threads()} CPU threads, torch {torch.__version__}): model `{args.model}`, "
+        measured_by("benchmarks.curation", args.argv) + f": model `{args.model}`, "
         f"scorer `{args.scorer}`, {args.images} held-out scenes, colour and shape edits at etas "
         f"{', '.join(f'{e:g}' for e in args.etas)}, PTI T={args.steps}, K={args.inner_steps}, "
         f"w={args.guidance:g}. "

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.common import measured_by
 from pipeline.engine import algorithm
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
@@ -525,8 +525,7 @@ def write_markdown(result: dict, args, path: Path) -> None:
     lines = [
         "# Edit quality on the rendered world",
         "",
-        f"Measured by `python -m benchmarks.edit_quality {' '.join(args.argv)}` on {platform.machine()} "
-        f"({torch.get_num_threads()} CPU threads, torch {torch.__version__}), model `{args.model}`, "
+        measured_by("benchmarks.edit_quality", args.argv) + f", model `{args.model}`, "
         f"{args.images} held-out scenes, T={args.steps}, K={args.inner_steps}, lr={args.lr}, "
         f"blend threshold {args.blend_threshold:g}.",
         "",

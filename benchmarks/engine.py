@@ -395,8 +395,7 @@ def flops_table(report: dict) -> str:
     """``flops_report`` as a Markdown table (piece, TFLOP, how it is counted), and a note on
     attention control."""
     T, K, side = report["steps"], report["inner_steps"], report["resolution"]
-    family = report["family"]
-    pooled = family in ("sdxl", "sd3")
+    family, pooled = report["family"], report["pooled_dim"] is not None
     length, width = report["embedding"]
     denoiser = "transformer" if family == "sd3" else "UNet"
     fb_how = "counted; fused attention, whose backward recomputes the scores"

@@ -231,13 +231,7 @@ def load_stable_diffusion(
     for module in (unet, vae, text_encoder, second.get("text_encoder_2"), second.get("text_encoder_3")):
         if module is not None:
             module.requires_grad_(False).eval().to(torch_device)
-    widths = {  # the pooled embedding travels as a last row of the token embeddings (join_pooled)
-        "sdxl": lambda: (second["text_encoder_2"].config.projection_dim, unet.config.cross_attention_dim),
-        "sd3": lambda: (unet.config.pooled_projection_dim, unet.config.joint_attention_dim),
-    }
-    if family in widths and widths[family]()[0] > widths[family]()[1]:
-        raise ModelError(f"model {ref!r}: its pooled embedding is wider than its token embeddings")
-    return StableDiffusion(
+    sd = StableDiffusion(
         unet,
         vae,
         text_encoder,
@@ -249,6 +243,10 @@ def load_stable_diffusion(
         fingerprint_files(folder),
         **second,
     )
+    # The pooled embedding travels as a last row of the token embeddings (join_pooled).
+    if sd.pooled_dim is not None and sd.pooled_dim > sd.token_embedding_shape[1]:
+        raise ModelError(f"model {ref!r}: its pooled embedding is wider than its token embeddings")
+    return sd
 
 
 class NoisePredictor:

@@ -124,13 +124,14 @@ TINY_UNET = dict(
 )
 
 
-def _tiny_vae(sample_size: int = 64):
+def tiny_vae(sample_size: int = 64, latent_channels: int = 4):
+    """A small VAE with SD's 8x downsampling (SD3's has 16 latent channels)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=sample_size,
         layers_per_block=1,
         block_out_channels=(16, 16, 32, 32),
@@ -166,8 +167,8 @@ def build_tiny_model(folder: Path | str, seed: int = 0, hidden_size: int = 32, f
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
-    vae = _tiny_vae()
-    vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=latent_statistics(vae)[1])
     save_checkpoint(folder, vae, text_encoder, tokenizer, unet)
     (folder / "README.md").write_text(
         f"Tiny Stable Diffusion with seeded random weights (seed {seed}), built by "
@@ -248,8 +249,8 @@ def build_tiny_sdxl(folder: Path | str, seed: int = 0, hidden_size: int = 32) ->
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
-    vae = _tiny_vae()
-    vae.register_to_config(scaling_factor=_unit_latent_scale(vae))
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=latent_statistics(vae)[1])
     scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler config
         beta_start=0.00085,
         beta_end=0.012,
@@ -290,8 +291,9 @@ def photographs(size: int, count: int = 3) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _unit_latent_scale(vae) -> float:
-    """The VAE's ``scaling_factor``, chosen as Stable Diffusion's was: one over the standard
-    deviation of the latents of real photographs (scikit-image's), so latents have unit scale."""
-    pixels = photographs(vae.config.sample_size)
-    return float(1 / vae.encode(2 * pixels - 1).latent_dist.mean.std())
+def latent_statistics(vae) -> tuple[float, float]:
+    """The mean and one over the standard deviation of real photographs' latents (scikit-image's):
+    a VAE's ``shift_factor`` and ``scaling_factor``, chosen as SD3's and Stable Diffusion's were,
+    so latents have zero mean (SD3) and unit scale."""
+    latents = vae.encode(2 * photographs(vae.config.sample_size) - 1).latent_dist.mean
+    return float(latents.mean()), float(1 / latents.std())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.world.tiny import TINY_WORDS, photographs, tiny_text_model
+from pipeline.world.tiny import TINY_WORDS, latent_statistics, tiny_text_model, tiny_vae
 
 
 def t5_tokenizer(words: tuple[str, ...] = tuple(TINY_WORDS)):
@@ -47,30 +47,6 @@ def _tiny_t5(vocab_size: int, width: int):
     )
 
 
-def _tiny_vae16():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        sample_size=64,
-        layers_per_block=1,
-        block_out_channels=(16, 16, 32, 32),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-
-
-@torch.no_grad()
-def _shift_and_scale(vae) -> tuple[float, float]:
-    """SD3's VAE normalisation, chosen as its ``shift_factor`` and ``scaling_factor`` were: the mean
-    and one over the standard deviation of real photographs' latents (scikit-image's)."""
-    latents = vae.encode(2 * photographs(vae.config.sample_size) - 1).latent_dist.mean
-    return float(latents.mean()), float(1 / latents.std())
-
-
 def build_tiny_sd3(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> Path:
     """Save a seeded random-weight SD3 of the real architecture, tiny, in diffusers layout with
     safetensors. Token embeddings: each CLIP's ``hidden_size / 2`` side by side, zero-padded to T5's
@@ -101,8 +77,8 @@ def build_tiny_sd3(folder: Path | str, seed: int = 0, hidden_size: int = 32) -> 
         pooled_projection_dim=2 * half,
         pos_embed_max_size=8,
     )
-    vae = _tiny_vae16()
-    shift, scale = _shift_and_scale(vae)
+    vae = tiny_vae(latent_channels=16)
+    shift, scale = latent_statistics(vae)
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     StableDiffusion3Pipeline(
         transformer=transformer,
