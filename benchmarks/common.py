@@ -104,16 +104,18 @@ def reset_peak_resident() -> bool:
 
 
 def run_child(args: list[str], budget: float | None = None, env: dict | None = None, capture: bool = False):
-    """``python *args`` in a fresh process (so its peak memory is its own) and its own process
-    group, stopped with every process it started (compile workers, Ray) at ``budget`` seconds, or
-    when this run is cut off. Returns its ``status`` (done, failed or stopped), the ``reason``,
-    ``seconds`` and, with ``capture``, its ``stdout`` and ``stderr``."""
+    """``python *args`` in a fresh process (so its peak memory is its own). With a ``budget`` it runs
+    in its own process group and is stopped with every process it started (compile workers, Ray,
+    the cases of a benchmark it runs) at ``budget`` seconds, or when this run is cut off. Returns its
+    ``status`` (done, failed or stopped), the ``reason``, ``seconds`` and, with ``capture``, its
+    ``stdout`` and ``stderr``."""
     started = time.perf_counter()
     pipe = subprocess.PIPE if capture else None
     # Its own process group, in the run's session: a session ends with its command, so a child
     # outlives neither its budget nor a run killed outright.
+    group = 0 if budget is not None else None
     child = subprocess.Popen(
-        [sys.executable, *args], process_group=0, env=env, stdout=pipe, stderr=pipe, text=True
+        [sys.executable, *args], process_group=group, env=env, stdout=pipe, stderr=pipe, text=True
     )
     try:
         stdout, stderr = child.communicate(timeout=budget)
@@ -123,20 +125,54 @@ def run_child(args: list[str], budget: float | None = None, env: dict | None = N
         stdout = stderr = None
         status = {"status": "stopped", "reason": f"over its budget of {budget:.0f} s"}
     finally:  # over its budget, or the run cut off (SIGTERM, ^C): nothing of it runs on
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it and everything it started have already ended
+        if group is not None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it and everything it started have already ended
+        else:
+            child.kill()
         child.wait()
     return {**status, "seconds": time.perf_counter() - started, "stdout": stdout, "stderr": stderr}
 
 
-def child_result(args: list[str]) -> dict:
-    """The JSON that ``python *args`` prints last (a case in its own process); its error if it fails."""
+def child_rows(args: list[str]) -> list[dict]:
+    """The JSON lines that ``python *args`` prints (a benchmark's cases in their own process); its
+    error if it fails."""
     done = run_child(args, capture=True)
     if done["status"] != "done":
         raise RuntimeError(f"{' '.join(args)} failed:\n{done['stderr'][-3000:]}")
-    return json.loads(done["stdout"].strip().splitlines()[-1])
+    return [json.loads(line) for line in done["stdout"].splitlines() if line.startswith("{")]
+
+
+def write_rows(path: str | Path | None, rows: list[dict]) -> None:
+    """Append ``rows`` to ``path`` as JSON lines (nothing without a path), and print them."""
+    for row in rows:
+        print(json.dumps(row, default=str), flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every whole JSON line of ``path`` (a process killed mid-write leaves a partial last line)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def pti_settings(items: list[str]) -> dict:
+    """``pti.FIELD=VALUE`` items (or ``FIELD=VALUE``) read as the jobs read ``--set`` (``RunConfig.load``:
+    the same typing, bounds and errors): the fields they set, with their values."""
+    from pipeline.batch.config import RunConfig
+
+    items = [item if item.startswith("pti.") else f"pti.{item}" for item in items if item]
+    pti = RunConfig.load(None, items).pti
+    return {name: getattr(pti, name) for name in (item[4:].partition("=")[0] for item in items)}
 
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
@@ -152,6 +188,15 @@ def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+FINDINGS = "<!-- findings: kept across runs -->"
+
+
+def write_page(path: Path, text: str) -> None:
+    """Write a results page; what was written by hand below its ``FINDINGS`` marker survives."""
+    kept = path.read_text().split(FINDINGS, 1)[1] if path.exists() and FINDINGS in path.read_text() else "\n"
+    path.write_text(text + "\n" + FINDINGS + kept)
 
 
 def append_record(module: str, title: str, body: str, record: Path = RECORD) -> None:

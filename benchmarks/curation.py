@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.common import measured_by
+from benchmarks.common import markdown_table, measured_by
 from benchmarks.edit_quality import KINDS, World, stage_one
 from pipeline.batch.curate import CurateConfig, DatasetConfig, judge, select_best
 from pipeline.engine.config import PTIConfig
@@ -182,16 +182,19 @@ def measure(rows: list[dict]) -> dict:
     }
 
 
-def percent(x) -> str:
-    return "-" if x is None else f"{100 * x:.0f} %"
-
-
-def quality_row(name: str, q: dict) -> str:
-    return (
-        f"| {name} | {q['edits']} | {percent(q['base_rate'])} | {q['kept']} | {percent(q['precision'])} | "
-        f"{percent(q['recall'])} | {percent(q['wrong_kept'])} | {q['selected_right']} of "
-        f"{q['targets_selected']} ({q['targets_with_a_right_edit']} of {q['targets']} have one) |"
-    )
+QUALITY_COLUMNS = {
+    "thresholds": "thresholds",
+    "edits": "edits",
+    "base_rate": "right (base rate)",
+    "kept": "kept",
+    "precision": "precision",
+    "recall": "recall",
+    "wrong_kept": "wrong kept",
+    "selected_right": "selected right",
+    "targets_selected": "targets with a kept edit",
+    "targets_with_a_right_edit": "targets with a right edit",
+    "targets": "targets",
+}
 
 
 def write_markdown(result: dict, args, path: Path) -> None:
@@ -214,22 +217,27 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "",
         "Each score alone (ROC AUC: the chance that a right edit outscores a wrong one; 0.5 is chance):",
         "",
-        "| score | AUC |",
-        "| --- | --- |",
-        *(f"| `{name}` | {'-' if auc is None else f'{auc:.2f}'} |" for name, auc in m["auc"].items()),
+        markdown_table(
+            [{"score": f"`{k}`", "auc": v} for k, v in m["auc"].items()], {"score": "score", "auc": "AUC"}
+        ),
         "",
         "The filter (precision: right among kept, against the base rate, the precision of keeping "
         "everything; recall: the share of right edits kept; wrong kept: the share of wrong edits "
         "kept) and best-of-one selection per (scene, target) (`curate.select_best`: how many of the "
         "targets with a kept edit get a right one, and how many targets have a right edit at all):",
         "",
-        "| thresholds | edits | right (base rate) | kept | precision | recall | wrong kept "
-        "| selected right |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        quality_row("InstructPix2Pix's, all scenes", m["instructpix2pix"]),
-        *(quality_row(f"InstructPix2Pix's, {kind} edits", q) for kind, q in m["by_kind"].items()),
-        quality_row("InstructPix2Pix's, second half", m["instructpix2pix_test_half"]),
-        quality_row("fitted on the first half, second half", m["fitted"]),
+        markdown_table(
+            [
+                {"thresholds": "InstructPix2Pix's, all scenes", **m["instructpix2pix"]},
+                *(
+                    {"thresholds": f"InstructPix2Pix's, {kind} edits", **q}
+                    for kind, q in m["by_kind"].items()
+                ),
+                {"thresholds": "InstructPix2Pix's, second half", **m["instructpix2pix_test_half"]},
+                {**m["fitted"], "thresholds": "fitted on the first half, second half"},
+            ],
+            QUALITY_COLUMNS,
+        ),
         "",
         "Fitted thresholds: "
         + ", ".join(f"`min_{k}` {v:g}" for k, v in m["fitted"]["thresholds"].items())

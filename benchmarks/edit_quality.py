@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import measured_by
+from benchmarks.common import markdown_table, measured_by, write_page
 from pipeline.engine import algorithm
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
@@ -48,7 +48,6 @@ from pipeline.io.sheets import contact_sheet
 from pipeline.world import scenes as world
 
 SHIPPED_MODEL = "models/shapes-sd"
-NOTES_MARKER = "<!-- findings: kept across runs -->"
 KINDS = ("colour", "shape")
 EXAMPLE_SCENES = 4
 # The quality bar, for colour edits: share reaching the target colour, object IoU, background PSNR.
@@ -342,9 +341,7 @@ def run(args) -> dict:
 
 def variant(row: dict) -> str:
     """A row's control as a label: ``none``, ``auto``, ``auto + blend``."""
-    if row["control"] == "none":
-        return "none"
-    return row["control"] + (" + blend" if row["local_blend"] else "")
+    return Control(row["control"], bool(row["local_blend"])).label()
 
 
 def curve_of(row: dict) -> tuple:
@@ -420,36 +417,42 @@ def write_examples(result: dict, guidance: float, eta: float, path: Path) -> Non
     contact_sheet(sheet).save(path)
 
 
-def control_cells(r: dict) -> str:
-    """The control columns of a Markdown row."""
-    if r["control"] == "none":
-        return "none | | | "
-    blend = "on" if r["local_blend"] else "off"
-    return f"{r['control']} | {blend} | {r['cross_replace_steps']:g} | {r['self_replace_steps']:g}"
+EDIT_COLUMNS = {
+    "method": "method",
+    "guidance": "w",
+    "control": "control",
+    "blend": "blend",
+    "cross_replace_steps": "cross",
+    "self_replace_steps": "self",
+    "kind": "edit",
+    "eta": "eta",
+    "editability": "editability",
+    "object_iou": "object IoU",
+    "background_psnr": "background PSNR (dB)",
+    "colour_kept": "colour kept",
+    "blend_mask_fraction": "blend mask share",
+    "blend_object_cover": "object cells in mask",
+    "edit_unet_evaluations_per_edit": "UNet evals per edit",
+    "edit_seconds_per_edit": "s per edit",
+}
+STAGE_ONE_COLUMNS = {
+    "method": "method",
+    "guidance": "w",
+    "reconstruction_psnr": "reconstruction PSNR",
+    "reconstruction_ssim": "reconstruction SSIM",
+    "reconstruction_object_iou": "reconstruction object IoU",
+    "reconstruction_background_psnr": "reconstruction background PSNR",
+    "stage1_unet_calls_per_image": "stage-1 UNet calls per image",
+    "stage1_seconds_per_image": "stage-1 s/image",
+}
 
 
-def edit_table(rows: list[dict], with_method: bool = True) -> list[str]:
-    head = "| method | w | " if with_method else "| "
-    lines = [
-        head
-        + "control | blend | cross | self | edit | eta | editability | object IoU | background PSNR (dB) "
-        "| colour kept | blend mask share | object cells in mask | UNet evals per edit | s per edit |",
-        "|" + " --- |" * (14 + 2 * with_method),
+def edit_table(rows: list[dict], columns: dict = EDIT_COLUMNS) -> str:
+    """The edits' rows as a table, local blend shown as on or off (blank for plain edits)."""
+    blends = [
+        {"blend": None if r["control"] == "none" else ("on" if r["local_blend"] else "off")} for r in rows
     ]
-    for r in rows:
-        kept = "" if r["colour_kept"] is None else f"{r['colour_kept']:.2f}"
-        blend = (
-            f"{r['blend_mask_fraction']:.2f} | {r['blend_object_cover']:.2f}"
-            if "blend_mask_fraction" in r
-            else " | "
-        )
-        lines.append(
-            (f"| {r['method']} | {r['guidance']:g} | " if with_method else "| ")
-            + f"{control_cells(r)} | {r['kind']} | {r['eta']:g} | {r['editability']:.2f} | "
-            f"{r['object_iou']:.3f} | {r['background_psnr']:.1f} | {kept} | {blend} | "
-            f"{r['edit_unet_evaluations_per_edit']:.0f} | {r['edit_seconds_per_edit']:.3f} |"
-        )
-    return lines
+    return markdown_table([r | b for r, b in zip(rows, blends)], columns)
 
 
 def ceiling_lines(ceiling: dict, rows: list[dict]) -> list[str]:
@@ -474,50 +477,17 @@ def ceiling_lines(ceiling: dict, rows: list[dict]) -> list[str]:
     ]
 
 
-def stage_one_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| method | w | reconstruction PSNR | reconstruction SSIM | reconstruction object IoU "
-        "| reconstruction background PSNR | stage-1 UNet calls per image | stage-1 s/image |",
-        "|" + " --- |" * 8,
-    ]
-    for method, guidance in dict.fromkeys((r["method"], r["guidance"]) for r in rows):
-        r = next(r for r in rows if r["method"] == method and r["guidance"] == guidance)
-        lines.append(
-            f"| {method} | {guidance:g} | {r['reconstruction_psnr']:.2f} | {r['reconstruction_ssim']:.3f} | "
-            f"{r['reconstruction_object_iou']:.3f} | {r['reconstruction_background_psnr']:.1f} | "
-            f"{r['stage1_unet_calls_per_image']:.0f} | "
-            f"{r['stage1_seconds_per_image']:.2f} |"
-        )
-    return lines
-
-
 def closest_to_bar(rows: list[dict]) -> list[dict]:
     """Per (method, w, control): the colour edit setting that meets the editability of the bar with
-    the highest object IoU, else the most editable one."""
+    the highest object IoU, else the most editable one; and whether it meets the whole bar."""
     best = {}
     for r in (r for r in rows if r["kind"] == "colour"):
-        key = (r["method"], r["guidance"], control_cells(r))
-        rank = (
-            r["editability"] >= BAR["editability"],
-            r["object_iou"] if r["editability"] >= BAR["editability"] else 0,
-        )
+        key = (r["method"], r["guidance"], *curve_of(r)[1:])
+        reached = r["editability"] >= BAR["editability"]
+        rank = (reached, r["object_iou"] if reached else 0)
         if key not in best or rank > best[key][0]:
             best[key] = (rank, r)
-    return [r for _, r in best.values()]
-
-
-def bar_lines(rows: list[dict]) -> list[str]:
-    lines = [
-        f"Closest to the quality bar (colour edits: target colour in >= {BAR['editability']:.0%}, object IoU "
-        f">= {BAR['object_iou']}, background PSNR >= {BAR['background_psnr']:g} dB): per method, w and "
-        "control, the eta that reaches the editability with the best object IoU (else the most editable).",
-        "",
-    ]
-    table = edit_table(closest_to_bar(rows))
-    met = ["yes" if all(r[k] >= v for k, v in BAR.items()) else "no" for r in closest_to_bar(rows)]
-    lines += [table[0] + " bar met |", table[1] + " --- |"]
-    lines += [line + f" {m} |" for line, m in zip(table[2:], met)]
-    return lines
+    return [r | {"met": "yes" if all(r[k] >= v for k, v in BAR.items()) else "no"} for _, r in best.values()]
 
 
 def write_markdown(result: dict, args, path: Path) -> None:
@@ -541,13 +511,17 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "",
         *ceiling_lines(result["ceiling"], rows),
         "",
-        *bar_lines(rows),
+        f"Closest to the quality bar (colour edits: target colour in >= {BAR['editability']:.0%}, object "
+        f"IoU >= {BAR['object_iou']}, background PSNR >= {BAR['background_psnr']:g} dB): per method, w and "
+        "control, the eta that reaches the editability with the best object IoU (else the most editable).",
+        "",
+        edit_table(closest_to_bar(rows), EDIT_COLUMNS | {"met": "bar met"}),
         "",
         "All settings:",
         "",
-        *edit_table(rows),
+        edit_table(rows),
         "",
-        *stage_one_table(rows),
+        markdown_table(list({(r["method"], r["guidance"]): r for r in rows}.values()), STAGE_ONE_COLUMNS),
         "",
     ]
     if result["sweep"]:
@@ -556,7 +530,7 @@ def write_markdown(result: dict, args, path: Path) -> None:
             f"Step fractions ({sweep[0]['method']}, control auto without blend, w={sweep[0]['guidance']:g}, "
             f"eta={sweep[0]['eta']:g}):",
             "",
-            *edit_table(sweep, with_method=False),
+            edit_table(sweep, {k: v for k, v in EDIT_COLUMNS.items() if k not in ("method", "guidance")}),
             "",
         ]
     lines += [
@@ -570,13 +544,7 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "![examples](quality-examples.png)",
         "",
     ]
-    # Findings written by hand below the marker survive a re-run.
-    kept = (
-        path.read_text().split(NOTES_MARKER, 1)[1]
-        if path.exists() and NOTES_MARKER in path.read_text()
-        else "\n"
-    )
-    path.write_text("\n".join(lines) + "\n" + NOTES_MARKER + kept)
+    write_page(path, "\n".join(lines))
 
 
 def write_results(result: dict, args) -> None:

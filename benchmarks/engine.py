@@ -3,30 +3,29 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
 
     python -m benchmarks.engine                          # tiny random model, CPU, batches 1 2 4 8
     python -m benchmarks.engine --levers                 # each lever against the baseline, same run
-    python -m benchmarks.engine --model sd15 --batches 1 --steps 1 --inner-steps 1 --edits 1
+    python -m benchmarks.engine --model sd15 --batches 1 --edits 1 --set pti.steps=1 pti.inner_steps=1
                                                          # SD 1.5's architecture at 512x512 on the CPU
-    python -m benchmarks.engine --model sd15 --dtype bfloat16 --batches 1 2 4 8    # on a GPU
-    python -m benchmarks.engine --model sd15 --dtype bfloat16 --timed-steps 3      # 3 of 50 steps timed
+    python -m benchmarks.engine --model sd15 --dtype bfloat16 float16 --timed-steps 3   # on a GPU:
+                                                         # 3 of 50 steps timed, both dtypes
     python -m benchmarks.engine --model sdxl --dtype bfloat16 --batches 1 --timed-steps 3
-                                                         # SDXL's architecture at 1024x1024, on a GPU
     python -m benchmarks.engine --control --batches 1   # stage 2 under attention control against plain,
                                                         # at 1, 4 and 8 edits per image
     python -m benchmarks.engine --model sdxl --flops-only   # FLOPs per forward and per stage, counted
-    python -m benchmarks.engine --model sd15 --flops-only   # on the meta device in seconds (no GPU);
-                                                            # sdxl without CUDA defaults to it
+                                                            # on the meta device in seconds (no GPU)
 
-``sd15`` and ``sdxl`` are Stable Diffusion 1.5's and SDXL base 1.0's architectures built from their
-public configs with seeded random weights (nothing is downloaded; cost does not depend on the
-weights). Utilisation is the FLOPs that ``torch.utils.flop_counter`` counts in the tuning loop
-(forward and backward) over its seconds, against the matmul peak measured on the same device in
-the same run. Every case runs in a fresh process, so its peak memory is its own, and each stage's
-peak is counted from the stage's start (CUDA: peak allocated; CPU: peak resident set, reset
-through ``/proc/self/clear_refs``). Attention control (``--control``): each image's source branch
-runs beside its ``n`` edits, so an edit costs ``2T (n + 1) / n`` UNet evaluations against plain
-editing's ``2T``. ``--flops-only`` builds the architecture on the meta device (shapes, no memory)
-and counts one UNet forward, one forward and backward to the embedding, the VAE and the text
-encoding, and from them stage 1 and one edit by ALGORITHM.md's counts (``flops_report``).
-Results print as a table and are appended to ``docs/benchmarks.md``.
+``--set pti.FIELD=VALUE`` sets the engine's config as the jobs' ``--set`` does (default: PTIConfig's,
+T=50, K=10). ``sd15``, ``sdxl``, ``sd35-medium`` and ``sd35-large`` are the published architectures
+with seeded random weights (nothing is downloaded; cost does not depend on the weights). FLOPs are
+counted once per model on the meta device (``count_pieces``) and priced by ALGORITHM.md's formula
+(``PTIConfig.flops``, ``priced``) at the evaluations each case measured; utilisation is stage 1's
+FLOP/s against the matmul peak measured on the same device in the same run. The cases of one model
+and dtype run in one fresh process, one after another on the model it loads (a lever other than the
+baseline gets a process of its own: it may change the model); each stage's peak memory is counted
+from the stage's start (CUDA: peak allocated; CPU: peak resident set, reset through
+``/proc/self/clear_refs``). Attention control (``--control``): each image's source branch runs
+beside its ``n`` edits, so an edit costs ``2T (n + 1) / n`` UNet evaluations against plain editing's
+``2T``. Results print as a table, are appended to ``docs/benchmarks.md``, and with ``--jsonl FILE``
+go to FILE as JSON lines, one per case as it ends (``benchmarks.gpu_check`` reads them).
 """
 
 from __future__ import annotations
@@ -42,12 +41,15 @@ from torch.overrides import TorchFunctionMode
 
 from benchmarks.common import (
     append_record,
-    child_result,
+    child_rows,
+    machine,
     markdown_table,
     model_folder,
     peak_resident_mb,
+    pti_settings,
     reset_peak_resident,
     resident_mb,
+    write_rows,
 )
 
 PROMPTS = ("a photo of a cat", "a watercolor painting", "a photo of a dog wearing a hat", "a pencil sketch")
@@ -56,7 +58,6 @@ PROMPTS = ("a photo of a cat", "a watercolor painting", "a photo of a dog wearin
 CONTROL_SOURCE = "a photo of a dog"
 # (control, local blend) of the attention-control cases; the first is plain editing.
 CONTROLS = (("none", False), ("auto", False), ("auto", True))
-
 
 # --- models ----------------------------------------------------------------------------------
 
@@ -234,12 +235,7 @@ LEVERS = {  # name -> (what it changes, applied before stage 1, applied before s
 }
 
 
-# --- one case, in its own process ------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# --- counting FLOPs ---------------------------------------------------------------------------
 
 
 def _register_cpu_attention_flops() -> None:
@@ -261,38 +257,6 @@ def _register_cpu_attention_flops() -> None:
         grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
     ) -> int:
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-def count_flops(engine, pixels: torch.Tensor, sources: list) -> dict[str, int]:
-    """FLOPs of the VAE (encode, decode, and both as ``vae``), the inversion and the tuning loop,
-    counted on a run equal to the timed one (same seed and inputs, so early stop takes the same
-    steps, and the same schedule)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.engine import algorithm
-    from pipeline.engine.text import encode_prompts
-
-    _register_cpu_attention_flops()
-    cfg = engine.config
-    torch.manual_seed(cfg.seed)
-    with FlopCounterMode(display=False) as encoding:
-        z0 = engine.encode_images(pixels)
-    with FlopCounterMode(display=False) as decoding:
-        engine.decode_latents(z0)
-    src = encode_prompts(engine.sd, [p or "" for p in sources])
-    null = engine.null.expand(len(z0), -1, -1)
-    with FlopCounterMode(display=False) as inverting:
-        trajectory = algorithm.invert(engine.eps, z0, src, null, engine.schedule, cfg.inversion_guidance)
-    with FlopCounterMode(display=False) as tuning, torch.enable_grad():
-        options = cfg.tuning_options()
-        algorithm.tune_prompt_embeddings(engine.eps, trajectory, src, null, engine.schedule, options)
-    return {
-        "encode": encoding.get_total_flops(),
-        "decode": decoding.get_total_flops(),
-        "vae": encoding.get_total_flops() + decoding.get_total_flops(),
-        "invert": inverting.get_total_flops(),
-        "tune": tuning.get_total_flops(),
-    }
 
 
 # --- FLOPs without running: the meta device ---------------------------------------------------
@@ -366,25 +330,26 @@ def count_pieces(sd, fused_attention: bool = True, prompt: str = PROMPTS[0]) -> 
 
 
 def flops_report(sd, steps: int, inner_steps: int, unfused: bool = False) -> dict:
-    """The counted pieces (``count_pieces``) and what ALGORITHM.md makes of them per image and per
-    edit, without early stop: stage 1 = VAE encode + T f (inversion at guidance 1: one branch) +
-    T (2 f + K fb) (tuning: the fixed branch once per timestep, K forward-backwards, the final
-    move) + decode (the reconstruction); one edit = T 2f (both guidance branches) + decode + one
-    target prompt's text encoding. ``unfused``: also count ``fb`` with unfused (math) attention."""
+    """The counted pieces (``count_pieces``) and what ALGORITHM.md's formula (``PTIConfig.flops``)
+    makes of them without early stop: ``stage1`` per image (of it, ``inversion`` T f and ``tuning``
+    T (2f + K fb)) and ``edit``, one edit. ``unfused``: also count ``fb`` with unfused attention."""
+    from pipeline.engine.config import PTIConfig
+
     pieces = count_pieces(sd)
-    f, fb, T, K = pieces["forward"], pieces["forward_backward"], steps, inner_steps
+    cost = PTIConfig(steps=steps, inner_steps=inner_steps).flops(pieces)
+    vae, inversion = pieces["encode"] + pieces["decode"], steps * pieces["forward"]
     report = dict(
         pieces,
         family=sd.family,
         resolution=sd.resolution,
-        steps=T,
-        inner_steps=K,
+        steps=steps,
+        inner_steps=inner_steps,
         pooled_dim=sd.pooled_dim,
-        vae=pieces["encode"] + pieces["decode"],
-        inversion=T * f,
-        tuning=T * (2 * f + K * fb),
-        stage1=pieces["encode"] + T * f + T * (2 * f + K * fb) + pieces["decode"],
-        edit=T * 2 * f + pieces["decode"] + pieces["text"],
+        vae=vae,
+        inversion=inversion,
+        tuning=cost["stage_one"] - vae - inversion,
+        stage1=cost["stage_one"],
+        edit=cost["stage_two"],
     )
     if unfused:
         report["forward_backward_unfused"] = count_pieces(sd, fused_attention=False)["forward_backward"]
@@ -430,20 +395,12 @@ def flops_table(report: dict) -> str:
     return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
-def flops_only(args) -> None:
-    """``--flops-only``: the model's architecture on the meta device, counted, printed and recorded."""
-    started = time.perf_counter()
-    report = flops_report(meta_model(args.model), args.steps, args.inner_steps, unfused=True)
-    side = report["resolution"]
-    setting = (
-        f"model `{args.model}` at {side}x{side}, T={args.steps}, K={args.inner_steps}, one image "
-        f"(batch row 1), no early stop; counted on the meta device (`torch.utils.flop_counter` on "
-        f"the real architecture, no weights, nothing computed; {time.perf_counter() - started:.0f} s)"
-    )
-    table = flops_table(report)
-    print(f"\n{setting}\n\n{table}")
-    if args.record:
-        append_record("benchmarks.engine", f"Engine FLOPs, counted: `{args.model}`", f"{setting}.\n\n{table}")
+# --- one case ----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -502,31 +459,41 @@ def timed_text_encoding(engine, prompts: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def flops_only(args, pti: dict) -> None:
+    """``--flops-only``: the model's architecture on the meta device, counted, printed and recorded."""
+    from pipeline.engine.config import PTIConfig
+
+    started, config = time.perf_counter(), PTIConfig(**pti)
+    report = flops_report(meta_model(args.model), config.steps, config.inner_steps, unfused=True)
+    side = report["resolution"]
+    setting = (
+        f"model `{args.model}` at {side}x{side}, T={config.steps}, K={config.inner_steps}, one image "
+        f"(batch row 1), no early stop; counted on the meta device (`torch.utils.flop_counter` on "
+        f"the real architecture, no weights, nothing computed; {time.perf_counter() - started:.0f} s)"
+    )
+    table = flops_table(report)
+    print(f"\n{setting}\n\n{table}")
+    if args.record:
+        append_record("benchmarks.engine", f"Engine FLOPs, counted: `{args.model}`", f"{setting}.\n\n{table}")
+
+
 def run_case(case: dict, sd=None) -> dict:
     """Stage 1 on ``batch`` photographs and stage 2 on ``edits`` edits of each, timed after a
     one-step warm-up of both (allocator, kernels, and compilation where it is on).
 
-    With ``timed_steps`` (fewer than ``steps``), the first that many steps of the ``steps``-step
-    schedule are timed and the per-step parts (inversion, tuning, sampling: seconds, UNet
-    evaluations, FLOPs) are scaled to all ``steps`` (``first_steps``); encoding and decoding are
-    not. ``sd``: the case's model already loaded (its model, device and dtype), else it is loaded.
-    ``control`` and ``local_blend`` (optional) edit under attention control, from ``source``.
+    ``pti``: PTIConfig fields. With ``timed_steps`` (fewer than T), the first that many steps of the
+    T-step schedule are timed and the per-step parts (inversion, tuning, sampling: seconds and UNet
+    evaluations) are scaled to all T (``first_steps``); encoding and decoding are not. ``sd``: the
+    case's model already loaded, else it is loaded. ``control`` and ``local_blend`` (optional) edit
+    under attention control, from ``source``.
     """
     from pipeline.engine.config import PTIConfig
     from pipeline.engine.engine import Engine
     from pipeline.world.tiny import photographs
 
     sd = sd or load_model(case["model"], case["device"], case["dtype"])
-    config = PTIConfig(
-        model=case["model"],
-        steps=case["steps"],
-        inner_steps=case["inner_steps"],
-        lr=case["lr"],
-        early_stop=not case["no_early_stop"],
-        control=case.get("control", "none"),
-        local_blend=case.get("local_blend", False),
-        progress=False,
-    )
+    config = PTIConfig(**{"progress": False, "model": case["model"], **case.get("pti", {})})
+    config = config.replace(control=case.get("control", "none"), local_blend=case.get("local_blend", False))
     steps, timed = config.steps, min(case.get("timed_steps") or config.steps, config.steps)
     _, before_one, before_two = LEVERS[case["lever"]]
     engine, warm = Engine(sd, config), Engine(sd, config.replace(steps=1))
@@ -541,11 +508,10 @@ def run_case(case: dict, sd=None) -> dict:
     fan = [(b, PROMPTS[k % len(PROMPTS)], 0.8) for b in range(batch) for k in range(case["edits"])]
     rows, targets, etas = zip(*fan)
     plans = {e: attention_plans(e, sources[0], targets) for e in (warm, engine)}
-    loaded_mb = resident_mb()
+    loaded_mb = resident_mb() if sd.device.type == "cpu" else torch.cuda.memory_allocated() / 2**20
 
     for e in (warm, engine):
-        if e is engine:
-            _reset_peak_memory(sd.device)
+        _reset_peak_memory(sd.device)
         _sync(sd.device)
         started = time.perf_counter()
         inversion = e.invert_and_tune(pixels, sources)
@@ -558,8 +524,7 @@ def run_case(case: dict, sd=None) -> dict:
         stage_one_peak = _peak_memory_mb(sd.device)
         if before_two:
             before_two(e)
-        if e is engine:
-            _reset_peak_memory(sd.device)
+        _reset_peak_memory(sd.device)
         decodes.clear()
         started = time.perf_counter()
         e.edit(inversion, rows, targets, etas, plans=plans[e])
@@ -571,43 +536,75 @@ def run_case(case: dict, sd=None) -> dict:
     # Stage 2's parts that do not repeat per step: decoding, and encoding the target prompts (timed
     # again apart, as edit() does it inside).
     fixed_two = sum(decodes) + timed_text_encoding(engine, list(targets))
-    result = {
+    scale = steps / timed
+    return {
         **case,
+        "steps": steps,
+        "inner_steps": config.inner_steps,
         "resolution": engine.resolution,
         "timed_steps": timed,
         "warmup_s": warmup,
         "stage1_s_per_image": (stage_one + per_step_one * (steps - timed) / timed) / batch,
-        "tune_s_per_image": inversion.seconds["tune"] * steps / timed / batch,
-        "stage1_calls": stage_one_calls * steps / timed,
-        "stage1_evals_per_image": stage_one_evals * steps / timed / batch,
+        "tune_s_per_image": inversion.seconds["tune"] * scale / batch,
+        "stage1_calls": stage_one_calls * scale,
+        "stage1_evals_per_image": stage_one_evals * scale / batch,
         "stage1_evals_timed_per_image": stage_one_evals / batch,
-        "inner_steps_taken": float(inversion.inner_steps.float().sum(1).mean()) * steps / timed,
-        "stage2_s_per_edit": (fixed_two + (stage_two - fixed_two) * steps / timed) / len(fan),
-        "stage2_calls": (engine.eps.calls - stage_one_calls) * steps / timed,
-        "stage2_evals_per_edit": (engine.eps.evaluations - stage_one_evals) * steps / timed / len(fan),
+        "inner_steps_taken": float(inversion.inner_steps.float().sum(1).mean()) * scale,
+        "stage2_s_per_edit": (fixed_two + (stage_two - fixed_two) * scale) / len(fan),
+        "stage2_calls": (engine.eps.calls - stage_one_calls) * scale,
+        "stage2_evals_per_edit": (engine.eps.evaluations - stage_one_evals) * scale / len(fan),
         "stage1_peak_mb": stage_one_peak,
         "stage2_peak_mb": _peak_memory_mb(sd.device),
-        "loaded_mb": loaded_mb if sd.device.type == "cpu" else torch.cuda.memory_allocated() / 2**20,
+        "loaded_mb": loaded_mb,
     }
-    if case["flops"]:
-        from torch.utils.flop_counter import FlopCounterMode
 
-        from pipeline.engine.text import encode_prompts
 
-        flops = count_flops(engine, pixels, sources)
-        result["vae_tflop_per_image"] = flops["vae"] / batch / 1e12
-        for part in ("invert", "tune"):
-            result[f"{part}_tflop_per_image"] = flops[part] * steps / timed / batch / 1e12
-        result["tune_tflops"] = flops["tune"] / 1e12 / inversion.seconds["tune"]
-        with FlopCounterMode(display=False) as editing:
-            engine.edit(inversion, rows, targets, etas, plans=plans[engine])
-        with FlopCounterMode(display=False) as texts:
-            encode_prompts(engine.sd, list(targets))
-        # Per edit, what does not repeat per step: one image decoded, one target prompt encoded.
-        fixed = flops["decode"] / batch + texts.get_total_flops() / len(fan)
-        sampling = editing.get_total_flops() / len(fan) - fixed
-        result["edit_tflop_per_edit"] = (fixed + sampling * steps / timed) / 1e12
-    return result
+def run_group(cases: list[dict]) -> None:
+    """The cases of one model, device and dtype on one loaded model, one JSON line each as it ends;
+    a case that fails (out of memory, a lever that does not fit) ends the group with its error."""
+    import gc
+    import traceback
+
+    sd = load_model(cases[0]["model"], cases[0]["device"], cases[0]["dtype"])
+    for case in cases:
+        try:
+            row = run_case(case, sd)
+        except Exception as exc:  # noqa: BLE001 - reported as the case's row
+            traceback.print_exc()
+            row = {**case, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print(json.dumps(row), flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if "error" in row:
+            return
+
+
+def groups_of(cases: list[dict]) -> list[list[int]]:
+    """The cases' indices by the process that runs them: the baseline cases of one model, device
+    and dtype together, every other lever alone (it may change the model it is given)."""
+    groups: dict = {}
+    for i, case in enumerate(cases):
+        shared = case["lever"] == "baseline"
+        key = (case["model"], case["device"], case["dtype"]) if shared else i
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def with_flops(row: dict, pieces: dict, peak: float) -> dict:
+    """A case's counted FLOPs at the evaluations it measured (``priced``: early stop counts), its
+    FLOP/s, and stage 1's share of the matmul ``peak``."""
+    from pipeline.engine.config import priced
+
+    evals, inner, steps = row["stage1_evals_per_image"], row["inner_steps_taken"], row["steps"]
+    stage_one = priced(pieces, evals, backward=inner, encodes=1, decodes=1) / 1e12
+    edit = priced(pieces, row["stage2_evals_per_edit"], decodes=1, prompts=1) / 1e12
+    tuning = priced(pieces, evals - steps, backward=inner) / 1e12  # all but inversion's T forwards
+    row = dict(row, stage1_tflop_per_image=stage_one, tune_tflop_per_image=tuning, edit_tflop_per_edit=edit)
+    row["stage1_tflops"] = stage_one / row["stage1_s_per_image"]
+    row["stage2_tflops"] = edit / row["stage2_s_per_edit"]
+    row["stage1_of_peak"] = f"{row['stage1_tflops'] / peak:.1%}"
+    return dict(row, peak_tflops=peak)
 
 
 # --- the peak, and the sweep ------------------------------------------------------------------
@@ -621,7 +618,7 @@ def matmul_peak_tflops(device: str, dtype: str, sizes: tuple[int, ...] | None = 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     best = 0.0
-    sizes = sizes or ((4096, 8192, 16384) if torch_device.type == "cuda" else (1024, 2048, 4096))
+    sizes = sizes or ((4096, 8192, 16384) if torch_device.type == "cuda" else (512, 1024, 2048))
     for n in sizes:
         a, b = (torch.randn(n, n, device=torch_device, dtype=torch_dtype) for _ in range(2))
         a @ b  # warm-up
@@ -632,25 +629,22 @@ def matmul_peak_tflops(device: str, dtype: str, sizes: tuple[int, ...] | None = 
                 a @ b
             _sync(torch_device)
             best = max(best, 3 * 2 * n**3 / (time.perf_counter() - started) / 1e12)
+    del a, b
+    if torch_device.type == "cuda":
+        torch.cuda.empty_cache()  # the cases' processes need the memory
     return best
 
 
 def best_of(runs: list[dict]) -> dict:
-    """The fastest time of each stage over repeated runs of one case (the FLOPs: the first run's)."""
+    """The fastest time of each stage over repeated runs of one case."""
     row = dict(runs[0])
     for key in ("stage1_s_per_image", "tune_s_per_image", "stage2_s_per_edit"):
         row[key] = min(r[key] for r in runs)
-    if "tune_tflop_per_image" in row:
-        row["tune_tflops"] = row["tune_tflop_per_image"] / row["tune_s_per_image"]
     return row
 
 
-def run_in_subprocess(case: dict) -> dict:
-    """One case in a fresh process, so its peak memory is its own."""
-    return child_result(["-m", "benchmarks.engine", "--case", json.dumps(case)])
-
-
 COLUMNS = {
+    "dtype": "dtype",
     "batch": "batch",
     "lever": "lever",
     "stage1_s_per_image": "stage 1 s/image",
@@ -659,12 +653,12 @@ COLUMNS = {
     "inner_steps_taken": "inner steps/image",
     "stage2_s_per_edit": "stage 2 s/edit",
     "stage2_evals_per_edit": "stage 2 UNet evals/edit",
-    "vae_tflop_per_image": "VAE TFLOP/image",
-    "invert_tflop_per_image": "inversion TFLOP/image",
-    "tune_tflop_per_image": "tuning TFLOP/image",
+    "stage1_tflop_per_image": "stage 1 TFLOP/image",
     "edit_tflop_per_edit": "stage 2 TFLOP/edit",
-    "tune_tflops": "tuning TFLOP/s",
-    "utilisation": "of peak",
+    "stage1_tflops": "stage 1 TFLOP/s",
+    "stage1_of_peak": "of peak",
+    "stage2_tflops": "stage 2 TFLOP/s",
+    "warmup_s": "warm-up s",
     "loaded_mb": "model loaded MB",
     "stage1_peak_mb": "stage 1 peak MB",
     "stage2_peak_mb": "stage 2 peak MB",
@@ -683,162 +677,136 @@ CONTROL_COLUMNS = {
 }
 
 
-def control_cases(base: dict, batch: int, edits: list[int]) -> list[dict]:
-    """Plain editing and each of ``CONTROLS`` at each count of edits per image, from one source."""
-    return [
-        dict(base, batch=batch, lever="baseline", edits=n, source=CONTROL_SOURCE, control=c, local_blend=b)
-        for n in edits
-        for c, b in CONTROLS
-    ]
-
-
-def control_table(rows: list[dict], steps: int) -> str:
+def control_table(rows: list[dict]) -> str:
     """Stage 2's cost under attention control, each case against plain editing at its edits per image."""
     from pipeline.engine.config import PTIConfig
 
     for row in rows:
         n, plain = row["edits"], row["control"] == "none"
         row["control_label"] = row["control"] + (" + blend" if row["local_blend"] else "")
-        cost = PTIConfig(steps=steps).unet_evaluations(edits=n, controlled=not plain)["stage_two"]
-        row["expected_evals_per_edit"] = cost / n
+        config = PTIConfig(steps=row["steps"])
+        row["expected_evals_per_edit"] = config.unet_evaluations(n, controlled=not plain)["stage_two"] / n
         baseline = next(r for r in rows if r["edits"] == n and r["control"] == "none")
         row["against_plain"] = f"x{row['stage2_s_per_edit'] / baseline['stage2_s_per_edit']:.2f}"
     return markdown_table(rows, CONTROL_COLUMNS)
+
+
+def cases_of(args, parser, pti: dict) -> tuple[str, list[dict]]:
+    """The run's title and cases: by batch and dtype, each lever at the largest batch, or each
+    control at each count of edits per image."""
+    base = dict(model=args.model, timed_steps=args.timed_steps, edits=args.edits, device=args.device, pti=pti)
+    batch = max(args.batches)
+    if args.levers is not None and args.control is not None:
+        parser.error("--levers and --control are separate runs: name one")
+    if args.control is not None:
+        cases = [
+            dict(
+                base,
+                dtype=d,
+                batch=batch,
+                lever="baseline",
+                edits=n,
+                source=CONTROL_SOURCE,
+                control=c,
+                local_blend=b,
+            )
+            for d in args.dtype
+            for n in args.control or [1, 4, 8]
+            for c, b in CONTROLS
+        ]
+        return "Engine cost under attention control", cases
+    if args.levers is not None:
+        runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
+        unknown = sorted(set(args.levers) - set(LEVERS))
+        if unknown:
+            parser.error(f"unknown lever(s): {', '.join(unknown)}")
+        levers = dict.fromkeys(["baseline", *(args.levers or runnable)])
+        return "Engine levers", [
+            dict(base, dtype=d, batch=batch, lever=n) for d in args.dtype for n in levers
+        ]
+    return "Engine cost by batch size", [
+        dict(base, dtype=d, batch=b, lever="baseline") for d in args.dtype for b in args.batches
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help="tiny, sd15, sdxl, or a checkpoint folder")
     parser.add_argument(
-        "--flops-only",
-        action="store_true",
-        help="count FLOPs per forward and per stage on the meta device, without running (the default "
-        "for sdxl without CUDA)",
+        "--model", default="tiny", help="tiny, sd15, sdxl, sd35-medium, or a checkpoint folder"
+    )
+    parser.add_argument("--set", nargs="+", default=[], metavar="pti.FIELD=VALUE", help="the engine's config")
+    parser.add_argument(
+        "--flops-only", action="store_true", help="count FLOPs on the meta device, run nothing"
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--inner-steps", type=int, default=10)
-    parser.add_argument(
-        "--timed-steps", type=int, help="time the first N steps and scale to --steps (see first_steps)"
-    )
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--timed-steps", type=int, help="time the first N steps, scaled to T (first_steps)")
     parser.add_argument("--edits", type=int, default=4, help="edits per image in stage 2 (targets x etas)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--no-early-stop", action="store_true")
+    parser.add_argument("--dtype", nargs="+", default=["auto"])
     parser.add_argument(
-        "--levers",
-        nargs="*",
-        metavar="LEVER",
-        help=f"compare levers at the largest batch (all if none named): {', '.join(LEVERS)}",
+        "--levers", nargs="*", metavar="LEVER", help=f"at the largest batch: {', '.join(LEVERS)}"
     )
     parser.add_argument(
         "--control",
         nargs="*",
         type=int,
         metavar="EDITS",
-        help="stage 2 under attention control (auto, without and with local blend) against plain, at "
-        "the largest batch and these edits per image (1 4 8 if none named)",
-    )
-    parser.add_argument(
-        "--no-flops", dest="flops", action="store_false", help="skip the FLOP count (a second run)"
+        help="attention control against plain (1 4 8 edits)",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each case, interleaved; the fastest counts"
     )
-    parser.add_argument(
-        "--no-record", dest="record", action="store_false", help="print only; do not append to docs/"
-    )
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a subprocess
+    parser.add_argument("--jsonl", help="also append each case's row to this file as a JSON line")
+    parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to docs/")
+    parser.add_argument("--cases", help=argparse.SUPPRESS)  # one group of cases, in a subprocess
     args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    if args.cases:
+        run_group(json.loads(args.cases))
         return
-    if args.model == "sdxl" and not args.flops_only and not torch.cuda.is_available():
-        print(
-            "--model sdxl without a CUDA device: SDXL's 2.6B-parameter UNet at 1024x1024 is impractical "
-            "on a CPU, so its FLOPs are counted on the meta device instead (--flops-only)"
-        )
-        args.flops_only = True
+    pti = pti_settings(args.set)
     if args.flops_only:
-        if args.levers is not None or args.control is not None:
-            parser.error(
-                "--flops-only counts the engine's pieces and stages: it takes no --levers or --control"
-            )
-        flops_only(args)
+        flops_only(args, pti)
         return
-
-    base = dict(
-        model=args.model,
-        steps=args.steps,
-        inner_steps=args.inner_steps,
-        timed_steps=args.timed_steps,
-        lr=args.lr,
-        edits=args.edits,
-        device=args.device,
-        dtype=args.dtype,
-        no_early_stop=args.no_early_stop,
-        flops=args.flops,
-    )
-    if args.levers is not None and args.control is not None:
-        parser.error("--levers and --control are separate runs: name one")
-    if args.control is not None:
-        cases = control_cases(base, max(args.batches), args.control or [1, 4, 8])
-    elif args.levers is not None:
-        runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
-        levers = args.levers or runnable
-        cases = [
-            dict(base, batch=max(args.batches), lever=name)
-            for name in ["baseline", *levers]
-            if name in LEVERS
-        ]
-        unknown = sorted(set(levers) - set(LEVERS))
-        if unknown:
-            parser.error(f"unknown lever(s): {', '.join(unknown)}")
-        cases = list({c["lever"]: c for c in cases}.values())
-    else:
-        cases = [dict(base, batch=b, lever="baseline") for b in args.batches]
-    peak = matmul_peak_tflops(args.device, args.dtype)
+    title, cases = cases_of(args, parser, pti)
+    peak, on = matmul_peak_tflops(args.device, args.dtype[0]), machine()
+    pieces = count_pieces(meta_model(args.model))
     runs: list[list[dict]] = [[] for _ in cases]
-    for repeat in range(args.repeat):  # interleaved, so a machine that slows down slows every case
-        for case, kept in zip(cases, runs):
-            kept.append(run_in_subprocess(dict(case, flops=case["flops"] and repeat == 0)))
-            print(json.dumps(kept[-1]), flush=True)
-    rows = [best_of(kept) for kept in runs]
-    for row in rows:
-        row["utilisation"] = f"{row['tune_tflops'] / peak:.1%}" if "tune_tflops" in row else None
+    for _ in range(args.repeat):  # interleaved, so a machine that slows down slows every case
+        for group in groups_of(cases):
+            found = child_rows(["-m", "benchmarks.engine", "--cases", json.dumps([cases[i] for i in group])])
+            for i, row in zip(group, found):
+                row = dict(row if "error" in row else with_flops(row, pieces, peak), machine=on)
+                write_rows(args.jsonl, [row])
+                if "error" not in row:
+                    runs[i].append(row)
+    rows = [best_of(kept) for kept in runs if kept]
+    if not rows:
+        raise SystemExit("benchmarks.engine: no case finished")
     first = rows[0]
+    config_line = ", ".join(f"{k}={v}" for k, v in pti.items()) or "PTIConfig's defaults"
+    timed = f" (first {args.timed_steps} steps timed, scaled)" if args.timed_steps else ""
     edits = "the table's" if args.control is not None else args.edits
     setting = (
-        f"model `{args.model}` at {first['resolution']}x{first['resolution']}, "
-        f"T={args.steps}{f' (first {args.timed_steps} steps timed, scaled)' if args.timed_steps else ''}, "
-        f"K={args.inner_steps}, "
-        f"best of {args.repeat} interleaved run(s) per case, "
-        f"lr={args.lr}, early stop {'off' if args.no_early_stop else 'on'}, {edits} edits per image, "
-        f"device {args.device}, dtype {args.dtype}; measured matmul peak {peak:.3g} TFLOP/s"
+        f"model `{args.model}` at {first['resolution']}x{first['resolution']}, T={first['steps']}{timed}, "
+        f"K={first['inner_steps']} ({config_line}), best of {args.repeat} interleaved run(s) per case, "
+        f"{edits} edits per image, device "
+        f"{args.device}; measured {args.dtype[0]} matmul peak {peak:.3g} TFLOP/s"
     )
     table = markdown_table(rows, COLUMNS)
-    title = "Engine levers" if args.levers is not None else "Engine cost by batch size"
     if args.control is not None:
-        table = control_table(rows, args.steps)
-        title = "Engine cost under attention control"
+        table = control_table(rows)
         setting += (
             f"; source prompt {CONTROL_SOURCE!r}, targets cycling through {', '.join(map(repr, PROMPTS))}"
         )
     elif args.levers is not None:
-        ratios = [
+        table += "\n\n" + "\n".join(
             f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): "
             f"stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "
             f"stage 2 x{r['stage2_s_per_edit'] / first['stage2_s_per_edit']:.2f} the baseline's time"
             for r in rows[1:]
-        ]
-        table += "\n\n" + "\n".join(ratios)
-    elif len(rows) > 1:
-        speedup = first["stage1_s_per_image"] / rows[-1]["stage1_s_per_image"]
-        batch = rows[-1]["batch"]
-        table += f"\n\nStage 1 images per second at batch {batch}: x{speedup:.2f} batch {first['batch']}'s."
+        )
     print(f"\n{setting}\n\n{table}")
     if args.record:
         append_record("benchmarks.engine", title, f"{setting}.\n\n{table}")

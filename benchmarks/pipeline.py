@@ -28,11 +28,13 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import (
     append_record,
-    child_result,
+    child_rows,
     markdown_table,
     model_folder,
     peak_resident_mb,
+    pti_settings,
     resident_mb,
+    write_rows,
 )
 
 TARGETS = ["a photo of a cat", "a watercolor painting of a dog"]
@@ -92,14 +94,14 @@ def engine_alone(config, manifest: str) -> dict:
                 ):
                     to_pil(image).save(io.BytesIO(), format="PNG")
     seconds = time.perf_counter() - loaded
-    return {"load_s": loaded - started, "seconds": seconds, "s_per_row": seconds / len(rows)}
+    steps = {"steps": engine.config.steps, "inner_steps": engine.config.inner_steps}
+    return {"load_s": loaded - started, "seconds": seconds, "s_per_row": seconds / len(rows), **steps}
 
 
 def measure_overhead(
     model: str,
     sizes: tuple[int, ...],
-    steps: int,
-    inner_steps: int,
+    pti: dict,
     tune_batch_size: int,
     edit_batch_size: int,
     gpus_per_actor: float = 0.0,
@@ -126,7 +128,7 @@ def measure_overhead(
             edit_actors=1,
             tune_batch_size=tune_batch_size,
             edit_batch_size=edit_batch_size,
-            pti=dict(model=folder, steps=steps, inner_steps=inner_steps, etas=[0.8], progress=False),
+            pti={"etas": [0.8], **pti, "model": folder, "progress": False},
         )
 
     alone = engine_alone(config(largest, ""), manifests[largest])
@@ -172,6 +174,7 @@ def measure_overhead(
         }
     )
     where = f"on {gpus_per_actor:g} GPU each" if gpus_per_actor else "on CPUs"
+    steps, inner_steps = alone["steps"], alone["inner_steps"]
     setting = (
         f"model `{model}`, T={steps}, K={inner_steps}, {len(TARGETS)} edits per row, "
         f"tune_batch_size {tune_batch_size}, edit_batch_size {edit_batch_size}, one tuning and one "
@@ -191,14 +194,11 @@ OVERHEAD_COLUMNS = {
 
 
 def overhead(args) -> str:
-    measured = measure_overhead(
-        args.model,
-        (args.rows, 2 * args.rows),
-        args.steps,
-        args.inner_steps,
-        args.tune_batch_size,
-        args.edit_batch_size,
-    )
+    sizes = (args.rows, 2 * args.rows)
+    pti = pti_settings(args.set)
+    batches = (args.tune_batch_size, args.edit_batch_size, args.gpus_per_actor)
+    measured = measure_overhead(args.model, sizes, pti, *batches)
+    write_rows(args.jsonl, [{"setting": measured["setting"], **row} for row in measured["table"]])
     return f"{measured['setting']}.\n\n{markdown_table(measured['table'], OVERHEAD_COLUMNS)}"
 
 
@@ -235,7 +235,7 @@ def driver_memory(args) -> str:
     model = model_folder(args.model)
     rows = []
     for n in args.driver_memory:
-        rows.append(child_result(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model]))
+        rows += child_rows(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model])[-1:]
         print(json.dumps(rows[-1]), flush=True)
     columns = {
         "rows": "manifest rows",
@@ -268,8 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--driver-memory", type=int, nargs="*", metavar="ROWS")
     parser.add_argument("--model", default="tiny", help="tiny (built here) or a checkpoint folder")
     parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument(
+        "--set", nargs="+", default=["steps=20", "inner_steps=5"], metavar="pti.FIELD=VALUE", help="config"
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--jsonl", help="also append the overhead table's rows to this file as JSON lines")
     parser.add_argument("--tune-batch-size", type=int, default=4)
     parser.add_argument("--edit-batch-size", type=int, default=2)
     parser.add_argument("--no-record", dest="record", action="store_false")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, model_folder
+from benchmarks.common import machine, markdown_table, model_folder, pti_settings, write_page
 from benchmarks.edit_quality import SHIPPED_MODEL, Control, World, edit_scenes, score_grid_point
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine
@@ -45,20 +45,11 @@ GRID = (
     "steps=25,inner_steps=5,lr=2e-2",
     "steps=50,inner_steps=10,inversion_guidance=1",
 )
+EDIT_SCORES = {"editability": "editability", "object_iou": "object IoU", "background_psnr": "bg PSNR"}
 CONTROLS = (
     Control(),
     Control("auto", False, PTIConfig.cross_replace_steps, PTIConfig.self_replace_steps),
 )
-
-
-def setting_of(text: str) -> dict:
-    """``steps=25,inner_steps=5``: PTIConfig fields over the defaults, read as the jobs read
-    ``--set pti.FIELD=VALUE`` (``RunConfig.load``: the same typing, bounds and errors)."""
-    from pipeline.batch.config import RunConfig
-
-    items = [item for item in text.split(",") if item]
-    pti = RunConfig.load(None, [f"pti.{item}" for item in items]).pti
-    return {name: getattr(pti, name) for name in (item.partition("=")[0] for item in items)}
 
 
 def latent_psnr(z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
@@ -98,7 +89,7 @@ def measure(sd, scenes: World, config: PTIConfig, eta: float, max_rows: int) -> 
             for a in range(0, n, per_call)
         ]
         scores = score_grid_point(torch.cat(pixels), None, scenes, "colour", control)
-        row |= {f"{control.control}_{k}": scores[k] for k in ("editability", "object_iou", "background_psnr")}
+        row |= {f"{control.control}_{k}": scores[k] for k in EDIT_SCORES}
     return row
 
 
@@ -151,7 +142,7 @@ def run(args, sd, scenes: World, done: list[dict]) -> list[dict]:
     rows = list(done)
     for guidance in args.guidance:
         for text in args.settings:
-            overrides = setting_of(text)
+            overrides = pti_settings(text.split(","))
             config = PTIConfig(model=args.model, guidance=guidance, progress=False, **overrides)
             row = {"setting": text or "default", "overrides": overrides, "guidance": guidance}
             row |= measure(sd, scenes, config, args.eta, args.max_rows)
@@ -212,30 +203,26 @@ def write_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def table(rows: list[dict]) -> list[str]:
+COLUMNS = {
+    "guidance": "w",
+    "setting": "setting",
+    "evaluations_per_image": "evals/image",
+    "evaluation_bound": "bound T(K+3)",
+    "seconds_per_image": "s/image",
+    "latent_psnr": "latent PSNR (dB)",
+    "pixel_psnr": "pixel PSNR (dB)",
+    **{f"{c}_{k}": f"edit {c}: {h}" for c in ("none", "auto") for k, h in EDIT_SCORES.items()},
+    "frontier": "frontier",
+}
+
+
+def table(rows: list[dict]) -> str:
+    """Every setting, cheapest first per guidance, those on the Pareto frontier marked."""
     front = {
-        id(r)
-        for g in dict.fromkeys(r["guidance"] for r in rows)
-        for r in pareto([r for r in rows if r["guidance"] == g])
+        id(r) for g in {r["guidance"] for r in rows} for r in pareto([r for r in rows if r["guidance"] == g])
     }
-    lines = [
-        "| w | setting | evals/image | bound T(K+3) | s/image | latent PSNR (dB) | pixel PSNR (dB) "
-        "| edit none: editability / object IoU / bg PSNR | edit auto: editability / object IoU / bg PSNR "
-        "| frontier |",
-        "|" + " --- |" * 10,
-    ]
-    for r in rows:
-        edits = [
-            f"{r[f'{c}_editability']:.2f} / {r[f'{c}_object_iou']:.3f} / {r[f'{c}_background_psnr']:.1f}"
-            for c in ("none", "auto")
-        ]
-        lines.append(
-            f"| {r['guidance']:g} | {r['setting']} | {r['evaluations_per_image']:.0f} "
-            f"| {r['evaluation_bound']} | {r['seconds_per_image']:.2f} | {r['latent_psnr']:.2f} "
-            f"| {r['pixel_psnr']:.2f} | {edits[0]} "
-            f"| {edits[1]} | {'yes' if id(r) in front else ''} |"
-        )
-    return lines
+    ordered = sorted(rows, key=lambda r: (r["guidance"], r["evaluations_per_image"]))
+    return markdown_table([r | {"frontier": "yes" if id(r) in front else ""} for r in ordered], COLUMNS)
 
 
 def write_markdown(rows: list[dict], args, path: Path) -> None:
@@ -254,7 +241,7 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
         "object IoU with the truth, background PSNR against the input; none: the paper's plain "
         "interpolation, auto: Prompt-to-Prompt (cross 0.8, self 0.4, no local blend).",
         "",
-        *table(sorted(rows, key=lambda r: (r["guidance"], r["evaluations_per_image"]))),
+        table(rows),
         "",
         "![latent PSNR against evaluations](stage-one.png)",
         "",
@@ -266,9 +253,7 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
         + ".",
         "",
     ]
-    marker = "<!-- findings: kept across runs -->"
-    kept = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
-    path.write_text("\n".join(lines) + "\n" + marker + kept)
+    write_page(path, "\n".join(lines))
 
 
 def write_results(rows: list[dict], args) -> None:

@@ -19,6 +19,7 @@ from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = gpu_check.PROFILES["tiny"]
+CUDA_ONLY = gpu_check.CUDA_PARTS
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +46,24 @@ def check(tmp_path_factory, ray_cluster) -> dict:
     }
 
 
-def rows_of(check: dict, part: str, kind: str) -> list[dict]:
-    return [r for r in check["report"]["rows"] if r["part"] == part and r.get("kind") == kind]
+def rows_of(check: dict, part: str) -> list[dict]:
+    return check["report"]["rows"].get(part, [])
+
+
+def engine_settings(part: str) -> dict:
+    """T and K of a tiny part's ``benchmarks.engine`` command (``--set pti.steps=.. pti.inner_steps=..``)."""
+    argv = TINY["parts"][part][1]
+    return {
+        a.split("=")[0][4:]: int(a.split("=")[1]) for a in argv if a.startswith(("pti.steps", "pti.inner"))
+    }
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
     parts = check["report"]["parts"]
-    ran = ("sweep", "numerics", "sdxl", "sd3", "pipeline", "levers", "train")
+    ran = ("sweep", "check", "numerics", "sdxl", "sd3", "pipeline", "levers", "train")
     assert {name: parts[name]["status"] for name in ran} == dict.fromkeys(ran, "done")
-    assert parts["cuda_graphs"] == parts["compile"] == {"status": "skipped", "reason": "CUDA only"}
+    assert all(parts[p]["status"] == "skipped" and parts[p]["reason"] == "CUDA only" for p in CUDA_ONLY)
     headings = (
         "Stage 1 and stage 2 by dtype and batch",
         "Levers",
@@ -64,88 +73,73 @@ def test_every_part_runs_and_writes_what_a_device_call_brings_back(check):
         "Pipeline",
         "Training",
     )
-    for heading in (*headings, "Parts"):
+    for heading in headings:
         assert f"\n## {heading}" in check["markdown"]
     files = sorted(p.name for p in check["out"].iterdir())
-    assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "rows.jsonl", "sharp-sd"]
+    assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "rows", "sharp-sd"]
     brought = [p.relative_to(check["out"]).as_posix() for p in check["out"].rglob("*") if p.is_file()]
     assert all(re.fullmatch(r"[A-Za-z0-9._/-]+", name) for name in brought)  # what $OUT brings back
+    assert all(f"python {' '.join(TINY['parts'][p][1])}" in check["markdown"] for p in ran if p != "train")
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_train_part_trains_the_sharp_model_and_brings_back_a_loadable_model(check):
     from pipeline.engine.models import load_stable_diffusion
 
-    (row,) = rows_of(check, "train", "train")
-    changes = TINY["train"]["changes"]
-    assert row["done"] and row["vae_steps"] == f"{changes['vae_steps']}/{changes['vae_steps']}"
-    assert (
-        row["unet_steps"] == f"{changes['unet_steps']}/{changes['unet_steps']}"
-        and row["unet_steps_per_s"] > 0
-    )
+    (row,) = rows_of(check, "train")
+    assert row["vae_steps"] == row["unet_steps"] == 4 and row["unet_steps_per_s"] > 0
     sd = load_stable_diffusion(str(check["out"] / "sharp-sd"), device="cpu")
-    assert len(sd.unet.config.down_block_types) == 3 and sd.resolution == changes["resolution"]
+    assert len(sd.unet.config.down_block_types) == 3 and sd.resolution == 64
     assert not list(check["out"].glob("sharp-sd*/state.pt"))  # the checkpoints stay out of OUTDIR
-    assert check["report"]["device"]["peak_tflops"] > 0
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_sweep_counts_algorithm_md_evaluations_scaled_from_its_first_steps(check):
-    sweep = TINY["sweep"]
-    T, K, n = sweep["steps"], sweep["inner_steps"], sweep["timed_steps"]
-    table = check["report"]["tables"]["sweep"]["rows"]
-    assert [(r["dtype"], r["batch"]) for r in table] == [("float32", b) for b in sweep["batches"]]
-    for row in table:
-        assert row["timed_steps"] == n < T
-        assert row["stage1_evals_timed_per_image"] == n + n * (1 + K + 1)  # what ran
+    T, K = engine_settings("sweep").values()
+    rows = rows_of(check, "sweep")
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 2)]
+    for row in rows:
+        assert row["timed_steps"] == 2 < T
+        assert row["stage1_evals_timed_per_image"] == 2 + 2 * (1 + K + 1)  # what ran
         assert row["stage1_evals_per_image"] == T + T * (1 + K + 1)  # scaled to the whole schedule
         assert row["stage2_evals_per_edit"] == 2 * T
         assert row["stage1_tflops"] > 0 and row["stage2_tflops"] > 0 and row["stage1_of_peak"].endswith("%")
-        assert row["stage1_peak_mb"] > 0 and row["stage2_peak_mb"] > 0
+        assert row["stage1_peak_mb"] > 0 and row["stage2_peak_mb"] > 0 and row["peak_tflops"] > 0
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_all_steps_check_runs_what_the_scaling_predicts(check):
-    sweep = TINY["sweep"]
-    T, K = sweep["steps"], sweep["inner_steps"]
-    result = check["report"]["tables"]["sweep"]["check"]
-    full = result["full"]
-    assert full["timed_steps"] == T and full["batch"] == sweep["check_batch"]
+    T, K = engine_settings("check").values()
+    (full,) = rows_of(check, "check")
+    assert full["timed_steps"] == T and full["batch"] == 1
     assert full["stage1_evals_timed_per_image"] == T + T * (1 + K + 1)
-    assert math.isfinite(result["stage1_ratio"]) and result["stage1_ratio"] > 0
-    assert "Scaling check: all 4 steps" in check["markdown"]
-
-
-@pytest.mark.slow  # the tiny run: make test-slow (README)
-def test_the_engine_parts_load_neither_ray_nor_s3fs(check):
-    (imports,) = rows_of(check, "sweep", "imports")
-    assert imports["ray_or_s3fs"] == []
+    assert re.search(r"Scaling check: all 4 steps at batch 1 \(float32\) took x[0-9.]+", check["markdown"])
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_shipped_model_in_float32_reconstructs_with_no_non_finite_value(check):
-    (row,) = check["report"]["tables"]["numerics"]["rows"]
-    assert row["dtype"] == "float32" and row["scenes"] == TINY["numerics"]["scenes"]
+    row, *skipped = rows_of(check, "numerics")
+    assert row["dtype"] == "float32" and row["scenes"] == 2
     assert row["nonfinite"] == 0 and row["values_checked"] > 10_000
     assert math.isfinite(row["reconstruction_psnr"]) and row["reconstruction_psnr"] > 15
-    skipped = {r["dtype"]: r["reason"] for r in rows_of(check, "numerics", "skipped")}
-    assert set(skipped) == {"bfloat16", "float16"} and all("needs CUDA" in r for r in skipped.values())
+    assert {r["dtype"] for r in skipped} == {"bfloat16", "float16"}
+    assert all("needs CUDA" in r["skipped"] for r in skipped)
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_the_pipeline_part_times_jobs_run_against_the_engine_alone(check):
-    rows = {r["what"]: r for r in check["report"]["tables"]["pipeline"]["table"]}
-    rows_in = TINY["pipeline"]["sizes"][-1]
-    assert set(rows) == {"engine alone", f"jobs.run end to end, {rows_in} rows"}
-    assert all(r["rows_per_s"] > 0 for r in rows.values())
+    rows = {r["what"]: r for r in rows_of(check, "pipeline")}
+    assert set(rows) == {"engine alone", "jobs.run, per row at scale", "jobs.run end to end, 4 rows"}
+    # Per row at scale is a difference of two jobs' times: on 2 and 4 rows it is noise, of any sign.
+    assert rows["engine alone"]["rows_per_s"] > 0 and rows["jobs.run end to end, 4 rows"]["rows_per_s"] > 0
 
 
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_levers_run_against_the_baseline_of_the_same_run(check):
-    table = check["report"]["tables"]["levers"]["rows"]
-    assert [r["lever"] for r in table] == ["baseline", "channels_last"]
-    assert table[0]["stage1_vs_baseline"] == "x1.00"
-    assert all(r["stage1_evals_per_image"] == table[0]["stage1_evals_per_image"] for r in table)
+    rows = rows_of(check, "levers")
+    assert [r["lever"] for r in rows] == ["baseline", "channels_last"]
+    assert rows[0]["against_baseline"] == "x1.00"
+    assert all(r["stage1_evals_per_image"] == rows[0]["stage1_evals_per_image"] for r in rows)
 
 
 def test_a_part_over_its_budget_is_stopped_with_every_process_it_started(tmp_path, monkeypatch):
@@ -160,11 +154,11 @@ def test_a_part_over_its_budget_is_stopped_with_every_process_it_started(tmp_pat
         ]
     )
     started = time.perf_counter()
-    status = gpu_check.run_part("sweep", TINY, tmp_path / "rows.jsonl", 5, ["-c", child])
+    status = gpu_check.run_part("sweep", ["-c", child], 5)
     assert status["status"] == "stopped" and "budget of 5 s" in status["reason"]
     assert time.perf_counter() - started < 20
     assert not running(int(pid_file.read_text()))
-    assert gpu_check.run_part("sweep", TINY, tmp_path / "rows.jsonl", 1)["status"] == "skipped"
+    assert gpu_check.run_part("sweep", ["-c", "pass"], 1)["status"] == "skipped"
 
 
 def running(pid: int) -> bool:
@@ -204,8 +198,8 @@ def test_graphed_unet_keeps_one_graph_per_shape_and_grad_mode(make_engine, pixel
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 @pytest.mark.parametrize("part, model", [("sdxl", "tiny-sdxl"), ("sd3", "tiny-sd3")])
 def test_the_model_parts_time_their_family_with_algorithm_md_counts(check, part, model):
-    (row,) = rows_of(check, part, "case")
-    T, K = TINY["sweep"]["steps"], TINY["sweep"]["inner_steps"]
+    (row,) = rows_of(check, part)
+    T, K = engine_settings(part).values()
     assert row["model"] == model and row["resolution"] == 64
     assert row["stage1_evals_per_image"] == T + T * (1 + K + 1) and row["stage2_evals_per_edit"] == 2 * T
     assert row["stage1_s_per_image"] > 0 and row["stage2_s_per_edit"] > 0

@@ -133,6 +133,17 @@ def test_the_driver_and_the_checkpoint_reader_import_without_torch():
     assert python(code) == "[]"
 
 
+def test_the_engine_inverts_and_edits_without_ray_or_s3fs():
+    """The engine (and its benchmarks) run where Ray and s3fs are not installed, as on the GPU
+    machine: a case of ``benchmarks.engine`` (stage 1 and an edit on the tiny model) loads neither."""
+    code = (
+        "import sys; from benchmarks.engine import run_case; run_case(dict(model='tiny', lever='baseline', "
+        "pti=dict(steps=1, inner_steps=1), edits=1, batch=1, device='cpu', dtype='float32')); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 's3fs')))"
+    )
+    assert python(code).splitlines()[-1] == "[]"
+
+
 def test_a_stage_actor_starts_without_torchmetrics_and_measures_with_it():
     """torchmetrics (which loads scipy.signal and every metric family) is imported when stage 1
     first measures a reconstruction, not when an actor or the driver starts."""

@@ -199,6 +199,18 @@ class PTIConfig:
         T, K = self.steps, (self.inner_steps if self.method_spec.tuned else 0)
         return {"stage_one": T + T * (1 + K + 1), "stage_two": 2 * T * (edits + int(controlled))}
 
+    def flops(self, pieces: dict, edits: int = 1, controlled: bool = False) -> dict[str, float]:
+        """ALGORITHM.md's cost in FLOPs: ``unet_evaluations`` priced by ``priced`` from counted
+        ``pieces``. Stage 1 per image: ``e + T f + T (2f + K fb) + d`` (its ``T K`` inner steps run
+        the backward pass); stage 2 per image of ``edits`` edits: its evaluations' ``f``, and one
+        decode and one target prompt per edit."""
+        cost = self.unet_evaluations(edits, controlled)
+        inner = self.steps * (self.inner_steps if self.method_spec.tuned else 0)
+        return {
+            "stage_one": priced(pieces, cost["stage_one"], backward=inner, encodes=1, decodes=1),
+            "stage_two": priced(pieces, cost["stage_two"], decodes=edits, prompts=edits),
+        }
+
     def tuning_options(self) -> TuningOptions:
         """The options of stage 1b's loop for this config's method: no Adam steps for a method that
         does not tune (ddim, npi), whatever ``inner_steps`` says."""
@@ -218,6 +230,17 @@ class PTIConfig:
         payload = {k: getattr(self, k) for k in STAGE_ONE_FIELDS} | {"model": model_fingerprint}
         payload["seed"] = 0  # hashed at its default, as before the seed left STAGE_ONE_FIELDS: same hashes
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def priced(
+    pieces: dict, evaluations: float, backward: float = 0, encodes: float = 0, decodes: float = 0, prompts=0
+) -> float:
+    """FLOPs of ``evaluations`` UNet rows, ``backward`` of them also back to the embedding, and of VAE
+    encodes, decodes and prompt encodings, from the counted ``pieces`` of one row, image or prompt:
+    ``forward`` f, ``forward_backward`` fb, ``encode`` e, ``decode`` d, ``text`` p."""
+    f, fb = pieces["forward"], pieces["forward_backward"]
+    vae_and_text = encodes * pieces["encode"] + decodes * pieces["decode"] + prompts * pieces["text"]
+    return evaluations * f + backward * (fb - f) + vae_and_text
 
 
 # Named stage-1 settings: PTIConfig fields over the defaults (docs/stage-one.md measures them).
