@@ -136,13 +136,18 @@ def run_child(args: list[str], budget: float | None = None, env: dict | None = N
     return {**status, "seconds": time.perf_counter() - started, "stdout": stdout, "stderr": stderr}
 
 
-def child_rows(args: list[str]) -> list[dict]:
-    """The JSON lines that ``python *args`` prints (a benchmark's cases in their own process); its
-    error if it fails."""
-    done = run_child(args, capture=True)
-    if done["status"] != "done":
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done['stderr'][-3000:]}")
-    return [json.loads(line) for line in done["stdout"].splitlines() if line.startswith("{")]
+def child_rows(args: list[str]):
+    """Each JSON line that ``python *args`` prints (a benchmark's cases in their own process), as it
+    prints it, so a run cut short keeps what finished; its stderr goes to this run's."""
+    child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:
+            if line.startswith("{"):
+                yield json.loads(line)
+    finally:
+        child.stdout.close()
+        if child.wait() != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed with exit status {child.returncode}")
 
 
 def write_rows(path: str | Path | None, rows: list[dict]) -> None:

@@ -776,7 +776,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeat):  # interleaved, so a machine that slows down slows every case
         for group in groups_of(cases):
             found = child_rows(["-m", "benchmarks.engine", "--cases", json.dumps([cases[i] for i in group])])
-            for i, row in zip(group, found):
+            for row, i in zip(found, group):  # each row as its case ends
                 row = dict(row if "error" in row else with_flops(row, pieces, peak), machine=on)
                 write_rows(args.jsonl, [row])
                 if "error" not in row:
@@ -791,8 +791,8 @@ def main(argv: list[str] | None = None) -> None:
     setting = (
         f"model `{args.model}` at {first['resolution']}x{first['resolution']}, T={first['steps']}{timed}, "
         f"K={first['inner_steps']} ({config_line}), best of {args.repeat} interleaved run(s) per case, "
-        f"{edits} edits per image, device "
-        f"{args.device}; measured {args.dtype[0]} matmul peak {peak:.3g} TFLOP/s"
+        f"{edits} edits per image, device {args.device}; measured {args.dtype[0]} matmul peak "
+        f"{peak:.3g} TFLOP/s"
     )
     table = markdown_table(rows, COLUMNS)
     if args.control is not None:

@@ -235,7 +235,7 @@ def driver_memory(args) -> str:
     model = model_folder(args.model)
     rows = []
     for n in args.driver_memory:
-        rows += child_rows(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model])[-1:]
+        rows += list(child_rows(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model]))
         print(json.dumps(rows[-1]), flush=True)
     columns = {
         "rows": "manifest rows",

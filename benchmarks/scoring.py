@@ -35,20 +35,25 @@ def scorer_on(name: str, device: torch.device):
     return load_scorer(model_folder(name), device=str(device), weights=name not in ARCHITECTURES)
 
 
+def encodings(scorer) -> dict:
+    """Scoring's two pieces on the scorer's device: one image encoding (at ``IMAGE_SIDE``, resized
+    to the scorer's side) and one text encoding."""
+    pixels = torch.rand(1, 3, IMAGE_SIDE, IMAGE_SIDE, device=scorer.device)
+    return {
+        "image": lambda: scorer.encode_images(pixels),
+        "text": lambda: scorer.encode_texts(["a photo of a cat wearing a hat"]),
+    }
+
+
 def count_scoring(scorer) -> dict[str, int]:
-    """FLOPs of one image encoding (at ``IMAGE_SIDE``, resized to the scorer's side) and one text
-    encoding, counted by ``torch.utils.flop_counter`` on the scorer's device."""
+    """FLOPs of each of ``encodings``, counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.engine import _register_cpu_attention_flops
 
     _register_cpu_attention_flops()
-    pixels = torch.rand(1, 3, IMAGE_SIDE, IMAGE_SIDE, device=scorer.device)
     counted = {}
-    for name, work in (
-        ("image", lambda: scorer.encode_images(pixels)),
-        ("text", lambda: scorer.encode_texts(["a photo of a cat wearing a hat"])),
-    ):
+    for name, work in encodings(scorer).items():
         with FlopCounterMode(display=False) as counter:
             work()
         counted[name] = counter.get_total_flops()
@@ -56,14 +61,10 @@ def count_scoring(scorer) -> dict[str, int]:
 
 
 def time_scoring(scorer, repeat: int = 3) -> dict[str, float]:
-    """Seconds of one image encoding and one text encoding on the scorer's device, best of ``repeat``."""
-    pixels = torch.rand(1, 3, IMAGE_SIDE, IMAGE_SIDE, device=scorer.device)
+    """Seconds of each of ``encodings``, best of ``repeat`` after a warm-up."""
     seconds = {}
-    for name, work in (
-        ("image", lambda: scorer.encode_images(pixels)),
-        ("text", lambda: scorer.encode_texts(["a photo of a cat wearing a hat"])),
-    ):
-        work()  # warm-up
+    for name, work in encodings(scorer).items():
+        work()
         runs = []
         for _ in range(repeat):
             began = time.perf_counter()
