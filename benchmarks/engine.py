@@ -769,6 +769,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.flops_only:
         flops_only(args, pti)
         return
+    if args.model in ("sdxl", "sd35-medium", "sd35-large") and not torch.cuda.is_available():
+        parser.error(f"{args.model} at 1024x1024 takes hours on a CPU: count its FLOPs with --flops-only")
     title, cases = cases_of(args, parser, pti)
     peak, on = matmul_peak_tflops(args.device, args.dtype[0]), machine()
     pieces = count_pieces(meta_model(args.model))
