@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.common import markdown_table, measured_by
+from benchmarks.common import markdown_table, measured_by, pti_settings
 from benchmarks.edit_quality import KINDS, World, stage_one
 from pipeline.batch.curate import CurateConfig, DatasetConfig, judge, select_best
 from pipeline.engine.config import PTIConfig
@@ -66,9 +66,7 @@ def make_edits(args) -> tuple[list[dict], dict]:
     sd = load_stable_diffusion(args.model, device="cpu")
     scorer = load_scorer(args.scorer, device="cpu")
     scenes = World.held_out(args.images, sd.resolution)
-    settings = dict(steps=args.steps, inner_steps=args.inner_steps, guidance=args.guidance)
-    config = PTIConfig(model=args.model, progress=False, **settings)
-    engine = Engine(sd, config)
+    engine = Engine(sd, args.config)
     started = time.perf_counter()
     inversion, _ = stage_one(engine, scenes)
     stage_one_seconds = time.perf_counter() - started
@@ -204,8 +202,8 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "",
         measured_by("benchmarks.curation", args.argv) + f": model `{args.model}`, "
         f"scorer `{args.scorer}`, {args.images} held-out scenes, colour and shape edits at etas "
-        f"{', '.join(f'{e:g}' for e in args.etas)}, PTI T={args.steps}, K={args.inner_steps}, "
-        f"w={args.guidance:g}. "
+        f"{', '.join(f'{e:g}' for e in args.etas)}, PTI T={args.config.steps}, "
+        f"K={args.config.inner_steps}, w={args.config.guidance:g}. "
         f"{result['costs']['stage_one_seconds_per_image']:.1f} s per image of stage 1, "
         f"{result['costs']['edit_and_score_seconds_per_edit']:.2f} s per edit with its scores.",
         "",
@@ -254,13 +252,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="models/shapes-clip")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--etas", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8, 1.0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--inner-steps", type=int, default=10)
-    parser.add_argument("--guidance", type=float, default=PTIConfig.guidance)
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="pti.FIELD=VALUE",
+        help="the engine's config (the jobs' --set)",
+    )
     parser.add_argument("--max-rows", type=int, default=64, help="edits per engine call")
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
+    args.config = PTIConfig(**{"model": args.model, "progress": False, **pti_settings(args.set)})
     return args
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import markdown_table, measured_by, write_page
+from benchmarks.common import markdown_table, measured_by, pti_settings, write_page
 from pipeline.engine import algorithm
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
@@ -294,26 +294,13 @@ def run(args) -> dict:
     # Without local blend: on models/shapes-sd its mask keeps the whole latent, so on = off there.
     sweep = controls_of(["auto"], ["off"], args.sweep_cross, args.sweep_self) if args.sweep_steps else []
     rows, sweep_rows, examples, reconstructions = [], [], {}, {}
-    ceiling = model_ceiling(Engine(sd, PTIConfig(model=args.model, progress=False)), scenes)
+    ceiling = model_ceiling(Engine(sd, args.config), scenes)
     ceiling["text_adherence"] = [
-        text_adherence(
-            Engine(sd, PTIConfig(model=args.model, guidance=w, steps=args.steps, progress=False)), scenes
-        )
-        for w in args.guidance
+        text_adherence(Engine(sd, args.config.replace(guidance=w)), scenes) for w in args.guidance
     ]
     for guidance in args.guidance:
         for method in args.methods:
-            config = PTIConfig(
-                model=args.model,
-                method=method,
-                steps=args.steps,
-                guidance=guidance,
-                inner_steps=args.inner_steps,
-                lr=args.lr,
-                blend_threshold=args.blend_threshold,
-                progress=False,
-            )
-            engine = Engine(sd, config)
+            engine = Engine(sd, args.config.replace(method=method, guidance=guidance))
             inversion, base = stage_one(engine, scenes)
             reconstructions[(guidance, method)] = inversion.reconstruction[:EXAMPLE_SCENES]
             for group in ([c for c in controls if c.plain], [c for c in controls if not c.plain]):
@@ -496,8 +483,8 @@ def write_markdown(result: dict, args, path: Path) -> None:
         "# Edit quality on the rendered world",
         "",
         measured_by("benchmarks.edit_quality", args.argv) + f", model `{args.model}`, "
-        f"{args.images} held-out scenes, T={args.steps}, K={args.inner_steps}, lr={args.lr}, "
-        f"blend threshold {args.blend_threshold:g}.",
+        f"{args.images} held-out scenes, T={args.config.steps}, K={args.config.inner_steps}, "
+        f"lr={args.config.lr}, blend threshold {args.config.blend_threshold:g}.",
         "",
         "Editability: share of edits whose object has the target colour / shape. Object IoU: the "
         "object's region after the edit against the truth (the source shape for colour edits). "
@@ -565,15 +552,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["pti", "ddim", "nti", "npi"])
     parser.add_argument("--etas", nargs="+", type=float, default=[0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--guidance", nargs="+", type=float, default=[7.5])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--inner-steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=PTIConfig.lr)
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="pti.FIELD=VALUE",
+        help="the engine's config (the jobs' --set)",
+    )
     parser.add_argument("--controls", nargs="+", default=["none", "auto"], help="PTIConfig.control values")
     parser.add_argument(
         "--blend", nargs="+", choices=["off", "on"], default=["off", "on"], help="local blend"
-    )
-    parser.add_argument(
-        "--blend-threshold", type=float, default=PTIConfig.blend_threshold, help="local blend's threshold"
     )
     parser.add_argument(
         "--cross-replace-steps", nargs="+", type=float, default=[PTIConfig.cross_replace_steps]
@@ -591,6 +579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="default: docs/quality/<the model folder's name>")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
+    args.config = PTIConfig(**{"model": args.model, "progress": False, **pti_settings(args.set)})
     args.out = args.out or Path("docs/quality") / Path(args.model).name
     if args.example_eta not in args.etas:
         parser.error(f"--example-eta {args.example_eta:g} is not one of --etas")

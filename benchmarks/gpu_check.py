@@ -185,19 +185,14 @@ def run(profile: str, out: Path, budget: float | None, parts: list[str]) -> dict
 
 
 def engine_columns(*extra: str) -> dict:
+    """``benchmarks.engine``'s columns that a GPU reading needs, with ``extra`` after the case's."""
     from benchmarks.engine import COLUMNS
 
-    keep = (
-        "dtype",
-        "batch",
-        "lever",
-        *extra,
-        "stage1_s_per_image",
-        "stage1_evals_per_image",
-        "stage1_tflops",
-    )
-    keep += ("stage1_of_peak", "stage2_s_per_edit", "stage2_evals_per_edit", "stage2_tflops", "warmup_s")
-    return {k: COLUMNS.get(k, k) for k in (*keep, "stage1_peak_mb", "stage2_peak_mb")}
+    names = {"timed_steps": "timed steps", "against_baseline": "stage 1 against baseline", **COLUMNS}
+    keep = ("dtype", "batch", "lever", *extra, "stage1_s_per_image", "stage1_evals_per_image")
+    keep += ("stage1_tflops", "stage1_of_peak", "stage2_s_per_edit", "stage2_evals_per_edit")
+    keep += ("stage2_tflops", "warmup_s", "stage1_peak_mb", "stage2_peak_mb")
+    return {k: names[k] for k in keep}
 
 
 def train_rows(out: Path) -> list[dict]:

@@ -109,11 +109,17 @@ def test_edit_quality_measures_attention_control_from_one_inversion(tmp_path):
             "0.8",
             "--guidance",
             "3",
-            "--steps",
-            str(T),
+            "--set",
+            f"pti.steps={T}",
+            "pti.inner_steps=1",
         ]
-        + ["--inner-steps", "1", "--controls", "none", "auto", "--out", str(tmp_path)]
+        + ["--controls", "none", "auto", "--out", str(tmp_path)]
     )
+    assert (args.config.steps, args.config.inner_steps, args.config.guidance) == (
+        T,
+        1,
+        7.5,
+    )  # --guidance sweeps
     result = edit_quality.run(args)
     rows = result["rows"]
     assert {(r["control"], r["local_blend"], r["kind"]) for r in rows} == {
