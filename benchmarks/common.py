@@ -170,6 +170,12 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def add_set_option(parser, default: tuple[str, ...] = ()) -> None:
+    """The benchmarks' one config dialect: ``--set pti.FIELD=VALUE ...``, read by ``pti_settings``."""
+    help = "the engine's config, as the jobs' --set (PTIConfig's defaults otherwise)"
+    parser.add_argument("--set", nargs="+", default=list(default), metavar="pti.FIELD=VALUE", help=help)
+
+
 def pti_settings(items: list[str]) -> dict:
     """``pti.FIELD=VALUE`` items (or ``FIELD=VALUE``) read as the jobs read ``--set`` (``RunConfig.load``:
     the same typing, bounds and errors): the fields they set, with their values."""

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.common import markdown_table, measured_by, pti_settings
+from benchmarks.common import add_set_option, markdown_table, measured_by, pti_settings
 from benchmarks.edit_quality import KINDS, World, stage_one
 from pipeline.batch.curate import CurateConfig, DatasetConfig, judge, select_best
 from pipeline.engine.config import PTIConfig
@@ -252,18 +252,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="models/shapes-clip")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--etas", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8, 1.0])
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="pti.FIELD=VALUE",
-        help="the engine's config (the jobs' --set)",
-    )
+    add_set_option(parser)
     parser.add_argument("--max-rows", type=int, default=64, help="edits per engine call")
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
-    args.config = PTIConfig(**{"model": args.model, "progress": False, **pti_settings(args.set)})
+    args.config = PTIConfig(model=args.model, progress=False, **pti_settings(args.set))
     return args
 
 

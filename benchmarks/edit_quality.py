@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import markdown_table, measured_by, pti_settings, write_page
+from benchmarks.common import add_set_option, markdown_table, measured_by, pti_settings, write_page
 from pipeline.engine import algorithm
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine, Inversion
@@ -552,13 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["pti", "ddim", "nti", "npi"])
     parser.add_argument("--etas", nargs="+", type=float, default=[0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--guidance", nargs="+", type=float, default=[7.5])
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="pti.FIELD=VALUE",
-        help="the engine's config (the jobs' --set)",
-    )
+    add_set_option(parser)
     parser.add_argument("--controls", nargs="+", default=["none", "auto"], help="PTIConfig.control values")
     parser.add_argument(
         "--blend", nargs="+", choices=["off", "on"], default=["off", "on"], help="local blend"
@@ -579,7 +573,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="default: docs/quality/<the model folder's name>")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
-    args.config = PTIConfig(**{"model": args.model, "progress": False, **pti_settings(args.set)})
+    args.config = PTIConfig(model=args.model, progress=False, **pti_settings(args.set))
     args.out = args.out or Path("docs/quality") / Path(args.model).name
     if args.example_eta not in args.etas:
         parser.error(f"--example-eta {args.example_eta:g} is not one of --etas")

@@ -40,6 +40,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from benchmarks.common import (
+    add_set_option,
     append_record,
     child_rows,
     machine,
@@ -736,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", default="tiny", help="tiny, sd15, sdxl, sd35-medium, or a checkpoint folder"
     )
-    parser.add_argument("--set", nargs="+", default=[], metavar="pti.FIELD=VALUE", help="the engine's config")
+    add_set_option(parser)
     parser.add_argument(
         "--flops-only", action="store_true", help="count FLOPs on the meta device, run nothing"
     )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import append_record, markdown_table, pti_settings, write_rows
+from benchmarks.common import add_set_option, append_record, markdown_table, pti_settings, write_rows
 from pipeline.engine.config import PTIConfig
 from pipeline.engine.engine import Engine
 from pipeline.engine.metrics import psnr
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--eta", type=float, default=0.8)
-    parser.add_argument("--set", nargs="+", default=[], metavar="pti.FIELD=VALUE", help="the engine's config")
+    add_set_option(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jsonl", help="also append each dtype's row to this file as a JSON line")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to docs/")

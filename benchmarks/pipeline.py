@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import (
+    add_set_option,
     append_record,
     child_rows,
     markdown_table,
@@ -268,9 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--driver-memory", type=int, nargs="*", metavar="ROWS")
     parser.add_argument("--model", default="tiny", help="tiny (built here) or a checkpoint folder")
     parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument(
-        "--set", nargs="+", default=["steps=20", "inner_steps=5"], metavar="pti.FIELD=VALUE", help="config"
-    )
+    add_set_option(parser, default=("steps=20", "inner_steps=5"))
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--jsonl", help="also append the overhead table's rows to this file as JSON lines")
     parser.add_argument("--tune-batch-size", type=int, default=4)
