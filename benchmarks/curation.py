@@ -106,13 +106,13 @@ def make_edits(args) -> tuple[list[dict], dict]:
 
 
 def roc_auc(scores: list[float], right: list[bool]) -> float | None:
-    """P(a right edit's score > a wrong one's), ties counting half; None without both kinds."""
-    pos = [s for s, r in zip(scores, right) if r]
-    neg = [s for s, r in zip(scores, right) if not r]
-    if not pos or not neg:
+    """P(a right edit's score > a wrong one's), ties counting half (torchmetrics' AUROC); None
+    without both kinds."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    if all(right) or not any(right):
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    return float(binary_auroc(torch.tensor(scores, dtype=torch.float64), torch.tensor(right).long()))
 
 
 def filter_quality(rows: list[dict], curate: CurateConfig) -> dict:

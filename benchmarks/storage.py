@@ -3,12 +3,12 @@
     python -m benchmarks.storage                  # T = 50, float16 stacks (the defaults)
     python -m benchmarks.storage --steps 25 --embedding-dtype float32
 
-Each family's table is written as the pipeline writes it (``schemas.embeddings`` columns,
-``pyarrow.parquet.write_table`` defaults) with its real shapes: SD 1.5 ``[T, 77, 768]`` and
+Each family's table is written by the pipeline's own writer (``stored.inversion_to_arrow``, then
+``pyarrow.parquet.write_table`` with its defaults) at its real shapes: SD 1.5 ``[T, 77, 768]`` and
 ``z_T [4, 64, 64]``; SD 2.1 ``[T, 77, 1024]``, ``[4, 96, 96]``; SDXL ``[T, 77, 2048]`` plus the
 pooled ``[T, 1280]``, ``[4, 128, 128]``; SD3.5 (Medium and Large share it) ``[T, 77 + 256, 4096]``
-plus the pooled ``[T, 2048]``, ``[16, 128, 128]``. The values are drawn from a normal distribution with the
-spread of CLIP embeddings: float16 mantissas of tuned embeddings are as incompressible, so the
+plus the pooled ``[T, 2048]``, ``[16, 128, 128]``. The values are drawn from a normal
+distribution: float16 mantissas of tuned embeddings are as incompressible, so the
 bytes are those of real runs to within the small metadata columns.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import io
+from types import SimpleNamespace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,47 +34,32 @@ FAMILIES = {  # name: (stack [L, D], pooled width or None, latent side, latent c
 def stored_table(
     rows: int, steps: int, stack, pooled: int | None, side: int, channels: int, family: str, dtype: str
 ) -> pa.Table:
-    from pipeline.engine.stored import _tensor_column
-    from schemas import embeddings as col
+    """``rows`` images' stage-1 rows as the pipeline writes them (``stored.inversion_to_arrow``, the
+    writer itself), from normal values at the family's shapes. The writer reads only these fields of
+    the engine, so a namespace of them stands in for a model that would take minutes to build."""
+    import torch
 
-    rng = np.random.default_rng(0)
-    latent = (channels, side, side)
-    schema = col.embeddings_schema(latent, (steps, *stack), dtype, pooled, family)
-    np_dtype = np.dtype(dtype)
+    from pipeline.engine.config import PTIConfig
+    from pipeline.engine.engine import Inversion
+    from pipeline.engine.stored import inversion_to_arrow
 
-    def tensor(name: str, shape) -> pa.ExtensionArray:
-        values = rng.normal(0, 1, (rows, *shape)).astype(np.float32)
-        return _tensor_column(values.astype(np_dtype) if name != col.Z_T else values, schema.field(name).type)
-
-    columns = {
-        col.ID: [f"image-{i:06d}" for i in range(rows)],
-        col.SOURCE_PROMPT: ["a photo of a cat sitting on a sofa"] * rows,
-        col.METHOD: ["pti"] * rows,
-        col.GUIDANCE: [7.5] * rows,
-        col.Z_T: tensor(col.Z_T, latent),
-        col.PROMPT_EMBEDDINGS: tensor(col.PROMPT_EMBEDDINGS, (steps, *stack)),
-        col.UNCOND_EMBEDDINGS: pa.ExtensionArray.from_storage(
-            schema.field(col.UNCOND_EMBEDDINGS).type,
-            pa.nulls(rows, schema.field(col.UNCOND_EMBEDDINGS).type.storage_type),
-        ),
-        col.TIMESTEPS: [list(range(steps))] * rows,
-        col.RECONSTRUCTION_PSNR: [30.0] * rows,
-        col.RECONSTRUCTION_SSIM: [0.9] * rows,
-        col.TUNING_LOSS: [[1e-4] * steps] * rows,
-        col.MODEL: ["model"] * rows,
-        col.MODEL_FAMILY: [family] * rows,
-        col.MODEL_FINGERPRINT: ["0" * 16] * rows,
-        col.CONFIG_FINGERPRINT: ["0" * 16] * rows,
-        col.CONFIG: ["{}"] * rows,
-        col.SECONDS: [1.0] * rows,
-    }
-    if pooled:
-        columns[col.POOLED_PROMPT_EMBEDDINGS] = tensor(col.POOLED_PROMPT_EMBEDDINGS, (steps, pooled))
-        type_ = schema.field(col.POOLED_UNCOND_EMBEDDINGS).type
-        columns[col.POOLED_UNCOND_EMBEDDINGS] = pa.ExtensionArray.from_storage(
-            type_, pa.nulls(rows, type_.storage_type)
-        )
-    return pa.Table.from_pydict(columns, schema=schema)
+    g = torch.Generator().manual_seed(0)
+    length, width = stack
+    engine = SimpleNamespace(
+        config=PTIConfig(steps=steps, embedding_dtype=dtype),
+        sd=SimpleNamespace(family=family, pooled_dim=pooled, fingerprint="0" * 16),
+        schedule=SimpleNamespace(timesteps=list(range(steps + 1))),
+        fingerprint="0" * 16,
+    )
+    inversion = Inversion(
+        z_T=torch.randn(rows, channels, side, side, generator=g),
+        cond=torch.randn(rows, steps, length + bool(pooled), width, generator=g),  # pooled: the last row
+        psnr=torch.full((rows,), 30.0),
+        ssim=torch.full((rows,), 0.9),
+        final_loss=torch.full((rows, steps), 1e-4),
+        seconds={"tune": float(rows)},
+    )
+    return inversion_to_arrow(engine, inversion, [f"image-{i:06d}" for i in range(rows)], ["a photo"] * rows)
 
 
 def bytes_per_image(table: pa.Table) -> float:

@@ -109,7 +109,11 @@ def test_the_filters_measures_count_as_defined():
     ]
     for row in rows:
         row.update(clip_sim_0=0.5, clip_sim_image=0.9, input_ssim=0.8)
-    assert curation.roc_auc([r["clip_sim_1"] for r in rows], [r["right"] for r in rows]) == 0.75
+    assert curation.roc_auc([r["clip_sim_1"] for r in rows], [r["right"] for r in rows]) == pytest.approx(
+        0.75
+    )
+    assert curation.roc_auc([0.3, 0.3, 0.1], [True, False, False]) == pytest.approx(0.75)  # a tie: half
+    assert curation.roc_auc([0.3, 0.2], [True, True]) is None
     q = curation.filter_quality(rows, curation.CurateConfig())  # keeps a@0.4 (right) and b@0.8 (right)
     assert (q["kept"], q["precision"], q["recall"], q["wrong_kept"]) == (2, 1.0, 1.0, 0.0)
     assert (q["selected_right"], q["targets_selected"], q["targets_with_a_right_edit"]) == (2, 2, 2)
