@@ -603,6 +603,7 @@ def with_flops(row: dict, pieces: dict, peak: float) -> dict:
     tuning = priced(pieces, evals - steps, backward=inner) / 1e12  # all but inversion's T forwards
     row = dict(row, stage1_tflop_per_image=stage_one, tune_tflop_per_image=tuning, edit_tflop_per_edit=edit)
     row["stage1_tflops"] = stage_one / row["stage1_s_per_image"]
+    row["tune_tflops"] = tuning / row["tune_s_per_image"]
     row["stage2_tflops"] = edit / row["stage2_s_per_edit"]
     row["stage1_of_peak"] = f"{row['stage1_tflops'] / peak:.1%}"
     return dict(row, peak_tflops=peak)
@@ -658,6 +659,7 @@ COLUMNS = {
     "edit_tflop_per_edit": "stage 2 TFLOP/edit",
     "stage1_tflops": "stage 1 TFLOP/s",
     "stage1_of_peak": "of peak",
+    "tune_tflops": "tuning TFLOP/s",
     "stage2_tflops": "stage 2 TFLOP/s",
     "warmup_s": "warm-up s",
     "loaded_mb": "model loaded MB",
@@ -768,6 +770,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     pti = pti_settings(args.set)
     if args.flops_only:
+        if args.levers is not None or args.control is not None:
+            parser.error(
+                "--flops-only counts the engine's pieces and stages: it takes no --levers or --control"
+            )
         flops_only(args, pti)
         return
     if args.model in ("sdxl", "sd35-medium", "sd35-large") and not torch.cuda.is_available():

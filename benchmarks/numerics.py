@@ -42,11 +42,11 @@ COLUMNS = {
 }
 
 
-def in_dtype(args, dtype: str, pti: dict, reference: dict | None) -> tuple[dict, dict]:
+def in_dtype(args, dtype: str, config: PTIConfig, reference: dict | None) -> tuple[dict, dict]:
     """Stage 1 and one colour edit of each scene in ``dtype``; against ``reference`` (float32's)."""
     started = time.perf_counter()
     sd = load_stable_diffusion(args.model, args.device, dtype)
-    engine = Engine(sd, PTIConfig(**{"model": args.model, "progress": False, **pti}))
+    engine = Engine(sd, config)
     scenes = world.held_out_scenes(args.scenes, engine.resolution)
     truths = [world.edit_targets(s, n)["colour"] for n, s in enumerate(scenes)]
     pixels = torch.stack([to_tensor(Image.fromarray(s.render())) for s in scenes])
@@ -89,17 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jsonl", help="also append each dtype's row to this file as a JSON line")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to docs/")
     args = parser.parse_args(argv)
-    pti, rows, reference = pti_settings(args.set), [], None
+    config = PTIConfig(model=args.model, progress=False, **pti_settings(args.set))
+    rows, reference = [], None
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     for dtype in args.dtypes:
         if dtype != "float32" and not cuda:
             row = {"dtype": dtype, "skipped": "half precision needs CUDA; the CPU runs float32"}
         else:
-            row, images = in_dtype(args, dtype, pti, reference)
+            row, images = in_dtype(args, dtype, config, reference)
             reference = images if dtype == "float32" else reference
         write_rows(args.jsonl, [row])
         rows.append(row)
-    config = PTIConfig(**pti)
     setting = (
         f"model `{args.model}`, {args.scenes} held-out scenes, T={config.steps}, K={config.inner_steps}, "
         f"lr={config.lr}; one colour edit per scene at eta {args.eta:g}"

@@ -236,7 +236,8 @@ def driver_memory(args) -> str:
     model = model_folder(args.model)
     rows = []
     for n in args.driver_memory:
-        rows += list(child_rows(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model]))
+        *_, last = child_rows(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model])
+        rows.append(last)  # the case's own line, printed last
         print(json.dumps(rows[-1]), flush=True)
     columns = {
         "rows": "manifest rows",

@@ -189,6 +189,11 @@ class PTIConfig:
         """The method's row of ``METHODS``: which embedding stage 1 learns or fixes, and how."""
         return METHODS[self.method]
 
+    @property
+    def tuned_inner_steps(self) -> int:
+        """K as stage 1 runs it: ``inner_steps``, or 0 for a method that does not tune (ddim, npi)."""
+        return self.inner_steps if self.method_spec.tuned else 0
+
     def unet_evaluations(self, edits: int = 1, controlled: bool = False) -> dict[str, int]:
         """ALGORITHM.md's cost in UNet evaluations (batch rows of one guidance branch), the one
         place its formula is written: ``stage_one`` per image at most ``T + T (1 + K + 1)``
@@ -196,7 +201,7 @@ class PTIConfig:
         stop only lowers it; K is 0 for a method that does not tune), and ``stage_two`` per image
         of ``edits`` edits, ``2T`` each, plus ``2T`` for the image's source branch under attention
         control (``controlled``)."""
-        T, K = self.steps, (self.inner_steps if self.method_spec.tuned else 0)
+        T, K = self.steps, self.tuned_inner_steps
         return {"stage_one": T + T * (1 + K + 1), "stage_two": 2 * T * (edits + int(controlled))}
 
     def flops(self, pieces: dict, edits: int = 1, controlled: bool = False) -> dict[str, float]:
@@ -205,7 +210,7 @@ class PTIConfig:
         the backward pass); stage 2 per image of ``edits`` edits: its evaluations' ``f``, and one
         decode and one target prompt per edit."""
         cost = self.unet_evaluations(edits, controlled)
-        inner = self.steps * (self.inner_steps if self.method_spec.tuned else 0)
+        inner = self.steps * self.tuned_inner_steps
         return {
             "stage_one": priced(pieces, cost["stage_one"], backward=inner, encodes=1, decodes=1),
             "stage_two": priced(pieces, cost["stage_two"], decodes=edits, prompts=edits),
@@ -218,7 +223,7 @@ class PTIConfig:
 
         return TuningOptions(
             guidance=self.guidance,
-            inner_steps=self.inner_steps if self.method_spec.tuned else 0,
+            inner_steps=self.tuned_inner_steps,
             lr=self.lr,
             early_stop=self.early_stop,
             stop_eps=self.stop_eps,
