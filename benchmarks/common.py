@@ -210,12 +210,27 @@ def write_page(path: Path, text: str) -> None:
     path.write_text(text + "\n" + FINDINGS + kept)
 
 
+def commit() -> str:
+    """The checkout's commit (``+`` with uncommitted changes), so a record stays reproducible after the
+    code it ran moves on; ``unknown`` outside a git checkout."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty=+"], capture_output=True, text=True
+        )
+    except OSError:  # no git
+        return "unknown"
+    return described.stdout.strip() or "unknown"
+
+
 def append_record(module: str, title: str, body: str, record: Path = RECORD) -> None:
-    """Append one run of ``python -m module`` (its command line, machine, date and results) to the
-    benchmark record."""
+    """Append one run of ``python -m module`` (its command line, commit, machine, date and results)
+    to the benchmark record."""
     command = " ".join(["python -m", module, *(shlex.quote(a) for a in sys.argv[1:])])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title}\n\n`{command}`, {stamp}\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    section = (
+        f"\n## {title}\n\n`{command}` at commit `{commit()}`, {stamp}\n\nMachine: {machine()}\n\n"
+        f"{body.strip()}\n"
+    )
     if not record.exists():
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(

@@ -19,6 +19,11 @@ Stage 1 runs once per (method, guidance); every control of stage 2 edits from th
 edits of one scene in one call, so that controlled edits share their scene's source branch
 (``2T (n + 1)`` evaluations for ``n`` edits, against ``2T n`` plain).
 
+Every control is measured at each ``--blend``, ``--cross-replace-steps`` and ``--self-replace-steps``
+named, so the step fractions sweep as a run of their own (--out elsewhere):
+``--methods pti --etas 0.8 --controls auto --blend off --cross-replace-steps 0.4 0.6 0.8 1.0
+--self-replace-steps 0.2 0.4 0.6``.
+
 Writes ``quality.md`` (tables), ``quality.png`` (editability against fidelity) and
 ``quality-examples.png`` (a contact sheet) to ``--out`` (default ``docs/quality/<model folder>``),
 and ``quality.json`` with every number. ``docs/quality.md`` compares the models by hand.
@@ -286,14 +291,11 @@ def score_grid_point(pixels: torch.Tensor, masks, scenes: World, kind: str, cont
 
 
 def run(args) -> dict:
-    """Stage 1 per (guidance, method), then every control of stage 2 from that inversion (and the
-    step-fraction sweep on PTI at the first guidance, with ``--sweep-steps``)."""
+    """Stage 1 per (guidance, method), then every control of stage 2 from that inversion."""
     sd = load_stable_diffusion(args.model, device="cpu")
     scenes = World.held_out(args.images, sd.resolution)
     controls = controls_of(args.controls, args.blend, args.cross_replace_steps, args.self_replace_steps)
-    # Without local blend: on models/shapes-sd its mask keeps the whole latent, so on = off there.
-    sweep = controls_of(["auto"], ["off"], args.sweep_cross, args.sweep_self) if args.sweep_steps else []
-    rows, sweep_rows, examples, reconstructions = [], [], {}, {}
+    rows, examples, reconstructions = [], {}, {}
     ceiling = model_ceiling(Engine(sd, args.config), scenes)
     ceiling["text_adherence"] = [
         text_adherence(Engine(sd, args.config.replace(guidance=w)), scenes) for w in args.guidance
@@ -308,13 +310,9 @@ def run(args) -> dict:
                     found, shown = stage_two(engine, inversion, scenes, group, args.etas, args.max_rows)
                     rows += [base | r for r in found]
                     examples |= {(guidance, method, *key): v for key, v in shown.items()}
-            if sweep and method == "pti" and guidance == args.guidance[0]:
-                found, _ = stage_two(engine, inversion, scenes, sweep, [args.example_eta], args.max_rows)
-                sweep_rows += [base | r for r in found]
             print(f"w={guidance:g} {method}: done", file=sys.stderr, flush=True)
     return {
         "rows": rows,
-        "sweep": sweep_rows,
         "examples": examples,
         "reconstructions": reconstructions,
         "pixels": scenes.pixels[:EXAMPLE_SCENES],
@@ -511,15 +509,6 @@ def write_markdown(result: dict, args, path: Path) -> None:
         markdown_table(list({(r["method"], r["guidance"]): r for r in rows}.values()), STAGE_ONE_COLUMNS),
         "",
     ]
-    if result["sweep"]:
-        sweep = result["sweep"]
-        lines += [
-            f"Step fractions ({sweep[0]['method']}, control auto without blend, w={sweep[0]['guidance']:g}, "
-            f"eta={sweep[0]['eta']:g}):",
-            "",
-            edit_table(sweep, {k: v for k, v in EDIT_COLUMNS.items() if k not in ("method", "guidance")}),
-            "",
-        ]
     lines += [
         "![editability against fidelity](quality.png)",
         "",
@@ -536,7 +525,7 @@ def write_markdown(result: dict, args, path: Path) -> None:
 
 def write_results(result: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    numbers = {"ceiling": result["ceiling"], "rows": result["rows"], "sweep": result["sweep"]}
+    numbers = {"ceiling": result["ceiling"], "rows": result["rows"]}
     (args.out / "quality.json").write_text(json.dumps(numbers, indent=2) + "\n")
     write_plot(result["rows"], args.out / "quality.png")
     write_examples(result, args.guidance[0], args.example_eta, args.out / "quality-examples.png")
@@ -561,13 +550,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cross-replace-steps", nargs="+", type=float, default=[PTIConfig.cross_replace_steps]
     )
     parser.add_argument("--self-replace-steps", nargs="+", type=float, default=[PTIConfig.self_replace_steps])
-    parser.add_argument(
-        "--sweep-steps",
-        action="store_true",
-        help="also sweep the step fractions: pti, auto without blend, the first guidance, --example-eta",
-    )
-    parser.add_argument("--sweep-cross", nargs="+", type=float, default=[0.4, 0.6, 0.8, 1.0])
-    parser.add_argument("--sweep-self", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     parser.add_argument("--example-eta", type=float, default=0.8)
     parser.add_argument("--max-rows", type=int, default=256, help="edits and source branches per UNet call")
     parser.add_argument("--out", type=Path, help="default: docs/quality/<the model folder's name>")
@@ -577,8 +559,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or Path("docs/quality") / Path(args.model).name
     if args.example_eta not in args.etas:
         parser.error(f"--example-eta {args.example_eta:g} is not one of --etas")
-    if args.sweep_steps and "pti" not in args.methods:
-        parser.error("--sweep-steps sweeps pti: name pti in --methods")
     return args
 
 

@@ -8,8 +8,8 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
     python -m benchmarks.engine --model sd15 --dtype bfloat16 float16 --timed-steps 3   # on a GPU:
                                                          # 3 of 50 steps timed, both dtypes
     python -m benchmarks.engine --model sdxl --dtype bfloat16 --batches 1 --timed-steps 3
-    python -m benchmarks.engine --control --batches 1   # stage 2 under attention control against plain,
-                                                        # at 1, 4 and 8 edits per image
+    python -m benchmarks.engine --batches 1 --edits 4 --set pti.control=auto pti.local_blend=true
+                                                         # stage 2 under attention control
     python -m benchmarks.engine --model sdxl --flops-only   # FLOPs per forward and per stage, counted
                                                             # on the meta device in seconds (no GPU)
 
@@ -22,10 +22,11 @@ FLOP/s against the matmul peak measured on the same device in the same run. The 
 and dtype run in one fresh process, one after another on the model it loads (a lever other than the
 baseline gets a process of its own: it may change the model); each stage's peak memory is counted
 from the stage's start (CUDA: peak allocated; CPU: peak resident set, reset through
-``/proc/self/clear_refs``). Attention control (``--control``): each image's source branch runs
-beside its ``n`` edits, so an edit costs ``2T (n + 1) / n`` UNet evaluations against plain editing's
-``2T``. Results print as a table, are appended to ``docs/benchmarks.md``, and with ``--jsonl FILE``
-go to FILE as JSON lines, one per case as it ends (``benchmarks.gpu_check`` reads them).
+``/proc/self/clear_refs``). Under attention control (``--set pti.control=auto``) the images' source
+prompt is ``CONTROL_SOURCE`` and each image's source branch runs beside its ``n`` edits, so an edit
+costs ``2T (n + 1) / n`` UNet evaluations against plain editing's ``2T``. Results print as a
+table, are appended to ``docs/benchmarks.md``, and with ``--jsonl FILE`` go to FILE as JSON lines,
+one per case as it ends (``benchmarks.gpu_check`` reads them).
 """
 
 from __future__ import annotations
@@ -54,11 +55,9 @@ from benchmarks.common import (
 )
 
 PROMPTS = ("a photo of a cat", "a watercolor painting", "a photo of a dog wearing a hat", "a pencil sketch")
-# The source prompt of the attention-control cases: PROMPTS are then a word swap (auto: replace) or
-# words added and removed (auto: refine).
+# The source prompt under attention control: PROMPTS are then a word swap (auto: replace) or words
+# added and removed (auto: refine).
 CONTROL_SOURCE = "a photo of a dog"
-# (control, local blend) of the attention-control cases; the first is plain editing.
-CONTROLS = (("none", False), ("auto", False), ("auto", True))
 
 # --- models ----------------------------------------------------------------------------------
 
@@ -83,48 +82,9 @@ def meta_model(name: str):
 
 
 # --- the levers: each changes one thing of the engine as shipped ------------------------------
-
-
-class RecomputedFixedBranch:
-    """The noise predictor of a tuning loop that predicts the fixed (unconditional) branch again at
-    every inner step, as a direct reading of the loss would, instead of once per timestep."""
-
-    def __init__(self, eps, null):
-        self.eps, self.null = eps, null
-
-    def __getattr__(self, name):
-        return getattr(self.eps, name)
-
-    def __call__(self, z, t, emb):
-        if emb.requires_grad:
-            with torch.no_grad():
-                self.eps(z, t, self.null.expand(len(z), -1, -1))
-        return self.eps(z, t, emb)
-
-
-class SplitBranches:
-    """The noise predictor of an editing loop that calls the UNet once per guidance branch."""
-
-    def __init__(self, eps):
-        self.eps = eps
-
-    def __getattr__(self, name):
-        return getattr(self.eps, name)
-
-    def __call__(self, z, t, emb):
-        halves = zip(z.chunk(2), emb.chunk(2))
-        return torch.cat([self.eps(z_half, t, emb_half) for z_half, emb_half in halves])
-
-
-def _decode_one_at_a_time(engine):
-    batched = engine.decode_latents
-    engine.decode_latents = lambda z: torch.cat([batched(z[i : i + 1]) for i in range(len(z))])
-
-
-def _math_attention(engine):
-    from diffusers.models.attention_processor import AttnProcessor
-
-    engine.sd.unet.set_attn_processor(AttnProcessor())
+# The levers whose decisions docs/benchmarks.md records (weight gradients, the fixed branch once
+# per timestep, SDPA, one UNet call for both guidance branches, the batched VAE) left at commit
+# 34b7058, which still runs them.
 
 
 class TensorTimestep:
@@ -191,37 +151,10 @@ CUDA_ONLY = {"compile", "cuda_graphs"}
 
 LEVERS = {  # name -> (what it changes, applied before stage 1, applied before stage 2)
     "baseline": ("the engine as shipped", None, None),
-    "weight_grads": (
-        "UNet weights require grad (undoes 'no weight gradients')",
-        lambda e: e.sd.unet.requires_grad_(True),
-        None,
-    ),
-    "fixed_branch_every_step": (
-        "unconditional branch predicted at every inner step, not once per timestep",
-        lambda e: setattr(e, "eps", RecomputedFixedBranch(e.eps, e.null)),
-        None,
-    ),
-    "no_early_stop": (
-        "early stop off",
-        lambda e: setattr(e, "config", e.config.replace(early_stop=False)),
-        None,
-    ),
-    "math_attention": ("attention without SDPA (diffusers' AttnProcessor)", _math_attention, None),
     "channels_last": (
         "UNet in channels-last memory format",
         lambda e: e.sd.unet.to(memory_format=torch.channels_last),
         None,
-    ),
-    "channels_last_vae": (
-        "VAE in channels-last memory format",
-        lambda e: e.sd.vae.to(memory_format=torch.channels_last),
-        None,
-    ),
-    "vae_one_at_a_time": ("VAE decodes one image at a time", _decode_one_at_a_time, None),
-    "split_edit_branches": (
-        "editing calls the UNet once per guidance branch",
-        None,
-        lambda e: setattr(e, "eps", SplitBranches(e.eps)),
     ),
     "compile": (  # stage 2 stays eager: its batch shape would cost a third compile in the GPU check
         "torch.compile of the UNet in stage 1 (CUDA only; static shapes, timesteps as tensors)",
@@ -485,8 +418,7 @@ def run_case(case: dict, sd=None) -> dict:
     ``pti``: PTIConfig fields. With ``timed_steps`` (fewer than T), the first that many steps of the
     T-step schedule are timed and the per-step parts (inversion, tuning, sampling: seconds and UNet
     evaluations) are scaled to all T (``first_steps``); encoding and decoding are not. ``sd``: the
-    case's model already loaded, else it is loaded. ``control`` and ``local_blend`` (optional) edit
-    under attention control, from ``source``.
+    case's model already loaded, else it is loaded.
     """
     from pipeline.engine.config import PTIConfig
     from pipeline.engine.engine import Engine
@@ -494,7 +426,6 @@ def run_case(case: dict, sd=None) -> dict:
 
     sd = sd or load_model(case["model"], case["device"], case["dtype"])
     config = PTIConfig(**{"progress": False, "model": case["model"], **case.get("pti", {})})
-    config = config.replace(control=case.get("control", "none"), local_blend=case.get("local_blend", False))
     steps, timed = config.steps, min(case.get("timed_steps") or config.steps, config.steps)
     _, before_one, before_two = LEVERS[case["lever"]]
     engine, warm = Engine(sd, config), Engine(sd, config.replace(steps=1))
@@ -505,7 +436,7 @@ def run_case(case: dict, sd=None) -> dict:
     decodes = timing_decodes(engine)
     batch = case["batch"]
     pixels = photographs(engine.resolution, batch)
-    sources = [case.get("source")] * batch  # PTI needs no source prompt; attention control does
+    sources = [None if config.control == "none" else CONTROL_SOURCE] * batch  # attention control needs one
     fan = [(b, PROMPTS[k % len(PROMPTS)], 0.8) for b in range(batch) for k in range(case["edits"])]
     rows, targets, etas = zip(*fan)
     plans = {e: attention_plans(e, sources[0], targets) for e in (warm, engine)}
@@ -666,64 +597,18 @@ COLUMNS = {
     "stage1_peak_mb": "stage 1 peak MB",
     "stage2_peak_mb": "stage 2 peak MB",
 }
-CONTROL_COLUMNS = {
-    "edits": "edits per image",
-    "control_label": "control",
-    "stage2_evals_per_edit": "stage 2 UNet evals/edit",
-    "expected_evals_per_edit": "2T or 2T(n+1)/n",
-    "stage2_s_per_edit": "stage 2 s/edit",
-    "against_plain": "s/edit against plain",
-    "edit_tflop_per_edit": "stage 2 TFLOP/edit",
-    "loaded_mb": "model loaded MB",
-    "stage1_peak_mb": "stage 1 peak MB",
-    "stage2_peak_mb": "stage 2 peak MB",
-}
-
-
-def control_table(rows: list[dict]) -> str:
-    """Stage 2's cost under attention control, each case against plain editing at its edits per image."""
-    from pipeline.engine.config import PTIConfig
-
-    for row in rows:
-        n, plain = row["edits"], row["control"] == "none"
-        row["control_label"] = row["control"] + (" + blend" if row["local_blend"] else "")
-        config = PTIConfig(steps=row["steps"])
-        row["expected_evals_per_edit"] = config.unet_evaluations(n, controlled=not plain)["stage_two"] / n
-        baseline = next(r for r in rows if r["edits"] == n and r["control"] == "none")
-        row["against_plain"] = f"x{row['stage2_s_per_edit'] / baseline['stage2_s_per_edit']:.2f}"
-    return markdown_table(rows, CONTROL_COLUMNS)
 
 
 def cases_of(args, parser, pti: dict) -> tuple[str, list[dict]]:
-    """The run's title and cases: by batch and dtype, each lever at the largest batch, or each
-    control at each count of edits per image."""
+    """The run's title and cases: by batch and dtype, or each lever at the largest batch."""
     base = dict(model=args.model, timed_steps=args.timed_steps, edits=args.edits, device=args.device, pti=pti)
-    batch = max(args.batches)
-    if args.levers is not None and args.control is not None:
-        parser.error("--levers and --control are separate runs: name one")
-    if args.control is not None:
-        cases = [
-            dict(
-                base,
-                dtype=d,
-                batch=batch,
-                lever="baseline",
-                edits=n,
-                source=CONTROL_SOURCE,
-                control=c,
-                local_blend=b,
-            )
-            for d in args.dtype
-            for n in args.control or [1, 4, 8]
-            for c, b in CONTROLS
-        ]
-        return "Engine cost under attention control", cases
     if args.levers is not None:
         runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
         unknown = sorted(set(args.levers) - set(LEVERS))
         if unknown:
             parser.error(f"unknown lever(s): {', '.join(unknown)}")
         levers = dict.fromkeys(["baseline", *(args.levers or runnable)])
+        batch = max(args.batches)
         return "Engine levers", [
             dict(base, dtype=d, batch=batch, lever=n) for d in args.dtype for n in levers
         ]
@@ -752,13 +637,6 @@ def main(argv: list[str] | None = None) -> None:
         "--levers", nargs="*", metavar="LEVER", help=f"at the largest batch: {', '.join(LEVERS)}"
     )
     parser.add_argument(
-        "--control",
-        nargs="*",
-        type=int,
-        metavar="EDITS",
-        help="attention control against plain (1 4 8 edits)",
-    )
-    parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each case, interleaved; the fastest counts"
     )
     parser.add_argument("--jsonl", help="also append each case's row to this file as a JSON line")
@@ -770,10 +648,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     pti = pti_settings(args.set)
     if args.flops_only:
-        if args.levers is not None or args.control is not None:
-            parser.error(
-                "--flops-only counts the engine's pieces and stages: it takes no --levers or --control"
-            )
+        if args.levers is not None:
+            parser.error("--flops-only counts the engine's pieces and stages: it takes no --levers")
         flops_only(args, pti)
         return
     if args.model in ("sdxl", "sd35-medium", "sd35-large") and not torch.cuda.is_available():
@@ -796,20 +672,18 @@ def main(argv: list[str] | None = None) -> None:
     first = rows[0]
     config_line = ", ".join(f"{k}={v}" for k, v in pti.items()) or "PTIConfig's defaults"
     timed = f" (first {args.timed_steps} steps timed, scaled)" if args.timed_steps else ""
-    edits = "the table's" if args.control is not None else args.edits
     setting = (
         f"model `{args.model}` at {first['resolution']}x{first['resolution']}, T={first['steps']}{timed}, "
         f"K={first['inner_steps']} ({config_line}), best of {args.repeat} interleaved run(s) per case, "
-        f"{edits} edits per image, device {args.device}; measured {args.dtype[0]} matmul peak "
+        f"{args.edits} edits per image, device {args.device}; measured {args.dtype[0]} matmul peak "
         f"{peak:.3g} TFLOP/s"
     )
     table = markdown_table(rows, COLUMNS)
-    if args.control is not None:
-        table = control_table(rows)
+    if pti.get("control", "none") != "none":
         setting += (
             f"; source prompt {CONTROL_SOURCE!r}, targets cycling through {', '.join(map(repr, PROMPTS))}"
         )
-    elif args.levers is not None:
+    if args.levers is not None:
         table += "\n\n" + "\n".join(
             f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): "
             f"stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "

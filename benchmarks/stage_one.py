@@ -107,37 +107,6 @@ def pareto(rows: list[dict]) -> list[dict]:
     return [b for b in rows if not any(beats(a, b) for a in rows)]
 
 
-def fast_candidates(rows: list[dict], within_db: float = 0.5) -> list[dict]:
-    """Per guidance, the settings whose measured evaluations and bound are both at most half the
-    default's, at a latent PSNR within ``within_db`` of it, cheapest first."""
-    found = []
-    for guidance in dict.fromkeys(r["guidance"] for r in rows):
-        at = [r for r in rows if r["guidance"] == guidance]
-        default = next((r for r in at if not r["overrides"]), None)
-        if default is None:
-            continue
-        found += sorted(
-            (
-                r
-                for r in at
-                if r["evaluations_per_image"] <= default["evaluations_per_image"] / 2
-                and r["evaluation_bound"] <= default["evaluation_bound"] / 2
-                and r["latent_psnr"] >= default["latent_psnr"] - within_db
-            ),
-            key=lambda r: r["evaluations_per_image"],
-        )
-    return found
-
-
-def everywhere(rows: list[dict], candidates: list[dict]) -> list[str]:
-    """The settings among ``candidates`` that qualify at every guidance with a default row."""
-    guidances = {r["guidance"] for r in rows if not r["overrides"]}
-    found = {}
-    for r in candidates:
-        found.setdefault(r["setting"], set()).add(r["guidance"])
-    return [s for s, at in found.items() if at >= guidances]
-
-
 def run(args, sd, scenes: World, done: list[dict]) -> list[dict]:
     rows = list(done)
     for guidance in args.guidance:
@@ -226,7 +195,6 @@ def table(rows: list[dict]) -> str:
 
 
 def write_markdown(rows: list[dict], args, path: Path) -> None:
-    fast = fast_candidates(rows)
     lines = [
         "# Stage 1: cost against quality",
         "",
@@ -244,13 +212,6 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
         table(rows),
         "",
         "![latent PSNR against evaluations](stage-one.png)",
-        "",
-        "Candidates for `--preset fast` (at most half the default's evaluations, measured and by the "
-        "bound, within 0.5 dB latent PSNR of it), cheapest first: "
-        + (", ".join(f"w={r['guidance']:g} `{r['setting']}`" for r in fast) or "none")
-        + "; at every w measured: "
-        + (", ".join(f"`{s}`" for s in everywhere(rows, fast)) or "none")
-        + ".",
         "",
     ]
     write_page(path, "\n".join(lines))
