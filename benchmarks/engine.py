@@ -3,13 +3,14 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
 
     python -m benchmarks.engine                          # tiny random model, CPU, batches 1 2 4 8
     python -m benchmarks.engine --levers                 # each lever against the baseline, same run
+    python -m benchmarks.engine --batches 1 --levers pti.control=auto pti.control=auto,pti.local_blend=true
+                                                         # config levers: attention control, with and
+                                                         # without local blend, against plain editing
     python -m benchmarks.engine --model sd15 --batches 1 --edits 1 --set pti.steps=1 pti.inner_steps=1
                                                          # SD 1.5's architecture at 512x512 on the CPU
     python -m benchmarks.engine --model sd15 --dtype bfloat16 float16 --timed-steps 3   # on a GPU:
                                                          # 3 of 50 steps timed, both dtypes
     python -m benchmarks.engine --model sdxl --dtype bfloat16 --batches 1 --timed-steps 3
-    python -m benchmarks.engine --batches 1 --edits 4 --set pti.control=auto pti.local_blend=true
-                                                         # stage 2 under attention control
     python -m benchmarks.engine --model sdxl --flops-only   # FLOPs per forward and per stage, counted
                                                             # on the meta device in seconds (no GPU)
 
@@ -19,10 +20,11 @@ with seeded random weights (nothing is downloaded; cost does not depend on the w
 counted once per model on the meta device (``count_pieces``) and priced by ALGORITHM.md's formula
 (``PTIConfig.flops``, ``priced``) at the evaluations each case measured; utilisation is stage 1's
 FLOP/s against the matmul peak measured on the same device in the same run. The cases of one model
-and dtype run in one fresh process, one after another on the model it loads (a lever other than the
-baseline gets a process of its own: it may change the model); each stage's peak memory is counted
+and dtype run in one fresh process, one after another on the model it loads (a lever of ``LEVERS`` gets
+a process of its own: it may change the model). A lever is one of ``LEVERS`` or ``pti.FIELD=VALUE[,...]``,
+the baseline's config with those fields changed. Each stage's peak memory is counted
 from the stage's start (CUDA: peak allocated; CPU: peak resident set, reset through
-``/proc/self/clear_refs``). Under attention control (``--set pti.control=auto``) the images' source
+``/proc/self/clear_refs``). Under attention control (``pti.control=auto``) the images' source
 prompt is ``CONTROL_SOURCE`` and each image's source branch runs beside its ``n`` edits, so an edit
 costs ``2T (n + 1) / n`` UNet evaluations against plain editing's ``2T``. Results print as a
 table, are appended to ``docs/benchmarks.md``, and with ``--jsonl FILE`` go to FILE as JSON lines,
@@ -427,7 +429,7 @@ def run_case(case: dict, sd=None) -> dict:
     sd = sd or load_model(case["model"], case["device"], case["dtype"])
     config = PTIConfig(**{"progress": False, "model": case["model"], **case.get("pti", {})})
     steps, timed = config.steps, min(case.get("timed_steps") or config.steps, config.steps)
-    _, before_one, before_two = LEVERS[case["lever"]]
+    _, before_one, before_two = LEVERS.get(case["lever"], LEVERS["baseline"])  # a config lever: as is
     engine, warm = Engine(sd, config), Engine(sd, config.replace(steps=1))
     engine.schedule = first_steps(engine.schedule, timed)
     for e in (engine, warm):
@@ -514,10 +516,10 @@ def run_group(cases: list[dict]) -> None:
 
 def groups_of(cases: list[dict]) -> list[list[int]]:
     """The cases' indices by the process that runs them: the baseline cases of one model, device
-    and dtype together, every other lever alone (it may change the model it is given)."""
+    and dtype together, with the config levers; every other lever alone (it may change the model)."""
     groups: dict = {}
     for i, case in enumerate(cases):
-        shared = case["lever"] == "baseline"
+        shared = case["lever"] not in LEVERS or case["lever"] == "baseline"
         key = (case["model"], case["device"], case["dtype"]) if shared else i
         groups.setdefault(key, []).append(i)
     return list(groups.values())
@@ -604,13 +606,18 @@ def cases_of(args, parser, pti: dict) -> tuple[str, list[dict]]:
     base = dict(model=args.model, timed_steps=args.timed_steps, edits=args.edits, device=args.device, pti=pti)
     if args.levers is not None:
         runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
-        unknown = sorted(set(args.levers) - set(LEVERS))
+        unknown = [n for n in args.levers if n not in LEVERS and not n.startswith("pti.")]
         if unknown:
-            parser.error(f"unknown lever(s): {', '.join(unknown)}")
+            parser.error(
+                f"unknown lever(s) {', '.join(unknown)}: name {', '.join(LEVERS)} or pti.FIELD=VALUE"
+            )
         levers = dict.fromkeys(["baseline", *(args.levers or runnable)])
+        changed = {n: {**pti, **pti_settings(n.split(","))} for n in levers if n.startswith("pti.")}
         batch = max(args.batches)
         return "Engine levers", [
-            dict(base, dtype=d, batch=batch, lever=n) for d in args.dtype for n in levers
+            dict(base, dtype=d, batch=batch, lever=n, pti=changed.get(n, pti))
+            for d in args.dtype
+            for n in levers
         ]
     return "Engine cost by batch size", [
         dict(base, dtype=d, batch=b, lever="baseline") for d in args.dtype for b in args.batches
@@ -634,7 +641,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", nargs="+", default=["auto"])
     parser.add_argument(
-        "--levers", nargs="*", metavar="LEVER", help=f"at the largest batch: {', '.join(LEVERS)}"
+        "--levers",
+        nargs="*",
+        metavar="LEVER",
+        help=f"at the largest batch: {', '.join(LEVERS)}, or pti.FIELD=VALUE (a config lever)",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each case, interleaved; the fastest counts"
@@ -679,13 +689,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{peak:.3g} TFLOP/s"
     )
     table = markdown_table(rows, COLUMNS)
-    if pti.get("control", "none") != "none":
+    if any(r["pti"].get("control", "none") != "none" for r in rows):
         setting += (
             f"; source prompt {CONTROL_SOURCE!r}, targets cycling through {', '.join(map(repr, PROMPTS))}"
         )
     if args.levers is not None:
         table += "\n\n" + "\n".join(
-            f"- `{r['lever']}` ({LEVERS[r['lever']][0]}): "
+            f"- `{r['lever']}` ({LEVERS.get(r['lever'], ['the config with ' + r['lever']])[0]}): "
             f"stage 1 x{r['stage1_s_per_image'] / first['stage1_s_per_image']:.2f}, "
             f"stage 2 x{r['stage2_s_per_edit'] / first['stage2_s_per_edit']:.2f} the baseline's time"
             for r in rows[1:]

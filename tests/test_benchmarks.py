@@ -77,6 +77,34 @@ def test_a_lever_changes_what_it_names_and_not_the_work(tiny_model_dir, baseline
         assert lever[key] == baseline[key]
 
 
+def test_a_config_lever_is_the_baselines_config_with_its_fields_changed_in_the_baselines_process():
+    import argparse
+
+    from benchmarks.engine import cases_of, groups_of
+
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(
+        model="tiny", timed_steps=None, edits=4, device="cpu", dtype=["auto"], batches=[1, 2]
+    )
+    args.levers = ["pti.control=auto", "pti.control=auto,pti.local_blend=true", "channels_last"]
+    _, cases = cases_of(args, parser, {"steps": 5})
+    assert [c["lever"] for c in cases] == ["baseline", *args.levers]
+    assert [c["pti"] for c in cases] == [
+        {"steps": 5},
+        {"steps": 5, "control": "auto"},
+        {"steps": 5, "control": "auto", "local_blend": True},
+        {"steps": 5},
+    ]
+    assert all(c["batch"] == 2 for c in cases)
+    assert groups_of(cases) == [[0, 1, 2], [3]]  # a code lever may change the model: its own process
+    args.levers = ["pti.no_such_field=1"]
+    with pytest.raises(Exception, match="no_such_field"):
+        cases_of(args, parser, {})
+    args.levers = ["fixed_branch_every_step"]  # left the harness (docs/benchmarks.md)
+    with pytest.raises(SystemExit):
+        cases_of(args, parser, {})
+
+
 def test_engine_benchmark_counts_the_source_branch_of_controlled_edits(tiny_model_dir, baseline):
     """Under attention control (``--set pti.control=auto``) each image's source branch runs beside
     its n edits: 2T (n + 1) / n evaluations per edit against plain editing's 2T."""
