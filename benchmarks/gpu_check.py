@@ -17,8 +17,9 @@ ends) go to ``OUTDIR/rows/PART.jsonl``; ``gpu_check.md`` (the tables, by one ren
 - ``numerics``: ``benchmarks.numerics``, the shipped model in float32, bfloat16 and float16.
 - ``pipeline``: ``benchmarks.pipeline --overhead``, both actor pools on the one GPU (skipped, saying
   so, where Ray is not installed).
-- ``levers``, ``cuda_graphs``, ``compile``: ``benchmarks.engine --levers`` at batch 8 in bfloat16,
-  the last two CUDA only (their compile or capture time is their warm-up's).
+- ``levers``, ``cuda_graphs``, ``compile``: ``benchmarks.engine --levers`` at batch 8 in bfloat16
+  (``levers``: channels-last, and attention control at one edit per image, its dearest), the last
+  two CUDA only (their compile or capture time is their warm-up's).
 - ``train``: ``jobs.train_tiny --recipe sharp-sd`` in bfloat16 for what is left of its budget; the
   model goes to ``OUTDIR/sharp-sd`` when it finishes (issue 17).
 """
@@ -81,7 +82,7 @@ PROFILES = {
             "sdxl": (60, engine("--model sdxl --dtype bfloat16 --batches 1 --timed-steps 3")),
             "sd3": (60, engine("--model sd35-medium --dtype bfloat16 --batches 1 --timed-steps 3")),
             "pipeline": (100, command("benchmarks.pipeline --no-record --overhead --gpus-per-actor 0.5")),
-            "levers": (60, engine(f"{SD15} channels_last")),
+            "levers": (75, engine(f"{SD15} channels_last pti.control=auto")),
             "cuda_graphs": (40, engine(f"{SD15} cuda_graphs")),
             "train": (150, command(f"{TRAIN} --device cuda --dtype bfloat16")),
             "compile": (150, engine(f"{SD15} compile")),
@@ -104,7 +105,10 @@ PROFILES = {
                 300,
                 command("benchmarks.pipeline --no-record --overhead --rows 2 --set steps=2 inner_steps=1"),
             ),
-            "levers": (240, engine("--model tiny --batches 2 --levers channels_last", tiny=True)),
+            "levers": (
+                240,
+                engine("--model tiny --batches 2 --levers channels_last pti.control=auto", tiny=True),
+            ),
             "cuda_graphs": (60, engine("--model tiny --batches 2 --levers cuda_graphs", tiny=True)),
             "train": (120, command(f"{TRAIN} --device cpu --dtype float32 {TINY_TRAIN}")),
             "compile": (60, engine("--model tiny --batches 2 --levers compile", tiny=True)),

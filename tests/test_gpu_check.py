@@ -137,9 +137,11 @@ def test_the_pipeline_part_times_jobs_run_against_the_engine_alone(check):
 @pytest.mark.slow  # the tiny run: make test-slow (README)
 def test_levers_run_against_the_baseline_of_the_same_run(check):
     rows = rows_of(check, "levers")
-    assert [r["lever"] for r in rows] == ["baseline", "channels_last"]
+    assert [r["lever"] for r in rows] == ["baseline", "pti.control=auto", "channels_last"]
     assert rows[0]["against_baseline"] == "x1.00"
     assert all(r["stage1_evals_per_image"] == rows[0]["stage1_evals_per_image"] for r in rows)
+    T = rows[0]["steps"]  # one edit per image: under control its source branch doubles stage 2
+    assert [r["stage2_evals_per_edit"] for r in rows] == [2 * T, 4 * T, 2 * T]
 
 
 def test_a_part_over_its_budget_is_stopped_with_every_process_it_started(tmp_path, monkeypatch):
