@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from benchmarks import edit_quality
-from benchmarks.engine import LEVERS, count_pieces, flops_report, meta_model, run_case, with_flops
+from benchmarks.engine import (
+    LEVERS,
+    count_pieces,
+    end_of_sampling,
+    first_steps,
+    flops_report,
+    meta_model,
+    run_case,
+    with_flops,
+)
 from pipeline.engine.models import load_stable_diffusion
 from pipeline.world.tiny import build_tiny_model
 
@@ -113,6 +122,28 @@ def test_engine_benchmark_counts_the_source_branch_of_controlled_edits(tiny_mode
     assert baseline["stage2_evals_per_edit"] == 2 * T
     assert all(r["stage2_evals_per_edit"] == 2 * T * (n + 1) / n for r in controlled)
     assert all(r["stage2_calls"] == T for r in [baseline, *controlled])
+
+
+@pytest.mark.parametrize("control", ["none", "auto"])
+def test_stage_two_is_timed_from_its_last_steps_end_with_a_callback_not_a_patch(tiny_model_dir, control):
+    """Stage 2's fixed part (decoding) is what follows the mark of the last sampling step, on a
+    schedule cut to its first steps as the timed cases cut it."""
+    import time
+
+    from pipeline.engine.config import PTIConfig
+    from pipeline.engine.engine import Engine
+    from pipeline.world.tiny import photographs
+
+    sd = load_stable_diffusion(tiny_model_dir, device="cpu")
+    engine = Engine(sd, PTIConfig(steps=5, inner_steps=1, control=control, progress=False))
+    engine.schedule = first_steps(engine.schedule, 2)
+    inversion = engine.invert_and_tune(photographs(engine.resolution, 1), ["a photo of a dog"])
+    plans = None if control == "none" else [engine.attention_plan("a photo of a dog", "a photo of a cat")]
+    ended, callback = end_of_sampling(engine)
+    started = time.perf_counter()
+    engine.edit(inversion, [0], ["a photo of a cat"], [0.8], plans=plans, callback=callback)
+    assert len(ended) == 1 and started < ended[0] < time.perf_counter()
+    assert "decode_latents" not in vars(engine)  # the engine as shipped, nothing wrapped
 
 
 def test_edit_quality_measures_attention_control_from_one_inversion(tmp_path):
