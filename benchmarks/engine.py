@@ -152,6 +152,12 @@ def _wrapped_unet(wrap):
 CUDA_ONLY = {"compile", "cuda_graphs"}
 
 
+def is_config_lever(name: str) -> bool:
+    """A lever that changes the config, ``pti.FIELD=VALUE[,...]``, not the code: its case runs the
+    engine as shipped with that config, so it may share the baseline's process and model."""
+    return name.startswith("pti.")
+
+
 LEVERS = {  # name -> (what it changes, applied before stage 1, applied before stage 2)
     "baseline": ("the engine as shipped", None, None),
     "channels_last": (
@@ -520,7 +526,7 @@ def groups_of(cases: list[dict]) -> list[list[int]]:
     and dtype together, with the config levers; every other lever alone (it may change the model)."""
     groups: dict = {}
     for i, case in enumerate(cases):
-        shared = case["lever"] not in LEVERS or case["lever"] == "baseline"
+        shared = case["lever"] == "baseline" or is_config_lever(case["lever"])
         key = (case["model"], case["device"], case["dtype"]) if shared else i
         groups.setdefault(key, []).append(i)
     return list(groups.values())
@@ -607,13 +613,13 @@ def cases_of(args, parser, pti: dict) -> tuple[str, list[dict]]:
     base = dict(model=args.model, timed_steps=args.timed_steps, edits=args.edits, device=args.device, pti=pti)
     if args.levers is not None:
         runnable = [name for name in LEVERS if name not in CUDA_ONLY or torch.cuda.is_available()]
-        unknown = [n for n in args.levers if n not in LEVERS and not n.startswith("pti.")]
+        unknown = [n for n in args.levers if n not in LEVERS and not is_config_lever(n)]
         if unknown:
             parser.error(
                 f"unknown lever(s) {', '.join(unknown)}: name {', '.join(LEVERS)} or pti.FIELD=VALUE"
             )
         levers = dict.fromkeys(["baseline", *(args.levers or runnable)])
-        changed = {n: {**pti, **pti_settings(n.split(","))} for n in levers if n.startswith("pti.")}
+        changed = {n: {**pti, **pti_settings(n.split(","))} for n in levers if is_config_lever(n)}
         batch = max(args.batches)
         return "Engine levers", [
             dict(base, dtype=d, batch=batch, lever=n, pti=changed.get(n, pti))

@@ -90,6 +90,7 @@ def test_a_config_lever_is_the_baselines_config_with_its_fields_changed_in_the_b
     import argparse
 
     from benchmarks.engine import cases_of, groups_of
+    from pipeline.errors import InputError
 
     parser = argparse.ArgumentParser()
     args = argparse.Namespace(
@@ -107,7 +108,7 @@ def test_a_config_lever_is_the_baselines_config_with_its_fields_changed_in_the_b
     assert all(c["batch"] == 2 for c in cases)
     assert groups_of(cases) == [[0, 1, 2], [3]]  # a code lever may change the model: its own process
     args.levers = ["pti.no_such_field=1"]
-    with pytest.raises(Exception, match="no_such_field"):
+    with pytest.raises(InputError, match="unknown field pti.no_such_field"):
         cases_of(args, parser, {})
     args.levers = ["fixed_branch_every_step"]  # left the harness (docs/benchmarks.md)
     with pytest.raises(SystemExit):
