@@ -11,8 +11,6 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
     python -m benchmarks.engine --model sd15 --dtype bfloat16 float16 --timed-steps 3   # on a GPU:
                                                          # 3 of 50 steps timed, both dtypes
     python -m benchmarks.engine --model sdxl --dtype bfloat16 --batches 1 --timed-steps 3
-    python -m benchmarks.engine --model sdxl --flops-only   # FLOPs per forward and per stage, counted
-                                                            # on the meta device in seconds (no GPU)
 
 ``--set pti.FIELD=VALUE`` sets the engine's config as the jobs' ``--set`` does (default: PTIConfig's,
 T=50, K=10). ``sd15``, ``sdxl``, ``sd35-medium`` and ``sd35-large`` are the published architectures
@@ -34,7 +32,6 @@ one per case as it ends (``benchmarks.gpu_check`` reads them).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -77,7 +74,7 @@ def load_model(name: str, device: str, dtype: str):
 
 def meta_model(name: str):
     """``name``'s architecture on the meta device: shapes without memory or weights, built in
-    seconds, for counting FLOPs (``flops_report``). ``name``: one of ``ARCHITECTURES``, ``tiny``
+    seconds, for counting FLOPs (``count_pieces``). ``name``: one of ``ARCHITECTURES``, ``tiny``
     or a checkpoint folder (its configs)."""
     from pipeline.engine.models import load_stable_diffusion
 
@@ -224,7 +221,7 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def count_pieces(sd, fused_attention: bool = True, prompt: str = PROMPTS[0]) -> dict:
+def count_pieces(sd, prompt: str = PROMPTS[0]) -> dict:
     """FLOPs of the pieces the stages are made of, for one image (one batch row) at the model's
     resolution, counted by ``torch.utils.flop_counter`` on whatever device ``sd`` is on: on the
     meta device (``meta_model``) nothing is computed or allocated, only shapes.
@@ -235,7 +232,7 @@ def count_pieces(sd, fused_attention: bool = True, prompt: str = PROMPTS[0]) -> 
     does (SDXL: the pooled embedding too, as the joined embedding's last row). ``encode`` and
     ``decode``: the VAE. ``text``: ``encode_prompts`` of one prompt (SDXL: both encoders).
     ``embedding``: one conditional embedding's shape as the engine carries it (SDXL: ``L + 1``
-    rows, the pooled one last). ``fused_attention`` (meta only): see ``FusedAttention``."""
+    rows, the pooled one last). On the meta device attention is counted as ``FusedAttention`` says."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.engine.models import NoisePredictor
@@ -249,8 +246,7 @@ def count_pieces(sd, fused_attention: bool = True, prompt: str = PROMPTS[0]) -> 
     t = sd.scheduler.config.num_train_timesteps // 2  # any: every timestep costs the same
 
     def count(name: str, work):
-        attention = FusedAttention() if fused_attention else contextlib.nullcontext()
-        with FlopCounterMode(display=False) as counter, attention:
+        with FlopCounterMode(display=False) as counter, FusedAttention():
             out = work()
         counted[name] = counter.get_total_flops()
         return out
@@ -270,72 +266,6 @@ def count_pieces(sd, fused_attention: bool = True, prompt: str = PROMPTS[0]) -> 
         count("forward_backward", forward_backward)
     counted["embedding"] = tuple(cond.shape[1:])
     return counted
-
-
-def flops_report(sd, steps: int, inner_steps: int, unfused: bool = False) -> dict:
-    """The counted pieces (``count_pieces``) and what ALGORITHM.md's formula (``PTIConfig.flops``)
-    makes of them without early stop: ``stage1`` per image (of it, ``inversion`` T f and ``tuning``
-    T (2f + K fb)) and ``edit``, one edit. ``unfused``: also count ``fb`` with unfused attention."""
-    from pipeline.engine.config import PTIConfig
-
-    pieces = count_pieces(sd)
-    cost = PTIConfig(steps=steps, inner_steps=inner_steps).flops(pieces)
-    vae, inversion = pieces["encode"] + pieces["decode"], steps * pieces["forward"]
-    report = dict(
-        pieces,
-        family=sd.family,
-        resolution=sd.resolution,
-        steps=steps,
-        inner_steps=inner_steps,
-        pooled_dim=sd.pooled_dim,
-        vae=vae,
-        inversion=inversion,
-        tuning=cost["stage_one"] - vae - inversion,
-        stage1=cost["stage_one"],
-        edit=cost["stage_two"],
-    )
-    if unfused:
-        report["forward_backward_unfused"] = count_pieces(sd, fused_attention=False)["forward_backward"]
-    return report
-
-
-def flops_table(report: dict) -> str:
-    """``flops_report`` as a Markdown table (piece, TFLOP, how it is counted), and a note on
-    attention control."""
-    T, K, side = report["steps"], report["inner_steps"], report["resolution"]
-    family, pooled = report["family"], report["pooled_dim"] is not None
-    length, width = report["embedding"]
-    denoiser = "transformer" if family == "sd3" else "UNet"
-    fb_how = "counted; fused attention, whose backward recomputes the scores"
-    if "forward_backward_unfused" in report:
-        fb_how += f" ({report['forward_backward_unfused'] / 1e12:.4g} with unfused attention)"
-    rows = [
-        (f"one {denoiser} forward (batch row), {side}x{side}: f", report["forward"], "counted"),
-        ("one forward + backward to the embedding: fb", report["forward_backward"], fb_how),
-        ("VAE encode: e", report["encode"], "counted"),
-        ("VAE decode: d", report["decode"], "counted"),
-        (
-            "text encoding of one prompt: p",
-            report["text"],
-            "counted" + {"sdxl": ", both encoders", "sd3": ", all three encoders"}.get(family, ""),
-        ),
-        (f"inversion, T = {T}", report["inversion"], "T x f"),
-        (f"tuning, T = {T}, K = {K}", report["tuning"], "T x (2f + K x fb)"),
-        ("**stage 1** per image, no early stop", report["stage1"], "e + T x f + T x (2f + K x fb) + d"),
-        (f"**one edit**, T = {T}", report["edit"], "T x 2f + d + p"),
-    ]
-    lines = ["| piece | TFLOP | counted as |", "| --- | --- | --- |"]
-    lines += [f"| {piece} | {flop / 1e12:.4g} | {how} |" for piece, flop, how in rows]
-    shape = f"{length - 1} x {width} + pooled {report['pooled_dim']}" if pooled else f"{length} x {width}"
-    n = 4
-    controlled = T * 2 * report["forward"] * (n + 1) / n + report["decode"] + report["text"]
-    notes = [f"One conditional embedding: {shape}."]
-    if family != "sd3":  # attention control runs on the UNet families only
-        notes.append(
-            f"Under attention control an edit costs T x 2f x (n + 1) / n + d + p at n edits per image "
-            f"(the source branch beside the edits): {controlled / 1e12:.4g} TFLOP at n = {n}."
-        )
-    return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
 # --- one case ----------------------------------------------------------------------------------
@@ -400,24 +330,6 @@ def timed_text_encoding(engine, prompts: list[str]) -> float:
     encode_prompts(engine.sd, prompts)
     _sync(engine.sd.device)
     return time.perf_counter() - started
-
-
-def flops_only(args, pti: dict) -> None:
-    """``--flops-only``: the model's architecture on the meta device, counted, printed and recorded."""
-    from pipeline.engine.config import PTIConfig
-
-    started, config = time.perf_counter(), PTIConfig(**pti)
-    report = flops_report(meta_model(args.model), config.steps, config.inner_steps, unfused=True)
-    side = report["resolution"]
-    setting = (
-        f"model `{args.model}` at {side}x{side}, T={config.steps}, K={config.inner_steps}, one image "
-        f"(batch row 1), no early stop; counted on the meta device (`torch.utils.flop_counter` on "
-        f"the real architecture, no weights, nothing computed; {time.perf_counter() - started:.0f} s)"
-    )
-    table = flops_table(report)
-    print(f"\n{setting}\n\n{table}")
-    if args.record:
-        append_record("benchmarks.engine", f"Engine FLOPs, counted: `{args.model}`", f"{setting}.\n\n{table}")
 
 
 def run_case(case: dict, sd=None) -> dict:
@@ -639,9 +551,6 @@ def main(argv: list[str] | None = None) -> None:
         "--model", default="tiny", help="tiny, sd15, sdxl, sd35-medium, or a checkpoint folder"
     )
     add_set_option(parser)
-    parser.add_argument(
-        "--flops-only", action="store_true", help="count FLOPs on the meta device, run nothing"
-    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--timed-steps", type=int, help="time the first N steps, scaled to T (first_steps)")
     parser.add_argument("--edits", type=int, default=4, help="edits per image in stage 2 (targets x etas)")
@@ -664,13 +573,8 @@ def main(argv: list[str] | None = None) -> None:
         run_group(json.loads(args.cases))
         return
     pti = pti_settings(args.set)
-    if args.flops_only:
-        if args.levers is not None:
-            parser.error("--flops-only counts the engine's pieces and stages: it takes no --levers")
-        flops_only(args, pti)
-        return
     if args.model in ("sdxl", "sd35-medium", "sd35-large") and not torch.cuda.is_available():
-        parser.error(f"{args.model} at 1024x1024 takes hours on a CPU: count its FLOPs with --flops-only")
+        parser.error(f"{args.model} at 1024x1024 takes hours on a CPU: its FLOPs are in docs/scaling.md")
     title, cases = cases_of(args, parser, pti)
     peak, on = matmul_peak_tflops(args.device, args.dtype[0]), machine()
     pieces = count_pieces(meta_model(args.model))

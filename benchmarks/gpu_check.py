@@ -15,7 +15,7 @@ ends) go to ``OUTDIR/rows/PART.jsonl``; ``gpu_check.md`` (the tables, by one ren
   scaled; ``check`` runs all 50 steps at batch 1 to check that scaling.
 - ``sdxl`` and ``sd3``: the same for SDXL base and SD3.5 Medium at 1024x1024 in bfloat16, batch 1.
 - ``numerics``: ``benchmarks.numerics``, the shipped model in float32, bfloat16 and float16.
-- ``pipeline``: ``benchmarks.pipeline --overhead``, both actor pools on the one GPU (skipped, saying
+- ``pipeline``: ``benchmarks.pipeline``, both actor pools on the one GPU (skipped, saying
   so, where Ray is not installed).
 - ``levers``, ``cuda_graphs``, ``compile``: ``benchmarks.engine --levers`` at batch 8 in bfloat16
   (``levers``: channels-last, and attention control at one edit per image, its dearest), the last
@@ -81,7 +81,7 @@ PROFILES = {
             "numerics": (50, command("benchmarks.numerics --no-record --device cuda")),
             "sdxl": (60, engine("--model sdxl --dtype bfloat16 --batches 1 --timed-steps 3")),
             "sd3": (60, engine("--model sd35-medium --dtype bfloat16 --batches 1 --timed-steps 3")),
-            "pipeline": (100, command("benchmarks.pipeline --no-record --overhead --gpus-per-actor 0.5")),
+            "pipeline": (100, command("benchmarks.pipeline --no-record --gpus-per-actor 0.5")),
             "levers": (75, engine(f"{SD15} channels_last pti.control=auto")),
             "cuda_graphs": (40, engine(f"{SD15} cuda_graphs")),
             "train": (150, command(f"{TRAIN} --device cuda --dtype bfloat16")),
@@ -103,7 +103,7 @@ PROFILES = {
             "sd3": (120, engine("--model tiny-sd3 --batches 1", tiny=True)),
             "pipeline": (
                 300,
-                command("benchmarks.pipeline --no-record --overhead --rows 2 --set steps=2 inner_steps=1"),
+                command("benchmarks.pipeline --no-record --rows 2 --set steps=2 inner_steps=1"),
             ),
             "levers": (
                 240,

@@ -1,17 +1,15 @@
-"""What the Ray pipeline costs beyond the engine, and how the driver's memory grows with the manifest.
+"""What the Ray pipeline costs beyond the engine.
 
-    python -m benchmarks.pipeline --overhead                    # jobs.run against the engine alone
-    python -m benchmarks.pipeline --driver-memory 100 1000 10000
+    python -m benchmarks.pipeline                       # jobs.run against the engine alone
 
-Overhead: the same rows (scikit-image photographs), model and config, first through the engine
+The same rows (scikit-image photographs), model and config, first through the engine
 alone in one process (decode, stage 1 in batches of ``tune_batch_size``, stage 2, PNG encoding),
 then through ``jobs.run`` (``run_all``) on a local Ray with one tuning and one editing actor. The
 job runs on ``rows`` and on twice as many: the difference is its cost per row at scale, the rest
 is its fixed cost per job (actor start-up, model loads). Ray's own start is timed apart.
 
-Driver memory: ``jobs.run`` on manifests of each size, each in a fresh process, with the cheapest
-config (plain DDIM, one step, one edit per row); the driver's peak resident memory must stay
-flat as rows grow (it streams, it does not collect).
+The driver's memory as the manifest grows (flat from 100 to 10,000 rows: it streams) was measured
+with ``--driver-memory``, which left after commit e43f36c (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,12 +27,9 @@ import pyarrow.parquet as pq
 from benchmarks.common import (
     add_set_option,
     append_record,
-    child_rows,
     markdown_table,
     model_folder,
-    peak_resident_mb,
     pti_settings,
-    resident_mb,
     write_rows,
 )
 
@@ -203,71 +198,10 @@ def overhead(args) -> str:
     return f"{measured['setting']}.\n\n{markdown_table(measured['table'], OVERHEAD_COLUMNS)}"
 
 
-def driver_memory_case(rows: int, model: str) -> dict:
-    """One ``jobs.run`` of ``rows`` rows; the driver's (this process's) peak resident memory."""
-    from pipeline.batch.jobs import run_all
-    from pipeline.batch.config import RunConfig
-
-    work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
-    manifest = write_manifest(work / "inputs", rows, TARGETS[:1])
-    config = RunConfig(
-        manifest=manifest,
-        output=str(work / "out"),
-        gpus_per_actor=0,
-        tune_actors=1,
-        edit_actors=1,
-        tune_batch_size=64,
-        edit_batch_size=64,
-        max_edits_per_call=64,
-        pti=dict(model=model, method="ddim", steps=1, inner_steps=0, etas=[1.0], progress=False),
-    )
-    before, started = resident_mb(), time.perf_counter()
-    summary = run_all(config)
-    assert summary["rows_done"] == rows, summary
-    return {
-        "rows": rows,
-        "seconds": time.perf_counter() - started,
-        "driver_growth_mb": resident_mb() - before,
-        "driver_peak_mb": peak_resident_mb(),
-    }
-
-
-def driver_memory(args) -> str:
-    model = model_folder(args.model)
-    rows = []
-    for n in args.driver_memory:
-        *_, last = child_rows(["-m", "benchmarks.pipeline", "--memory-case", str(n), "--model", model])
-        rows.append(last)  # the case's own line, printed last
-        print(json.dumps(rows[-1]), flush=True)
-    columns = {
-        "rows": "manifest rows",
-        "seconds": "job s",
-        "driver_peak_mb": "driver peak RSS MB",
-        "driver_growth_mb": "driver RSS growth over the job MB",
-    }
-    table = (
-        f"`jobs.run`, model `{args.model}`, plain DDIM, T=1, one edit per row, each size in a fresh driver."
-        f"\n\n{markdown_table(rows, columns)}"
-    )
-    if len(rows) < 2:
-        return table
-    slope = (rows[-1]["driver_growth_mb"] - rows[0]["driver_growth_mb"]) / (
-        rows[-1]["rows"] - rows[0]["rows"]
-    )
-    return (
-        f"{table}\n\nFrom {rows[0]['rows']} to {rows[-1]['rows']} rows the driver's peak goes "
-        f"from {rows[0]['driver_peak_mb']:.0f} to {rows[-1]['driver_peak_mb']:.0f} MB; "
-        "its growth over the job, "
-        f"{slope * 2**20:.0f} bytes per row."
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--overhead", action="store_true")
-    parser.add_argument("--driver-memory", type=int, nargs="*", metavar="ROWS")
     parser.add_argument("--model", default="tiny", help="tiny (built here) or a checkpoint folder")
     parser.add_argument("--rows", type=int, default=16)
     add_set_option(parser, default=("steps=20", "inner_steps=5"))
@@ -276,23 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-batch-size", type=int, default=4)
     parser.add_argument("--edit-batch-size", type=int, default=2)
     parser.add_argument("--no-record", dest="record", action="store_false")
-    parser.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_case:
-        print(json.dumps(driver_memory_case(args.memory_case, args.model)))
-        return
-    if not args.overhead and args.driver_memory is None:
-        parser.error("say what to measure: --overhead and/or --driver-memory ROWS ...")
-    sections = []
-    if args.overhead:
-        sections.append(("Pipeline overhead", overhead(args)))
-    if args.driver_memory is not None:
-        args.driver_memory = args.driver_memory or [100, 1000, 10000]
-        sections.append(("Driver memory", driver_memory(args)))
-    for title, body in sections:
-        print(f"\n## {title}\n\n{body}")
-        if args.record:
-            append_record("benchmarks.pipeline", title, body)
+    body = overhead(args)
+    print(f"\n{body}")
+    if args.record:
+        append_record("benchmarks.pipeline", "Pipeline overhead", body)
 
 
 if __name__ == "__main__":

@@ -357,16 +357,43 @@ def test_jobs_run_and_edit_with_sdxl_and_refuse_a_table_of_the_other_family(
     assert json.loads((tmp_path / "xl" / "summary-edit.json").read_text())["edits"] == 1
 
 
-def test_sdxl_stores_about_2_7_times_sd15s_bytes_per_image_readable_by_plain_pyarrow():
-    from benchmarks.storage import FAMILIES, bytes_per_image, stored_table
+def stored_bytes_per_image(steps: int, length: int, width: int, pooled: int | None, side: int) -> float:
+    """Two images' stage-1 rows at a family's real shapes, written by the pipeline's own writer
+    (``inversion_to_arrow``, then pyarrow's defaults), from normal values: as incompressible as
+    tuned float16 embeddings. The writer reads only these fields of the engine."""
+    from types import SimpleNamespace
 
-    tables = {name: stored_table(2, 10, *shapes, "float16") for name, shapes in FAMILIES.items()}
-    sizes = [bytes_per_image(t) for t in tables.values()]
-    assert 2.5 < sizes[2] / sizes[0] < 3.0  # (77 x 2048 + 1280) / (77 x 768), plus z_T
+    from pipeline.engine.engine import Inversion
+
+    g = torch.Generator().manual_seed(0)
+    engine = SimpleNamespace(
+        config=PTIConfig(steps=steps),
+        sd=SimpleNamespace(family="sdxl" if pooled else "sd", pooled_dim=pooled, fingerprint="0" * 16),
+        schedule=SimpleNamespace(timesteps=list(range(steps + 1))),
+        fingerprint="0" * 16,
+    )
+    inversion = Inversion(
+        z_T=torch.randn(2, 4, side, side, generator=g),
+        cond=torch.randn(2, steps, length + bool(pooled), width, generator=g),  # pooled: the last row
+        psnr=torch.full((2,), 30.0),
+        ssim=torch.full((2,), 0.9),
+        final_loss=torch.full((2, steps), 1e-4),
+        seconds={"tune": 2.0},
+    )
+    table = inversion_to_arrow(engine, inversion, ["a", "b"], ["a photo"] * 2)
     buffer = io.BytesIO()
-    pq.write_table(tables["SDXL (1024 px)"], buffer)
+    pq.write_table(table, buffer)
     back = pq.read_table(io.BytesIO(buffer.getvalue()))
-    assert back.column("pooled_prompt_embeddings").combine_chunks().to_numpy_ndarray().shape == (2, 10, 1280)
+    if pooled:  # readable by plain pyarrow, the pooled stack in its own column
+        pooled_stack = back.column("pooled_prompt_embeddings").combine_chunks().to_numpy_ndarray()
+        assert pooled_stack.shape == (2, steps, pooled)
+    return len(buffer.getvalue()) / 2
+
+
+def test_sdxl_stores_about_2_7_times_sd15s_bytes_per_image_readable_by_plain_pyarrow():
+    sd15 = stored_bytes_per_image(10, 77, 768, None, 64)
+    sdxl = stored_bytes_per_image(10, 77, 2048, 1280, 128)
+    assert 2.5 < sdxl / sd15 < 3.0  # (77 x 2048 + 1280) / (77 x 768), plus z_T
 
 
 def test_a_table_written_before_sdxl_support_reads_and_edits_as_sd(make_engine, pixels):

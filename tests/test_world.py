@@ -74,18 +74,6 @@ def test_the_object_region_of_a_rendering_is_its_mask():
         assert world.iou(world.object_region(scene.render(), scene.background), scene.masks()[0]) > 0.9
 
 
-@pytest.mark.parametrize("resolution", [64, 128])
-def test_the_nearest_shape_of_a_rendered_object_is_its_shape(resolution):
-    """How benchmarks.edit_quality reads a shape from an image that has no truth (text adherence)."""
-    rng = np.random.default_rng(4)
-    scenes = [world.random_scene(rng, resolution, size_jitter=0.15) for _ in range(60)]
-    assert {s.things[0].shape for s in scenes} == set(world.SHAPES)
-    for scene in scenes:
-        region = world.object_region(scene.render(), scene.background)
-        assert world.nearest_shape(region) == scene.things[0].shape
-    assert world.nearest_shape(np.zeros((8, 8), bool)) is None
-
-
 def test_background_psnr_ignores_the_objects_and_sees_the_background():
     scene = Scene((Thing("circle", "red", "big", 0.5, 0.5),), "white")
     image = scene.render()
@@ -129,9 +117,7 @@ def _weights(folder) -> dict:
     return {f"{p}/{k}": v for p in parts for k, v in load_file(folder / f"{p}.safetensors").items()}
 
 
-def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_ends(
-    tmp_path, capsys
-):
+def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_ends(tmp_path, capsys):
     """The sharp recipe, shrunk: one run unbroken in this process; another from the same seed by
     ``jobs.train_tiny``, stopped at a time limit, SIGKILLed once in each phase (in processes of
     their own), and going on each time."""

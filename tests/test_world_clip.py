@@ -1,5 +1,5 @@
 """The rendered world's CLIP (models/shapes-clip, issue 24): a scorer that knows the world, so that
-the curation filter's worth can be measured against the world's truth (benchmarks/curation.py)."""
+the curation filter's worth can be measured against the world's truth (docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import curation
 from pipeline.engine.scoring import load_scorer
 from pipeline.world import scenes as world
 from pipeline.world.clip import ClipConfig, contrastive_loss, train_world_clip
@@ -91,31 +90,3 @@ def test_training_is_seeded_and_writes_a_checkpoint_the_scorer_loads(tmp_path):
     pixels = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(a.encode_images(pixels), b.encode_images(pixels), rtol=0, atol=0)
     assert a.side == 32 and a.encode_texts(["a red circle"]).shape == (1, 8)
-
-
-def test_the_worlds_verdict_on_an_edit_is_right_only_for_the_truth():
-    scene = world.held_out_scenes(1, 64)[0]
-    for kind, truth in world.edit_targets(scene, 0).items():
-        assert curation.is_right(truth.render(), scene, truth, kind)  # the truth itself: right
-        assert not curation.is_right(scene.render(), scene, truth, kind)  # no edit: wrong
-
-
-def test_the_filters_measures_count_as_defined():
-    rows = [
-        {"id": "a", "target_index": 0, "eta": 0.4, "right": True, "clip_sim_1": 0.5, "clip_sim_dir": 0.3},
-        {"id": "a", "target_index": 0, "eta": 0.8, "right": False, "clip_sim_1": 0.1, "clip_sim_dir": 0.4},
-        {"id": "b", "target_index": 0, "eta": 0.4, "right": False, "clip_sim_1": 0.45, "clip_sim_dir": 0.1},
-        {"id": "b", "target_index": 0, "eta": 0.8, "right": True, "clip_sim_1": 0.4, "clip_sim_dir": 0.25},
-    ]
-    for row in rows:
-        row.update(clip_sim_0=0.5, clip_sim_image=0.9, input_ssim=0.8)
-    assert curation.roc_auc([r["clip_sim_1"] for r in rows], [r["right"] for r in rows]) == pytest.approx(
-        0.75
-    )
-    assert curation.roc_auc([0.3, 0.3, 0.1], [True, False, False]) == pytest.approx(0.75)  # a tie: half
-    assert curation.roc_auc([0.3, 0.2], [True, True]) is None
-    q = curation.filter_quality(rows, curation.CurateConfig())  # keeps a@0.4 (right) and b@0.8 (right)
-    assert (q["kept"], q["precision"], q["recall"], q["wrong_kept"]) == (2, 1.0, 1.0, 0.0)
-    assert (q["selected_right"], q["targets_selected"], q["targets_with_a_right_edit"]) == (2, 2, 2)
-    fitted = curation.fit_thresholds(rows)
-    assert curation.f1(curation.filter_quality(rows, fitted)) == 1.0

@@ -132,20 +132,6 @@ def nearest_colour(rgb: np.ndarray) -> str:
     return names[int(np.argmin(distances))]
 
 
-# How much of its bounding box each shape fills, as _draw draws it.
-BOX_FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
-
-
-def nearest_shape(region: np.ndarray) -> str | None:
-    """The world's shape whose fill of its bounding box is nearest the region's (None: empty
-    region). Enough to tell this world's three shapes apart; no scene truth is needed."""
-    ys, xs = np.nonzero(region)
-    if len(ys) == 0:
-        return None
-    fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return min(BOX_FILL, key=lambda shape: abs(BOX_FILL[shape] - fill))
-
-
 def mean_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean RGB inside a mask, after shrinking it a pixel so edges do not blend in."""
     from scipy.ndimage import binary_erosion
