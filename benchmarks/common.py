@@ -54,21 +54,18 @@ def measured_by(module: str, argv: list[str]) -> str:
 
 
 def model_folder(name: str) -> str:
-    """A checkpoint folder: ``tiny`` (``tiny-sdxl``, ``tiny-sd3``, ``tiny-clip``) is the seeded
-    random tiny SD (SDXL, SD3, CLIP), and ``sd15``, ``sdxl``, ``sd35-medium``, ``sd35-large`` and
-    ``vit-l-14`` are published architectures without
-    weights (``pipeline.world.architectures``: load them with ``weights=False``), each built in a
+    """A checkpoint folder: ``tiny`` (``tiny-sdxl``, ``tiny-sd3``) is the seeded random tiny SD
+    (SDXL, SD3), and the names of ``pipeline.world.architectures`` (``sd15``, ``sdxl``, ...) are
+    published architectures without weights (load them with ``weights=False``), each built in a
     temporary folder; anything else is already a folder."""
     import tempfile
 
     from pipeline.world.architectures import ARCHITECTURES, write_architecture
-    from pipeline.world.tiny import build_tiny_clip, build_tiny_model
+    from pipeline.world.tiny import build_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="pti-bench-")) / name
     if name in ARCHITECTURES:
         return str(write_architecture(name, folder))
-    if name == "tiny-clip":
-        return str(build_tiny_clip(folder))
     families = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
     if name in families:
         return str(build_tiny_model(folder, seed=0, family=families[name]))

@@ -12,21 +12,17 @@ and tuning) per image and stage 2 (editing) per edit, per batch size and per spe
                                                          # 3 of 50 steps timed, both dtypes
     python -m benchmarks.engine --model sdxl --dtype bfloat16 --batches 1 --timed-steps 3
 
-``--set pti.FIELD=VALUE`` sets the engine's config as the jobs' ``--set`` does (default: PTIConfig's,
-T=50, K=10). ``sd15``, ``sdxl``, ``sd35-medium`` and ``sd35-large`` are the published architectures
-with seeded random weights (nothing is downloaded; cost does not depend on the weights). FLOPs are
-counted once per model on the meta device (``count_pieces``) and priced by ALGORITHM.md's formula
-(``PTIConfig.flops``, ``priced``) at the evaluations each case measured; utilisation is stage 1's
-FLOP/s against the matmul peak measured on the same device in the same run. The cases of one model
-and dtype run in one fresh process, one after another on the model it loads (a lever of ``LEVERS`` gets
-a process of its own: it may change the model). A lever is one of ``LEVERS`` or ``pti.FIELD=VALUE[,...]``,
-the baseline's config with those fields changed. Each stage's peak memory is counted
-from the stage's start (CUDA: peak allocated; CPU: peak resident set, reset through
-``/proc/self/clear_refs``). Under attention control (``pti.control=auto``) the images' source
-prompt is ``CONTROL_SOURCE`` and each image's source branch runs beside its ``n`` edits, so an edit
-costs ``2T (n + 1) / n`` UNet evaluations against plain editing's ``2T``. Results print as a
-table, are appended to ``docs/benchmarks.md``, and with ``--jsonl FILE`` go to FILE as JSON lines,
-one per case as it ends (``benchmarks.gpu_check`` reads them).
+``--set pti.FIELD=VALUE`` sets the engine's config as the jobs' ``--set`` does (PTIConfig's
+defaults: T=50, K=10). ``sd15``, ``sdxl``, ``sd35-medium`` and ``sd35-large`` are the published
+architectures with seeded random weights: nothing is downloaded, and cost does not depend on the
+weights. A lever is one of ``LEVERS`` (a code change, in a process of its own: it may change the
+model) or ``pti.FIELD=VALUE[,...]`` (a config change, in the baseline's process). FLOPs are each
+model's pieces counted once on the meta device (``count_pieces``), priced by ALGORITHM.md's formula
+at the evaluations each case measured (``with_flops``); utilisation is against the matmul peak
+measured in the same run. Results print as a table, are appended to ``docs/benchmarks.md`` and, with
+``--jsonl FILE``, go to FILE as JSON lines as each case ends (``benchmarks.gpu_check`` reads them).
+Under attention control each image's source branch runs beside its ``n`` edits: an edit costs
+``2T (n + 1) / n`` UNet evaluations against plain editing's ``2T``.
 """
 
 from __future__ import annotations
@@ -277,6 +273,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """The peak since ``_reset_peak_memory``: CUDA's peak allocated, the CPU's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_resident_mb()

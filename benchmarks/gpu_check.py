@@ -10,18 +10,7 @@ finished cases kept, and the parts after it still run. Each part's rows (one JSO
 ends) go to ``OUTDIR/rows/PART.jsonl``; ``gpu_check.md`` (the tables, by one renderer) and
 ``gpu_check.json`` (every row) are rewritten as each part ends; ``gpu_check.sh`` adds the log.
 
-- ``sweep``: ``benchmarks.engine`` on SD 1.5's architecture (random weights) at 512x512, T=50,
-  K=10, early stop off, in bfloat16 and float16 at batch 1, 2, 4, 8, the first 3 steps timed and
-  scaled; ``check`` runs all 50 steps at batch 1 to check that scaling.
-- ``sdxl`` and ``sd3``: the same for SDXL base and SD3.5 Medium at 1024x1024 in bfloat16, batch 1.
-- ``numerics``: ``benchmarks.numerics``, the shipped model in float32, bfloat16 and float16.
-- ``pipeline``: ``benchmarks.pipeline``, both actor pools on the one GPU (skipped, saying
-  so, where Ray is not installed).
-- ``levers``, ``cuda_graphs``, ``compile``: ``benchmarks.engine --levers`` at batch 8 in bfloat16
-  (``levers``: channels-last, and attention control at one edit per image, its dearest), the last
-  two CUDA only (their compile or capture time is their warm-up's).
-- ``train``: ``jobs.train_tiny --recipe sharp-sd`` in bfloat16 for what is left of its budget; the
-  model goes to ``OUTDIR/sharp-sd`` when it finishes (issue 17).
+What each part measures, and where its figures are recorded: docs/gpu.md.
 """
 
 from __future__ import annotations
