@@ -36,8 +36,8 @@ from benchmarks.common import (
 TARGETS = ["a photo of a cat", "a watercolor painting of a dog"]
 
 
-def write_manifest(folder: Path, rows: int, targets: list[str]) -> str:
-    """``rows`` rows over scikit-image's three photographs (96 px PNG files), all with ``targets``."""
+def write_manifest(folder: Path, rows: int) -> str:
+    """``rows`` rows over scikit-image's three photographs (96 px PNG files), all with ``TARGETS``."""
     from PIL import Image
     from skimage import data
 
@@ -54,7 +54,7 @@ def write_manifest(folder: Path, rows: int, targets: list[str]) -> str:
         {
             "id": [f"row-{i:06d}" for i in range(rows)],
             "image": [str(paths[i % 3]) for i in range(rows)],
-            "target_prompts": [targets] * rows,
+            "target_prompts": [TARGETS] * rows,
         }
     )
     path = folder / f"manifest-{rows}.parquet"
@@ -112,7 +112,7 @@ def measure_overhead(
 
     work = Path(tempfile.mkdtemp(prefix="pti-bench-"))
     folder = model_folder(model)
-    manifests = {n: write_manifest(work / "inputs", n, TARGETS) for n in sizes}
+    manifests = {n: write_manifest(work / "inputs", n) for n in sizes}
     largest = max(sizes)
 
     def config(rows: int, output: str) -> RunConfig:

@@ -357,10 +357,13 @@ def test_jobs_run_and_edit_with_sdxl_and_refuse_a_table_of_the_other_family(
     assert json.loads((tmp_path / "xl" / "summary-edit.json").read_text())["edits"] == 1
 
 
-def stored_bytes_per_image(steps: int, length: int, width: int, pooled: int | None, side: int) -> float:
+def stored_table(
+    steps: int, length: int, width: int, pooled: int | None, side: int
+) -> tuple[float, pa.Table]:
     """Two images' stage-1 rows at a family's real shapes, written by the pipeline's own writer
     (``inversion_to_arrow``, then pyarrow's defaults), from normal values: as incompressible as
-    tuned float16 embeddings. The writer reads only these fields of the engine."""
+    tuned float16 embeddings. The writer reads only these fields of the engine. Returns the bytes
+    per image and the table as plain pyarrow reads it back."""
     from types import SimpleNamespace
 
     from pipeline.engine.engine import Inversion
@@ -383,17 +386,15 @@ def stored_bytes_per_image(steps: int, length: int, width: int, pooled: int | No
     table = inversion_to_arrow(engine, inversion, ["a", "b"], ["a photo"] * 2)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    back = pq.read_table(io.BytesIO(buffer.getvalue()))
-    if pooled:  # readable by plain pyarrow, the pooled stack in its own column
-        pooled_stack = back.column("pooled_prompt_embeddings").combine_chunks().to_numpy_ndarray()
-        assert pooled_stack.shape == (2, steps, pooled)
-    return len(buffer.getvalue()) / 2
+    return len(buffer.getvalue()) / 2, pq.read_table(io.BytesIO(buffer.getvalue()))
 
 
 def test_sdxl_stores_about_2_7_times_sd15s_bytes_per_image_readable_by_plain_pyarrow():
-    sd15 = stored_bytes_per_image(10, 77, 768, None, 64)
-    sdxl = stored_bytes_per_image(10, 77, 2048, 1280, 128)
+    sd15, _ = stored_table(10, 77, 768, None, 64)
+    sdxl, back = stored_table(10, 77, 2048, 1280, 128)
     assert 2.5 < sdxl / sd15 < 3.0  # (77 x 2048 + 1280) / (77 x 768), plus z_T
+    pooled = back.column("pooled_prompt_embeddings").combine_chunks().to_numpy_ndarray()
+    assert pooled.shape == (2, 10, 1280)  # the pooled stack in its own column
 
 
 def test_a_table_written_before_sdxl_support_reads_and_edits_as_sd(make_engine, pixels):
